@@ -1,0 +1,33 @@
+"""Fused grouped 3x3 convolution + BatchNorm + ReLU for ResNeXt: Triton and CUDA kernels behind one op."""
+
+from .backends import available_impls
+from .functional import IMPLS, grouped_conv_bn_relu
+from .models import (
+    resnet50,
+    resnet101,
+    resnext29_8x64d,
+    resnext29_16x64d,
+    resnext50_32x4d,
+    resnext101_32x4d,
+    resnext101_32x8d,
+    resnext101_64x4d,
+)
+from .modules import ResNeXtBlock, convert
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IMPLS",
+    "ResNeXtBlock",
+    "available_impls",
+    "convert",
+    "grouped_conv_bn_relu",
+    "resnet50",
+    "resnet101",
+    "resnext29_8x64d",
+    "resnext29_16x64d",
+    "resnext50_32x4d",
+    "resnext101_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+]

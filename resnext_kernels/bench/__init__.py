@@ -1,0 +1,1 @@
+"""Benchmarks and the self-check behind ``python -m resnext_kernels.bench``."""

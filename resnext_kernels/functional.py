@@ -1,0 +1,192 @@
+"""The public op, ``grouped_conv_bn_relu``: input checks, autocast, backend choice, BatchNorm bookkeeping.
+
+Kernel backends (Triton, CUDA) only see validated inputs and implement two differentiable
+primitives; everything BatchNorm-specific that is not per-element work lives here once:
+
+* ``batch_stats_forward(x, weight, bn_weight, bn_bias, eps, stride, dilation, groups)``
+  -> ``(z, mean, var)`` with the biased batch variance, both fp32;
+* ``folded_forward(x, weight, scale, shift, stride, dilation, groups)`` -> ``z``, BN folded into a
+  per-channel fp32 scale and shift.
+"""
+
+import numbers
+
+import torch
+
+from . import backends
+
+IMPLS = ("auto", "torch", "triton", "cuda")
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def grouped_conv_bn_relu(
+    x,
+    weight,
+    bn_weight,
+    bn_bias,
+    running_mean,
+    running_var,
+    *,
+    stride=1,
+    dilation=1,
+    groups,
+    training,
+    momentum=0.1,
+    eps=1e-5,
+    impl="auto",
+):
+    """``relu(batch_norm(conv2d(x, weight, None, stride, padding=dilation, dilation, groups)))``.
+
+    BatchNorm follows ``F.batch_norm`` exactly: with ``training=True`` the batch statistics
+    normalise (biased variance) and, when the running buffers are given, are blended into them in
+    place (unbiased variance) with factor ``momentum``; with ``training=False`` the running
+    statistics normalise. Differentiable in ``x``, ``weight``, ``bn_weight`` and ``bn_bias``. The
+    output has ``x``'s dtype and memory format.
+
+    ``impl``: ``"torch"`` (reference: cuDNN on GPU), ``"triton"``, ``"cuda"`` or ``"auto"`` (the
+    fastest backend available for ``x``'s device).
+    """
+    _check_inputs(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, dilation, groups,
+                  training, momentum, eps, impl)
+    backend = backends.resolve(impl, x.device)
+    args = (x, weight, bn_weight, bn_bias, running_mean, running_var, stride, dilation, groups,
+            bool(training), float(momentum), float(eps))
+    if backend is backends.reference or x.shape[0] == 0:
+        # The reference also owns the empty batch: F.batch_norm leaves the running stats alone there.
+        return backends.reference.grouped_conv_bn_relu(*args)
+    return _fused(backend, *args)
+
+
+def _fused(backend, x, weight, bn_weight, bn_bias, running_mean, running_var, stride, dilation,
+           groups, training, momentum, eps):
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # As PyTorch's autocast does for conv2d + batch_norm: the convolution in the autocast
+        # dtype, BatchNorm's parameters and statistics in fp32.
+        low = torch.get_autocast_dtype(device_type)
+        if x.dtype == torch.float32:
+            x = x.to(low)
+        if weight.dtype == torch.float32:
+            weight = weight.to(low)
+    memory_format = output_memory_format(x)
+    with torch.autocast(device_type, enabled=False):
+        if training or running_mean is None:
+            z, mean, var = backend.batch_stats_forward(x, weight, bn_weight, bn_bias, eps, stride, dilation, groups)
+            if training and running_mean is not None:
+                count = z.numel() // z.shape[1]
+                _update_running_stats(running_mean, running_var, mean, var, count, momentum)
+        else:
+            scale, shift = fold_batch_norm(bn_weight, bn_bias, running_mean, running_var, eps)
+            z = backend.folded_forward(x, weight, scale, shift, stride, dilation, groups)
+    return z.contiguous(memory_format=memory_format)
+
+
+def fold_batch_norm(bn_weight, bn_bias, mean, var, eps):
+    """Per-channel fp32 ``(scale, shift)`` with ``bn(y) = y * scale + shift``; differentiable."""
+    scale = torch.rsqrt(var.float() + eps)
+    if bn_weight is not None:
+        scale = scale * bn_weight.float()
+    shift = -mean.float() * scale
+    if bn_bias is not None:
+        shift = shift + bn_bias.float()
+    return scale, shift
+
+
+@torch.no_grad()
+def _update_running_stats(running_mean, running_var, mean, var, count, momentum):
+    # F.batch_norm's rule, in fp32: running = (1 - momentum) * running + momentum * batch, with the
+    # unbiased variance stored.
+    unbiased = var * (count / (count - 1))
+    running_mean.copy_(running_mean.float() * (1 - momentum) + mean * momentum)
+    running_var.copy_(running_var.float() * (1 - momentum) + unbiased * momentum)
+
+
+def output_memory_format(x):
+    """channels_last when ``x`` is laid out channels-last (and not also plainly contiguous)."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def output_size(size, stride, dilation):
+    # padding = dilation keeps a 3x3 convolution "same" before striding.
+    return (size - 1) // stride + 1
+
+
+def _positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _check_inputs(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, dilation, groups,
+                  training, momentum, eps, impl):
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    _positive_int(stride, "stride")
+    _positive_int(dilation, "dilation")
+    _positive_int(groups, "groups")
+    if not isinstance(training, bool):
+        raise ValueError(f"training must be a bool, got {type(training).__name__}")
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise ValueError(f"momentum must be a number, got {type(momentum).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+
+    n, c_in, h, w = x.shape
+    if h < 1 or w < 1:
+        raise ValueError(f"x must have a non-empty spatial size, got shape {tuple(x.shape)}")
+    if c_in % groups:
+        raise ValueError(f"x's {c_in} channels are not divisible by groups={groups}")
+
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"weight must be a Tensor, got {type(weight).__name__}")
+    c_out = weight.shape[0] if weight.dim() == 4 else -1
+    if weight.dim() != 4 or tuple(weight.shape[1:]) != (c_in // groups, 3, 3) or c_out % groups or c_out == 0:
+        raise ValueError(
+            f"weight must have shape (C_out, C_in/groups, 3, 3) = (k*{groups}, {c_in // groups}, 3, 3), "
+            f"got {tuple(weight.shape)}"
+        )
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight's dtype {weight.dtype} differs from x's {x.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+
+    bn_tensors = {"bn_weight": bn_weight, "bn_bias": bn_bias, "running_mean": running_mean,
+                  "running_var": running_var}
+    allowed = {x.dtype, torch.float32} if x.dtype in (torch.float16, torch.bfloat16) else {x.dtype}
+    bn_dtypes = set()
+    for name, t in bn_tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a Tensor or None, got {type(t).__name__}")
+        if tuple(t.shape) != (c_out,):
+            raise ValueError(f"{name} must have shape ({c_out},), got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        if t.dtype not in allowed:
+            raise ValueError(f"{name} has dtype {t.dtype}; with x in {x.dtype} it must be one of "
+                             f"{sorted(map(str, allowed))}")
+        bn_dtypes.add(t.dtype)
+    if len(bn_dtypes) > 1:
+        raise ValueError(f"bn_weight, bn_bias, running_mean and running_var must share one dtype, got "
+                         f"{sorted(map(str, bn_dtypes))}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be Tensors or both be None")
+    if not training and running_mean is None:
+        raise ValueError("running_mean and running_var are required when training=False")
+    if training:
+        per_channel = n * output_size(h, stride, dilation) * output_size(w, stride, dilation)
+        if per_channel == 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)} "
+                f"(one output value per channel)"
+            )

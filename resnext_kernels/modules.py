@@ -1,0 +1,172 @@
+"""ResNeXtBlock, a drop-in for torchvision's Bottleneck whose conv2 + bn2 + relu run fused, and
+``convert`` which swaps it into existing torchvision and timm models."""
+
+import warnings
+
+from torch import nn
+
+from .functional import IMPLS, grouped_conv_bn_relu
+
+
+def _check_impl(impl):
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
+    return impl
+
+
+def conv3x3_is_fusable(conv, bn):
+    """Whether ``relu(bn(conv(x)))`` is exactly what grouped_conv_bn_relu computes."""
+    return (
+        type(conv) is nn.Conv2d
+        and conv.kernel_size == (3, 3)
+        and conv.bias is None
+        and conv.padding_mode == "zeros"
+        and conv.stride[0] == conv.stride[1]
+        and conv.dilation[0] == conv.dilation[1]
+        and conv.padding == conv.dilation
+        and type(bn) is nn.BatchNorm2d
+        and bn.num_features == conv.out_channels
+    )
+
+
+def fused_conv_bn_relu(conv, bn, x, impl):
+    """``relu(bn(conv(x)))`` through grouped_conv_bn_relu, with nn.BatchNorm2d.forward's bookkeeping:
+    num_batches_tracked, momentum=None as a cumulative average, track_running_stats=False."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep_running = not bn.training or bn.track_running_stats
+    return grouped_conv_bn_relu(
+        x,
+        conv.weight,
+        bn.weight,
+        bn.bias,
+        bn.running_mean if keep_running else None,
+        bn.running_var if keep_running else None,
+        stride=conv.stride[0],
+        dilation=conv.dilation[0],
+        groups=conv.groups,
+        training=use_batch_stats,
+        momentum=momentum,
+        eps=bn.eps,
+        impl=impl,
+    )
+
+
+class ResNeXtBlock(nn.Module):
+    """torchvision's ``Bottleneck`` (expansion 4, stride on the 3x3 conv) with the same submodule
+    names, so state_dicts are interchangeable. conv2 + bn2 + relu run through grouped_conv_bn_relu;
+    a norm_layer other than nn.BatchNorm2d runs unfused, as in torchvision."""
+
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=32, base_width=4, dilation=1,
+                 norm_layer=None, *, impl="auto"):
+        super().__init__()
+        norm_layer = nn.BatchNorm2d if norm_layer is None else norm_layer
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
+        self.bn1 = norm_layer(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, padding=dilation, groups=groups, bias=False, dilation=dilation)
+        self.bn2 = norm_layer(width)
+        self.conv3 = nn.Conv2d(width, planes * self.expansion, 1, bias=False)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+        self.impl = _check_impl(impl)
+
+    @classmethod
+    def from_modules(cls, conv1, bn1, conv2, bn2, conv3, bn3, downsample, *, impl="auto"):
+        """A block made of existing modules (parameters and buffers shared, not copied)."""
+        block = cls.__new__(cls)
+        nn.Module.__init__(block)
+        block.conv1, block.bn1, block.conv2, block.bn2, block.conv3, block.bn3 = conv1, bn1, conv2, bn2, conv3, bn3
+        block.relu = nn.ReLU(inplace=True)
+        block.downsample = downsample
+        block.stride = conv2.stride[0]
+        block.impl = _check_impl(impl)
+        return block
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        if conv3x3_is_fusable(self.conv2, self.bn2):
+            out = fused_conv_bn_relu(self.conv2, self.bn2, out, self.impl)
+        else:
+            out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += identity
+        return self.relu(out)
+
+    def extra_repr(self):
+        return f"impl={self.impl!r}"
+
+
+def _block_from_torchvision(block, impl):
+    return ResNeXtBlock.from_modules(block.conv1, block.bn1, block.conv2, block.bn2, block.conv3, block.bn3,
+                                     block.downsample, impl=impl)
+
+
+def _block_from_timm(block, impl):
+    """timm's Bottleneck computes what ResNeXtBlock does when its extras are all off."""
+    plain = (
+        all(type(getattr(block, name, None)) is nn.ReLU for name in ("act1", "act2", "act3"))
+        and all(isinstance(getattr(block, name, None), (type(None), nn.Identity))
+                for name in ("drop_block", "aa", "se", "drop_path"))
+        and type(block.bn1) is nn.BatchNorm2d
+        and type(block.bn3) is nn.BatchNorm2d
+    )
+    return _block_from_torchvision(block, impl) if plain else None
+
+
+def _converters():
+    converters = []
+    try:
+        from torchvision.models.resnet import Bottleneck
+    except ImportError:
+        pass
+    else:
+        converters.append((Bottleneck, _block_from_torchvision))
+    try:
+        from timm.models.resnet import Bottleneck as TimmBottleneck
+    except ImportError:
+        pass
+    else:
+        converters.append((TimmBottleneck, _block_from_timm))
+    return converters
+
+
+def convert(model, impl="auto"):
+    """Swaps every torchvision and timm bottleneck in ``model`` for a ResNeXtBlock that shares its
+    parameters and buffers (state_dict keys unchanged); ResNeXtBlocks already there get ``impl``.
+    Modifies ``model`` in place and returns it (or the new block when ``model`` itself is one)."""
+    _check_impl(impl)
+    converters = _converters()
+
+    def swap(module, name):
+        if isinstance(module, ResNeXtBlock):
+            module.impl = impl
+            return module
+        for kind, build in converters:
+            if isinstance(module, kind):
+                block = build(module, impl)
+                if block is None:
+                    warnings.warn(f"convert: left {name or 'the model'} ({type(module).__name__}) unchanged: "
+                                  "it uses features ResNeXtBlock does not have (activation, SE, anti-aliasing, "
+                                  "drop-path)", stacklevel=3)
+                    return module
+                block.train(module.training)
+                return block
+        for child_name, child in module.named_children():
+            new = swap(child, f"{name}.{child_name}" if name else child_name)
+            if new is not child:
+                setattr(module, child_name, new)
+        return module
+
+    return swap(model, "")
+
+
+__all__ = ["ResNeXtBlock", "convert"]

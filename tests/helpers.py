@@ -1,0 +1,128 @@
+"""Inputs and float64 references shared by the test files."""
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from conftest import DEVICE
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    n: int
+    c_in: int
+    c_out: int
+    h: int
+    w: int
+    groups: int
+    stride: int = 1
+    dilation: int = 1
+
+    def __str__(self):
+        return (f"n{self.n}-c{self.c_in}to{self.c_out}-{self.h}x{self.w}-g{self.groups}"
+                f"-s{self.stride}-d{self.dilation}")
+
+
+# ResNeXt-like layers scaled down, and the awkward ones: odd and 1x1 spatial sizes, N=1,
+# 1..64 channels per group, unequal in/out group widths, dense and depthwise, dilation, stride 2.
+SHAPES = [
+    Shape(2, 32, 32, 6, 6, groups=8),               # 4 channels per group, packed
+    Shape(2, 64, 64, 7, 5, groups=4, stride=2),     # 16 per group, stage entry on odd sizes
+    Shape(1, 6, 9, 13, 1, groups=3),                # 2 in / 3 out per group, W = 1
+    Shape(3, 8, 8, 1, 1, groups=8),                 # depthwise, 1x1 spatial
+    Shape(2, 16, 16, 5, 7, groups=1, dilation=2),   # dense, dilated
+    Shape(1, 128, 128, 3, 3, groups=2, stride=2),   # 64 per group
+    Shape(2, 24, 24, 4, 3, groups=8, stride=3, dilation=2),
+]
+
+LAYOUTS = ["nchw", "channels_last", "strided"]
+
+
+def layout_as(t, layout):
+    """``t``'s values in the given layout; "strided" is a non-contiguous view with gaps."""
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+        wide.normal_()
+        view = wide[..., ::2]
+        view.copy_(t)
+        return view
+    return t.contiguous()
+
+
+@dataclasses.dataclass
+class Case:
+    x: torch.Tensor
+    weight: torch.Tensor
+    bn_weight: torch.Tensor
+    bn_bias: torch.Tensor
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    shape: Shape
+
+    def tensors(self):
+        return (self.x, self.weight, self.bn_weight, self.bn_bias, self.running_mean, self.running_var)
+
+
+def make_case(shape, dtype=torch.float32, layout="nchw", bn_dtype=None, device=DEVICE, mean_shift=0.0):
+    """Fresh random inputs (never zeros); BN tensors in ``bn_dtype`` (default: ``dtype``)."""
+    bn_dtype = dtype if bn_dtype is None else bn_dtype
+    cpg = shape.c_in // shape.groups
+    x = torch.randn(shape.n, shape.c_in, shape.h, shape.w, device=device) + mean_shift
+    weight = torch.randn(shape.c_out, cpg, 3, 3, device=device) / (3 * cpg**0.5)
+    bn_weight = torch.rand(shape.c_out, device=device) + 0.5
+    bn_bias = torch.randn(shape.c_out, device=device) * 0.5
+    running_mean = torch.randn(shape.c_out, device=device) * 0.2
+    running_var = torch.rand(shape.c_out, device=device) + 0.5
+    return Case(layout_as(x.to(dtype), layout), weight.to(dtype), bn_weight.to(bn_dtype), bn_bias.to(bn_dtype),
+                running_mean.to(bn_dtype), running_var.to(bn_dtype), shape)
+
+
+def reference64(case, training, momentum=0.1, eps=1e-5, with_running=True):
+    """float64 evaluation of relu(batch_norm(conv2d(x))) on copies of the case's tensors.
+
+    Returns (z, running_mean, running_var), the running stats updated as F.batch_norm would."""
+    s = case.shape
+    f64 = [t.detach().double().clone() for t in case.tensors()]
+    x, weight, bn_weight, bn_bias, running_mean, running_var = f64
+    if not with_running:
+        running_mean = running_var = None
+    y = F.conv2d(x, weight, None, s.stride, s.dilation, s.dilation, s.groups)
+    z = torch.relu(F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps))
+    return z, running_mean, running_var
+
+
+def max_error(actual, expected):
+    """Largest absolute difference, NaN where either has a NaN the other lacks."""
+    actual, expected = actual.double(), expected.double()
+    if not torch.equal(actual.isnan(), expected.isnan()):
+        return float("nan")
+    finite = ~expected.isnan()
+    return (actual[finite] - expected[finite]).abs().max().item() if finite.any() else 0.0
+
+
+# Bound on the max error vs float64 for the reference itself, relative to the output's scale.
+REFERENCE_TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+# A kernel in low precision may err by at most this multiple of PyTorch's own error in that
+# precision, plus a floor of a few units in the last place for outputs near zero.
+LOW_PRECISION_FACTOR = 3.0
+FLOOR_ULPS = 4
+
+
+def assert_close_to_reference(actual, expected, dtype, baseline=None, what="output"):
+    """``actual`` (computed in ``dtype``) against the float64 ``expected``.
+
+    fp32/fp64: a fixed bound relative to the output's scale. fp16/bf16 with ``baseline`` (PyTorch's
+    own low-precision result): at most LOW_PRECISION_FACTOR times the baseline's error."""
+    scale = max(expected.abs().max().item(), 1.0)
+    error = max_error(actual, expected)
+    assert error == error, f"{what}: NaN where the float64 reference has none (or the reverse)"
+    if baseline is not None and dtype in (torch.float16, torch.bfloat16):
+        base_error = max_error(baseline, expected)
+        bound = LOW_PRECISION_FACTOR * base_error + FLOOR_ULPS * torch.finfo(dtype).eps * scale
+        assert error <= bound, f"{what}: error {error:.3g} > {bound:.3g} ({LOW_PRECISION_FACTOR}x PyTorch's {base_error:.3g})"
+    else:
+        bound = REFERENCE_TOLERANCE[dtype] * scale
+        assert error <= bound, f"{what}: error {error:.3g} > {bound:.3g} vs float64"

@@ -1,0 +1,187 @@
+"""grouped_conv_bn_relu against float64, for every backend that can run here."""
+
+import pytest
+import torch
+
+import resnext_kernels
+from conftest import DEVICE, KERNEL_IMPLS
+from helpers import (
+    LAYOUTS,
+    SHAPES,
+    Shape,
+    assert_close_to_reference,
+    layout_as,
+    make_case,
+    reference64,
+)
+
+IMPLS = ["torch"] + KERNEL_IMPLS
+LOW_PRECISION = [torch.float16, torch.bfloat16]
+
+
+def run(case, impl, training, momentum=0.1, eps=1e-5, with_running=True):
+    s = case.shape
+    return resnext_kernels.grouped_conv_bn_relu(
+        case.x, case.weight, case.bn_weight, case.bn_bias,
+        case.running_mean if with_running else None, case.running_var if with_running else None,
+        stride=s.stride, dilation=s.dilation, groups=s.groups, training=training, momentum=momentum, eps=eps,
+        impl=impl,
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_forward_and_running_stats_match_float64(impl, shape, training):
+    case = make_case(shape)
+    expected, expected_mean, expected_var = reference64(case, training, momentum=0.3)
+    z = run(case, impl, training, momentum=0.3)
+    assert z.dtype == case.x.dtype and z.shape == expected.shape
+    assert_close_to_reference(z, expected, torch.float32)
+    assert_close_to_reference(case.running_mean, expected_mean, torch.float32, what="running_mean")
+    assert_close_to_reference(case.running_var, expected_var, torch.float32, what="running_var")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_layouts_and_output_memory_format(impl, layout, training):
+    case = make_case(Shape(2, 16, 16, 5, 6, groups=4), layout=layout)
+    expected, _, _ = reference64(case, training)
+    z = run(case, impl, training)
+    assert_close_to_reference(z, expected, torch.float32)
+    if layout == "channels_last":
+        assert z.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert z.is_contiguous()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("bn_fp32", [False, True], ids=["bn-same-dtype", "bn-fp32"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_low_precision_within_pytorchs_own_error(impl, dtype, bn_fp32, training):
+    shape = Shape(2, 64, 64, 6, 5, groups=16)
+    case = make_case(shape, dtype=dtype, layout="channels_last", bn_dtype=torch.float32 if bn_fp32 else dtype)
+    expected, expected_mean, expected_var = reference64(case, training)
+    baseline_case = make_case(shape)
+    for name in ("x", "weight", "bn_weight", "bn_bias", "running_mean", "running_var"):
+        setattr(baseline_case, name, getattr(case, name).clone())
+    baseline = run(baseline_case, "torch", training)
+    z = run(case, impl, training)
+    assert z.dtype == dtype
+    assert_close_to_reference(z, expected, dtype, baseline=None if impl == "torch" else baseline)
+    for name, want in (("running_mean", expected_mean), ("running_var", expected_var)):
+        assert_close_to_reference(getattr(case, name), want, dtype, what=name,
+                                  baseline=None if impl == "torch" else getattr(baseline_case, name))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES[:5], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradients_match_float64(impl, shape, training):
+    case = make_case(shape, layout="channels_last")
+    leaves = [t.detach().requires_grad_() for t in case.tensors()[:4]]
+    case64 = make_case(shape)
+    for name, t in zip(("x", "weight", "bn_weight", "bn_bias"), leaves):
+        setattr(case64, name, t.detach().double().requires_grad_())
+    for name in ("running_mean", "running_var"):
+        setattr(case64, name, getattr(case, name).double().clone())
+    case.x, case.weight, case.bn_weight, case.bn_bias = leaves
+    z = run(case, impl, training)
+    # A non-contiguous gradient: a strided view of a larger tensor.
+    grad = layout_as(torch.randn_like(z, memory_format=torch.contiguous_format), "strided")
+    z.backward(grad)
+    expected = run(case64, "torch", training)
+    expected.backward(grad.double())
+    names = ("x", "weight", "bn_weight", "bn_bias")
+    for name, leaf, leaf64 in zip(names, leaves, (case64.x, case64.weight, case64.bn_weight, case64.bn_bias)):
+        assert leaf.grad is not None and leaf.grad.dtype == leaf.dtype, name
+        assert_close_to_reference(leaf.grad, leaf64.grad, torch.float32, what=f"grad of {name}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+def test_gradcheck_float64(impl, training, affine):
+    case = make_case(Shape(2, 4, 4, 3, 3, groups=2, stride=2), dtype=torch.float64)
+    inputs = [case.x, case.weight] + ([case.bn_weight, case.bn_bias] if affine else [])
+    inputs = [t.detach().requires_grad_() for t in inputs]
+
+    def fn(x, weight, *bn):
+        # Fresh running stats per call: gradcheck evaluates many times.
+        bn = bn if affine else (None, None)
+        return resnext_kernels.grouped_conv_bn_relu(
+            x, weight, *bn, case.running_mean.clone(), case.running_var.clone(),
+            stride=2, groups=2, training=training, impl=impl)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_batch_statistics_without_running_buffers(impl):
+    case = make_case(Shape(2, 8, 8, 4, 4, groups=2))
+    expected, _, _ = reference64(case, True, with_running=False)
+    assert_close_to_reference(run(case, impl, True, with_running=False), expected, torch.float32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_variance_of_a_large_mean_activation(impl):
+    # |mean| >> std: a naive E[y^2] - E[y]^2 in fp32 would lose most of the variance's digits.
+    case = make_case(Shape(2, 8, 8, 5, 5, groups=2), mean_shift=300.0)
+    expected, expected_mean, expected_var = reference64(case, True)
+    assert_close_to_reference(run(case, impl, True), expected, torch.float32)
+    assert torch.allclose(case.running_var.double(), expected_var, rtol=1e-3)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_nan_and_inf_propagate_as_in_the_reference(impl, training):
+    case = make_case(Shape(2, 8, 8, 5, 5, groups=4))
+    case.x[0, 1, 2, 3] = float("nan")
+    case.x[1, 5, 0, 0] = float("inf")
+    mean, var = case.running_mean.clone(), case.running_var.clone()
+    z = run(case, impl, training)
+    case.running_mean.copy_(mean)
+    case.running_var.copy_(var)
+    expected = run(case, "torch", training)
+    assert torch.equal(z.isnan(), expected.isnan())
+    assert z.isnan().any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_empty_batch(impl, training):
+    case = make_case(Shape(0, 8, 8, 5, 5, groups=2, stride=2))
+    mean, var = case.running_mean.clone(), case.running_var.clone()
+    z = run(case, impl, training)
+    assert z.shape == (0, 8, 3, 3)
+    assert torch.equal(case.running_mean, mean) and torch.equal(case.running_var, var)
+
+
+def clone_case(case):
+    clone = make_case(case.shape)
+    for name in ("x", "weight", "bn_weight", "bn_bias", "running_mean", "running_var"):
+        setattr(clone, name, getattr(case, name).clone())
+    return clone
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_runs_conv_low_and_batch_norm_in_fp32(impl, dtype):
+    if DEVICE.type == "cpu" and dtype == torch.float16:
+        pytest.skip("CPU autocast is bfloat16-only in this test")
+    case = make_case(Shape(2, 32, 32, 5, 5, groups=8))
+    # What autocast computes, in float64: the conv's inputs rounded to the autocast dtype.
+    rounded = clone_case(case)
+    rounded.x, rounded.weight = case.x.to(dtype), case.weight.to(dtype)
+    expected, expected_mean, _ = reference64(rounded, True)
+    baseline_case = clone_case(case)
+    with torch.autocast(DEVICE.type, dtype=dtype):
+        z = run(case, impl, True)
+        baseline = run(baseline_case, "torch", True)
+    assert z.dtype == baseline.dtype == dtype
+    assert case.running_mean.dtype == torch.float32
+    assert_close_to_reference(z, expected, dtype, baseline=None if impl == "torch" else baseline)
+    assert_close_to_reference(case.running_mean, expected_mean, dtype, what="running_mean",
+                              baseline=None if impl == "torch" else baseline_case.running_mean)

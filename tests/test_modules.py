@@ -1,0 +1,175 @@
+"""ResNeXtBlock, the models and convert() against torchvision's (and timm's) modules."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.resnet import Bottleneck, ResNet
+
+import resnext_kernels
+from conftest import DEVICE, KERNEL_IMPLS
+from resnext_kernels import ResNeXtBlock
+
+IMPLS = ["torch"] + KERNEL_IMPLS
+
+
+def randomise_bn(module):
+    """Non-trivial affine parameters and running stats, so that a swapped buffer would show."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                if m.affine:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.normal_(0, 0.2)
+                if m.running_mean is not None:
+                    m.running_mean.normal_(0, 0.2)
+                    m.running_var.uniform_(0.5, 1.5)
+    return module
+
+
+def assert_same_state(ours, theirs, rtol=1e-5, atol=1e-5):
+    ours, theirs = ours.state_dict(), theirs.state_dict()
+    assert list(ours) == list(theirs)
+    for key in ours:
+        assert ours[key].shape == theirs[key].shape, key
+        assert torch.allclose(ours[key].double(), theirs[key].double(), rtol=rtol, atol=atol), key
+
+
+def make_block_pair(impl, *, stride=1, groups=4, base_width=4, inplanes=32, planes=16, **bn_kwargs):
+    def norm_layer(channels):
+        return nn.BatchNorm2d(channels, **bn_kwargs)
+
+    downsample = None
+    if stride != 1 or inplanes != planes * 4:
+        downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False), norm_layer(planes * 4))
+    theirs = Bottleneck(inplanes, planes, stride, downsample, groups, base_width, norm_layer=norm_layer)
+    theirs = randomise_bn(theirs).to(DEVICE)
+    ours = ResNeXtBlock(inplanes, planes, stride, copy.deepcopy(downsample), groups, base_width,
+                        norm_layer=norm_layer, impl=impl).to(DEVICE)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    "bn_kwargs",
+    [{}, {"momentum": None}, {"track_running_stats": False}, {"affine": False}],
+    ids=["default", "cumulative-average", "no-running-stats", "no-affine"],
+)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_block_matches_torchvision_bottleneck_in_train_and_eval(impl, bn_kwargs, stride):
+    ours, theirs = make_block_pair(impl, stride=stride, **bn_kwargs)
+    for step in range(3):
+        x = torch.randn(2, 32, 9, 7, device=DEVICE)
+        out, expected = ours(x), theirs(x)
+        assert torch.allclose(out, expected, rtol=1e-4, atol=1e-4), f"train step {step}"
+        (out.square().sum() + 0).backward()
+        expected.square().sum().backward()
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-3, atol=1e-3), name
+    assert_same_state(ours, theirs)
+    if bn_kwargs.get("track_running_stats", True):
+        assert ours.bn2.num_batches_tracked.item() == 3
+    ours.eval()
+    theirs.eval()
+    x = torch.randn(2, 32, 9, 7, device=DEVICE)
+    assert torch.allclose(ours(x), theirs(x), rtol=1e-4, atol=1e-4)
+
+
+def test_block_with_another_norm_layer_runs_unfused():
+    gn = lambda c: nn.GroupNorm(4, c)  # noqa: E731
+    theirs = Bottleneck(64, 16, 1, None, 4, 16, norm_layer=gn).to(DEVICE)
+    ours = ResNeXtBlock(64, 16, 1, None, 4, 16, norm_layer=gn).to(DEVICE)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 64, 5, 5, device=DEVICE)
+    assert torch.allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_block_defaults_are_resnext_32x4d():
+    block = ResNeXtBlock(256, 64)
+    assert block.conv2.groups == 32 and block.conv2.in_channels == 128 and block.impl == "auto"
+    with pytest.raises(ValueError, match="impl must be one of"):
+        ResNeXtBlock(256, 64, impl="cudnn")
+
+
+def torchvision_model(name):
+    if name == "resnext101_32x4d":  # torchvision has no such model: its 32x8d layout with width 4
+        return ResNet(Bottleneck, [3, 4, 23, 3], groups=32, width_per_group=4)
+    return getattr(torchvision.models, name)()
+
+
+@pytest.mark.parametrize(
+    "name", ["resnet50", "resnet101", "resnext50_32x4d", "resnext101_32x4d", "resnext101_32x8d", "resnext101_64x4d"]
+)
+def test_model_state_dict_matches_torchvision(name):
+    ours = getattr(resnext_kernels, name)(num_classes=10)
+    theirs = torchvision_model(name)
+    theirs.fc = nn.Linear(theirs.fc.in_features, 10)
+    ours_state, theirs_state = ours.state_dict(), theirs.state_dict()
+    assert list(ours_state) == list(theirs_state)
+    assert all(ours_state[k].shape == theirs_state[k].shape for k in ours_state)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_model_matches_torchvision_with_its_weights(impl):
+    theirs = randomise_bn(torchvision.models.resnext50_32x4d(num_classes=10)).to(DEVICE)
+    ours = resnext_kernels.resnext50_32x4d(num_classes=10, impl=impl).to(DEVICE)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    assert torch.allclose(ours(x), theirs(x), rtol=1e-3, atol=1e-3)
+    assert_same_state(ours, theirs, rtol=1e-4, atol=1e-4)
+    ours.eval()
+    theirs.eval()
+    assert torch.allclose(ours(x), theirs(x), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("name, params", [("resnext29_8x64d", 34.4e6), ("resnext29_16x64d", 68.1e6)])
+def test_cifar_resnext29_has_the_papers_size(name, params):
+    model = getattr(resnext_kernels, name)()
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count - params) / params < 0.01, count  # the paper's Table 7
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_convert_torchvision_resnext50(impl):
+    original = randomise_bn(torchvision.models.resnext50_32x4d(num_classes=10)).to(DEVICE)
+    converted = resnext_kernels.convert(copy.deepcopy(original), impl=impl)
+    blocks = [m for m in converted.modules() if isinstance(m, ResNeXtBlock)]
+    assert len(blocks) == 16 and all(b.impl == impl for b in blocks)
+    assert not any(type(m) is Bottleneck for m in converted.modules())
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    assert torch.allclose(converted(x), original(x), rtol=1e-3, atol=1e-3)
+    assert_same_state(converted, original, rtol=1e-4, atol=1e-4)
+    converted.eval()
+    original.eval()
+    assert torch.allclose(converted(x), original(x), rtol=1e-3, atol=1e-3)
+
+
+def test_convert_shares_parameters():
+    model = torchvision.models.resnext50_32x4d()
+    conv2 = model.layer1[0].conv2
+    converted = resnext_kernels.convert(model, impl="torch")
+    assert converted is model and model.layer1[0].conv2 is conv2
+    block = resnext_kernels.convert(Bottleneck(64, 16, groups=4, base_width=16))
+    assert isinstance(block, ResNeXtBlock)
+
+
+def test_convert_timm_resnext():
+    timm = pytest.importorskip("timm")
+    original = randomise_bn(timm.create_model("resnext50d_32x4d", pretrained=False, num_classes=10)).to(DEVICE)
+    converted = resnext_kernels.convert(copy.deepcopy(original), impl="torch")
+    assert sum(isinstance(m, ResNeXtBlock) for m in converted.modules()) == 16
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    assert torch.allclose(converted(x), original(x), rtol=1e-3, atol=1e-3)
+    assert_same_state(converted, original, rtol=1e-4, atol=1e-4)
+
+
+def test_convert_leaves_timm_blocks_it_cannot_represent():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("seresnext26d_32x4d", pretrained=False)
+    with pytest.warns(UserWarning, match="left .* unchanged"):
+        converted = resnext_kernels.convert(model)
+    assert not any(isinstance(m, ResNeXtBlock) for m in converted.modules())
