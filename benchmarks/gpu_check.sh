@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: one command for a lent GPU machine (H100/H200, no network, torch and triton
 # preinstalled). Builds the extension for sm_90 with every core, runs the whole test suite on the GPU,
-# then the main job's self-check. Everything lands under $OUT (default: out/gpu_check); a short
+# compute-sanitizer's memcheck and racecheck on a small run of every CUDA kernel, then the main job's
+# self-check. Everything lands under $OUT (default: out/gpu_check); a short
 # summary is printed last. Budget: under 8 minutes in all, each step under its own timeout.
 #
 #   bash benchmarks/gpu_check.sh
@@ -34,11 +35,14 @@ step() {  # step NAME SECONDS COMMAND...: run with a timeout, log to $OUT/NAME.l
 
 step build 240 pip install --no-build-isolation --no-deps -v -e .
 step tests 240 python -m pytest tests -q -rfEs --junitxml="$OUT/tests.xml"
+step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/sanitizer_case.py
+step racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 1 python benchmarks/sanitizer_case.py
 step selfcheck 60 python -m resnext_kernels.bench --dtype bfloat16
 
 echo
 echo "== GPU check summary ($((SECONDS - START)) s, output in $OUT) =="
 grep -m1 "^torch" "$OUT/environment.txt"
-for name in build tests selfcheck; do echo "$name: ${STATUS[$name]}"; done
+for name in build tests memcheck racecheck selfcheck; do echo "$name: ${STATUS[$name]}"; done
 echo "-- tests --"; tail -n 25 "$OUT/tests.log"
+echo "-- sanitizers --"; tail -n 2 "$OUT/memcheck.log" "$OUT/racecheck.log"
 echo "-- selfcheck --"; tail -n 12 "$OUT/selfcheck.log"

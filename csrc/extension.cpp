@@ -1,9 +1,10 @@
 // Entry point of resnext_kernels._C. The module carries no Python functions: importing it runs the
-// static registrations below (and those of csrc/cuda/), which make the ops visible as
-// torch.ops.resnext_kernels.*. Fake kernels and autograd are registered from Python.
+// static registrations (the schemas below, the CUDA kernels in ops.cpp), which make the ops visible
+// as torch.ops.resnext_kernels.*. Fake kernels and autograd are registered from Python.
 
 #include <Python.h>
-#include <torch/library.h>
+
+#include "op_schemas.h"
 
 extern "C" {
 // A stub module instead of pybind11: the ops are reached through the dispatcher.
@@ -14,6 +15,4 @@ PyObject* PyInit__C(void) {
 }
 }
 
-// Every op schema of the extension is declared here, once; backends add implementations with
-// TORCH_LIBRARY_IMPL. Ops are added together with their kernels.
-TORCH_LIBRARY(resnext_kernels, m) {}
+TORCH_LIBRARY(resnext_kernels, m) { resnext_kernels::define_ops(m); }

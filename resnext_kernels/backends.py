@@ -2,15 +2,19 @@
 
 import importlib
 
+import torch
+
 from . import reference
 
 # Fastest first: "auto" takes the first one available for the input's device.
 _KERNEL_BACKENDS = {"cuda": "resnext_kernels.cuda", "triton": "resnext_kernels.triton"}
+_MODULES = {"torch": reference}  # the backends imported so far
 
 
 def _load(impl):
     try:
-        return importlib.import_module(_KERNEL_BACKENDS[impl]), None
+        _MODULES[impl] = importlib.import_module(_KERNEL_BACKENDS[impl])
+        return _MODULES[impl], None
     except ModuleNotFoundError as error:
         if error.name != _KERNEL_BACKENDS[impl]:
             raise
@@ -25,21 +29,33 @@ def unavailable_reason(impl, device):
     return reason if module is None else module.unavailable_reason(device)
 
 
-def resolve(impl, device):
-    """The backend module for ``impl``; RuntimeError when it cannot run on ``device``."""
+def _supports(module, batch_stats, grad):
+    return (not batch_stats or module.SUPPORTS_BATCH_STATS) and (not grad or module.SUPPORTS_BACKWARD)
+
+
+def resolve(impl, device, batch_stats=True, grad=True):
+    """The backend module for ``impl``; RuntimeError when it cannot run on ``device``.
+
+    "auto" takes the fastest backend that runs on ``device`` and implements what the call needs
+    (batch statistics, backward); an explicitly named backend raises NotImplementedError itself."""
+    return _MODULES[_resolve_name(impl, device, batch_stats, grad)]
+
+
+# torch.compile runs the choice once while tracing (it imports modules and probes builds) and keeps
+# the name it returns as a constant of the graph.
+@torch.compiler.assume_constant_result
+def _resolve_name(impl, device, batch_stats, grad):
     if impl == "auto":
         if device.type != "cuda":
-            return reference
+            return "torch"
         for name in _KERNEL_BACKENDS:
-            if unavailable_reason(name, device) is None:
-                return _load(name)[0]
-        return reference
-    if impl == "torch":
-        return reference
+            if unavailable_reason(name, device) is None and _supports(_load(name)[0], batch_stats, grad):
+                return name
+        return "torch"
     reason = unavailable_reason(impl, device)
     if reason is not None:
         raise RuntimeError(reason)
-    return _load(impl)[0]
+    return impl
 
 
 def available_impls(device):

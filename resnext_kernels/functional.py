@@ -4,9 +4,11 @@ Kernel backends (Triton, CUDA) only see validated inputs and implement two diffe
 primitives; everything BatchNorm-specific that is not per-element work lives here once:
 
 * ``batch_stats_forward(x, weight, bn_weight, bn_bias, eps, stride, dilation, groups)``
-  -> ``(z, mean, var)`` with the biased batch variance, both fp32;
+  -> ``(z, mean, var)`` with the biased batch variance, in ``accumulate_dtype(x)``;
 * ``folded_forward(x, weight, scale, shift, stride, dilation, groups)`` -> ``z``, BN folded into a
-  per-channel fp32 scale and shift.
+  per-channel scale and shift in ``accumulate_dtype(x)`` (fp32, or fp64 for fp64 inputs).
+
+and declare ``SUPPORTS_BATCH_STATS`` and ``SUPPORTS_BACKWARD``, which "auto" consults.
 """
 
 import numbers
@@ -48,7 +50,9 @@ def grouped_conv_bn_relu(
     """
     _check_inputs(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, dilation, groups,
                   training, momentum, eps, impl)
-    backend = backends.resolve(impl, x.device)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bn_weight, bn_bias))
+    backend = backends.resolve(impl, x.device, batch_stats=training or running_mean is None, grad=needs_grad)
     args = (x, weight, bn_weight, bn_bias, running_mean, running_var, stride, dilation, groups,
             bool(training), float(momentum), float(eps))
     if backend is backends.reference or x.shape[0] == 0:
@@ -76,29 +80,34 @@ def _fused(backend, x, weight, bn_weight, bn_bias, running_mean, running_var, st
                 count = z.numel() // z.shape[1]
                 _update_running_stats(running_mean, running_var, mean, var, count, momentum)
         else:
-            scale, shift = fold_batch_norm(bn_weight, bn_bias, running_mean, running_var, eps)
+            scale, shift = fold_batch_norm(bn_weight, bn_bias, running_mean, running_var, eps, accumulate_dtype(x))
             z = backend.folded_forward(x, weight, scale, shift, stride, dilation, groups)
     return z.contiguous(memory_format=memory_format)
 
 
-def fold_batch_norm(bn_weight, bn_bias, mean, var, eps):
-    """Per-channel fp32 ``(scale, shift)`` with ``bn(y) = y * scale + shift``; differentiable."""
-    scale = torch.rsqrt(var.float() + eps)
+def accumulate_dtype(x):
+    """The dtype kernels accumulate and keep per-channel BN values in: float64 for float64, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def fold_batch_norm(bn_weight, bn_bias, mean, var, eps, dtype):
+    """Per-channel ``(scale, shift)`` in ``dtype`` with ``bn(y) = y * scale + shift``; differentiable."""
+    scale = torch.rsqrt(var.to(dtype) + eps)
     if bn_weight is not None:
-        scale = scale * bn_weight.float()
-    shift = -mean.float() * scale
+        scale = scale * bn_weight.to(dtype)
+    shift = -mean.to(dtype) * scale
     if bn_bias is not None:
-        shift = shift + bn_bias.float()
+        shift = shift + bn_bias.to(dtype)
     return scale, shift
 
 
 @torch.no_grad()
 def _update_running_stats(running_mean, running_var, mean, var, count, momentum):
-    # F.batch_norm's rule, in fp32: running = (1 - momentum) * running + momentum * batch, with the
-    # unbiased variance stored.
+    # F.batch_norm's rule, in the statistics' precision: running = (1 - momentum) * running +
+    # momentum * batch, with the unbiased variance stored.
     unbiased = var * (count / (count - 1))
-    running_mean.copy_(running_mean.float() * (1 - momentum) + mean * momentum)
-    running_var.copy_(running_var.float() * (1 - momentum) + unbiased * momentum)
+    running_mean.copy_(running_mean.to(mean.dtype) * (1 - momentum) + mean * momentum)
+    running_var.copy_(running_var.to(var.dtype) * (1 - momentum) + unbiased * momentum)
 
 
 def output_memory_format(x):

@@ -9,6 +9,7 @@ import torch
 
 import resnext_kernels
 from resnext_kernels import backends
+from conftest import DEVICE, KERNEL_IMPLS
 from helpers import Shape, make_case
 
 
@@ -100,21 +101,20 @@ def test_auto_on_cpu_is_the_reference():
     assert backends.resolve("auto", torch.device("cpu")) is backends.reference
 
 
-def test_cuda_on_cpu_tensors_says_why():
-    case = make_case(SHAPE, device="cpu")
-    if "cuda" in resnext_kernels.available_impls(torch.device("cpu")):
-        pytest.skip("the CUDA host test build runs CPU tensors here")
-    with pytest.raises(RuntimeError, match="impl='cuda'"):
-        call(case, impl="cuda")
+def test_cuda_on_cpu_tensors_says_why(monkeypatch):
+    from resnext_kernels.cuda import emulation
+
+    monkeypatch.setattr(emulation, "enabled", lambda: False)
+    with pytest.raises(RuntimeError, match="impl='cuda' runs on CUDA tensors|impl='cuda' needs the CUDA extension"):
+        call(make_case(SHAPE, device="cpu"), impl="cuda")
 
 
 def test_missing_extension_says_how_to_build(monkeypatch):
     import resnext_kernels.cuda as cuda_backend
 
     monkeypatch.setattr(cuda_backend, "LOAD_ERROR", "No module named 'resnext_kernels._C'")
-    case = make_case(SHAPE, device="cpu")
     with pytest.raises(RuntimeError, match="was not built.*RESNEXT_KERNELS_BUILD_CUDA=1 pip install"):
-        call(case, impl="cuda")
+        backends.resolve("cuda", torch.device("cuda"))
 
 
 def test_triton_on_cpu_without_the_interpreter_says_why():
@@ -130,3 +130,32 @@ def test_triton_on_cpu_without_the_interpreter_says_why():
     )
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert "RuntimeError: impl='triton'" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_missing_capabilities_raise_not_implemented(impl):
+    module = backends.resolve(impl, DEVICE)
+    case = make_case(SHAPE)
+    if not module.SUPPORTS_BATCH_STATS:
+        with pytest.raises(NotImplementedError, match="training mode"):
+            call(case, impl=impl, training=True)
+    if not module.SUPPORTS_BACKWARD:
+        case.x.requires_grad_()
+        with pytest.raises(NotImplementedError, match="backward"):
+            call(case, impl=impl, training=False)
+    if module.SUPPORTS_BATCH_STATS and module.SUPPORTS_BACKWARD:
+        call(case, impl=impl, training=True).sum().backward()
+        assert case.x.grad is None  # x did not require grad here
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_auto_skips_a_backend_for_what_it_cannot_do(impl, monkeypatch):
+    cuda = torch.device("cuda")
+    # Every backend that exists counts as available on a CUDA device.
+    monkeypatch.setattr(backends, "unavailable_reason",
+                        lambda name, device: None if backends._load(name)[0] is not None else "missing")
+    module = backends.resolve(impl, DEVICE)
+    chosen = backends.resolve("auto", cuda, batch_stats=True, grad=True)
+    assert chosen.SUPPORTS_BATCH_STATS and chosen.SUPPORTS_BACKWARD
+    if not (module.SUPPORTS_BATCH_STATS and module.SUPPORTS_BACKWARD):
+        assert chosen is not module

@@ -9,7 +9,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
 import resnext_kernels
-from conftest import DEVICE, KERNEL_IMPLS
+from conftest import DEVICE, KERNEL_IMPLS, require
 from resnext_kernels import ResNeXtBlock
 
 IMPLS = ["torch"] + KERNEL_IMPLS
@@ -60,6 +60,7 @@ def make_block_pair(impl, *, stride=1, groups=4, base_width=4, inplanes=32, plan
 )
 @pytest.mark.parametrize("stride", [1, 2])
 def test_block_matches_torchvision_bottleneck_in_train_and_eval(impl, bn_kwargs, stride):
+    require(impl, batch_stats=True, grad=True)
     ours, theirs = make_block_pair(impl, stride=stride, **bn_kwargs)
     for step in range(3):
         x = torch.randn(2, 32, 9, 7, device=DEVICE)
@@ -114,6 +115,7 @@ def test_model_state_dict_matches_torchvision(name):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_model_matches_torchvision_with_its_weights(impl):
+    require(impl, batch_stats=True)
     theirs = randomise_bn(torchvision.models.resnext50_32x4d(num_classes=10)).to(DEVICE)
     ours = resnext_kernels.resnext50_32x4d(num_classes=10, impl=impl).to(DEVICE)
     ours.load_state_dict(theirs.state_dict())
@@ -123,6 +125,16 @@ def test_model_matches_torchvision_with_its_weights(impl):
     ours.eval()
     theirs.eval()
     assert torch.allclose(ours(x), theirs(x), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_model_inference_matches_torchvision(impl):
+    theirs = randomise_bn(torchvision.models.resnext50_32x4d(num_classes=10)).to(DEVICE).eval()
+    ours = resnext_kernels.resnext50_32x4d(num_classes=10, impl=impl).to(DEVICE).eval()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 3, 32, 32, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), theirs(x), rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("name, params", [("resnext29_8x64d", 34.4e6), ("resnext29_16x64d", 68.1e6)])
@@ -135,6 +147,7 @@ def test_cifar_resnext29_has_the_papers_size(name, params):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_convert_torchvision_resnext50(impl):
+    require(impl, batch_stats=True)
     original = randomise_bn(torchvision.models.resnext50_32x4d(num_classes=10)).to(DEVICE)
     converted = resnext_kernels.convert(copy.deepcopy(original), impl=impl)
     blocks = [m for m in converted.modules() if isinstance(m, ResNeXtBlock)]

@@ -1,11 +1,51 @@
-"""impl="cuda": the hand-written CUDA kernels of resnext_kernels._C (sources in csrc/)."""
+"""impl="cuda": the hand-written CUDA kernels of resnext_kernels._C (sources in csrc/).
+
+On CPU tensors, with RESNEXT_KERNELS_CUDA_EMULATE=1, the same kernels run through the host test
+build (see emulation.py): the test suite's way to check their logic without a GPU.
+"""
+
+import torch
 
 from .._extension import BUILD_HINT, LOAD_ERROR
+from . import emulation
+from .ops import register_namespace
+
+# Capabilities "auto" consults before choosing this backend for a call.
+SUPPORTS_BATCH_STATS = False
+SUPPORTS_BACKWARD = False
+
+_NOT_YET = ("impl='cuda' does not implement {what} yet (it arrives with the training kernels); "
+            "use impl='triton' or impl='torch'{hint}")
+
+if LOAD_ERROR is None:
+    register_namespace("resnext_kernels")
 
 
 def unavailable_reason(device):
+    if device.type == "cpu" and emulation.enabled():
+        reason = emulation.load()
+        if reason is None:
+            register_namespace(emulation.NAMESPACE)
+        return reason
     if LOAD_ERROR is not None:
-        return f"impl='cuda' needs the CUDA extension resnext_kernels._C, which was not built or failed to load ({LOAD_ERROR}). {BUILD_HINT}"
+        return (f"impl='cuda' needs the CUDA extension resnext_kernels._C, which was not built or failed to load "
+                f"({LOAD_ERROR}). {BUILD_HINT}")
     if device.type != "cuda":
-        return f"impl='cuda' runs on CUDA tensors, got a tensor on {device}"
-    return "impl='cuda': the CUDA kernels are not implemented in this version of resnext_kernels yet"
+        return (f"impl='cuda' runs on CUDA tensors, got a tensor on {device} "
+                "(RESNEXT_KERNELS_CUDA_EMULATE=1 runs the kernels' host test build on CPU tensors, for tests)")
+    return None
+
+
+def _ops(device):
+    return getattr(torch.ops, emulation.NAMESPACE if device.type == "cpu" else "resnext_kernels")
+
+
+def folded_forward(x, weight, scale, shift, stride, dilation, groups):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, scale, shift)):
+        raise NotImplementedError(_NOT_YET.format(
+            what="backward", hint=", or run inference under torch.no_grad()/torch.inference_mode()"))
+    return _ops(x.device).conv_bn_relu_folded(x, weight, scale, shift, stride, dilation, groups)
+
+
+def batch_stats_forward(x, weight, bn_weight, bn_bias, eps, stride, dilation, groups):
+    raise NotImplementedError(_NOT_YET.format(what="training mode (batch statistics)", hint=""))

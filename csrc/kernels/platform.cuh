@@ -1,0 +1,97 @@
+// The few things the kernels need that differ between nvcc and the host test build.
+#pragma once
+
+#ifdef RESNEXT_KERNELS_EMULATE
+#include "../emulate/cuda_emulation.h"
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#define RK_LAUNCH(kernel, grid, block, shared_bytes, stream, ...) \
+  kernel<<<(grid), (block), (shared_bytes), (stream)>>>(__VA_ARGS__)
+#define RK_DYNAMIC_SHARED(type, name)                             \
+  extern __shared__ __align__(16) unsigned char rk_shared_raw[]; \
+  type* name = reinterpret_cast<type*>(rk_shared_raw)
+#define RK_LAUNCH_ERROR()                                                     \
+  ([]() -> const char* {                                                      \
+    cudaError_t error = cudaGetLastError();                                   \
+    return error == cudaSuccess ? nullptr : cudaGetErrorString(error);        \
+  }())
+#endif
+
+namespace resnext_kernels {
+
+// Storage type T, and the type its arithmetic accumulates in.
+template <typename T>
+struct Numeric {
+  using Acc = float;
+  __device__ __forceinline__ static float load(T v) { return float(v); }
+  __device__ __forceinline__ static T store(float v) { return T(v); }
+};
+template <>
+struct Numeric<double> {
+  using Acc = double;
+  __device__ __forceinline__ static double load(double v) { return v; }
+  __device__ __forceinline__ static double store(double v) { return v; }
+};
+// The 16-bit types also convert from raw bits, and say which bits mark Inf and NaN.
+template <>
+struct Numeric<__half> {
+  using Acc = float;
+  static constexpr uint16_t kNonFinite = 0x7c00;  // (bits & 0x7fff) >= this: Inf or NaN
+  __device__ __forceinline__ static float load(__half v) { return __half2float(v); }
+  __device__ __forceinline__ static float from_bits(uint16_t b) { return __half2float(__ushort_as_half(b)); }
+  __device__ __forceinline__ static __half store(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Numeric<__nv_bfloat16> {
+  using Acc = float;
+  static constexpr uint16_t kNonFinite = 0x7f80;
+  __device__ __forceinline__ static float load(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ __forceinline__ static float from_bits(uint16_t b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
+  __device__ __forceinline__ static __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
+};
+
+// ReLU that keeps NaN, as torch.relu does (fmaxf(NaN, 0) would give 0).
+template <typename Acc>
+__device__ __forceinline__ Acc relu(Acc v) {
+  return v < Acc(0) ? Acc(0) : v;
+}
+
+}  // namespace resnext_kernels
+
+namespace resnext_kernels {
+
+// d += a * b for one warp: mma.m16n8k16, 16-bit A (row-major) and B (column-major), fp32 C/D, with
+// the fragment layouts of the PTX ISA (the host test build computes from the same layouts).
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2]);
+
+#ifdef RESNEXT_KERNELS_EMULATE
+template <>
+inline void mma_m16n8k16<__half>(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+  emu::mma_m16n8k16<__half, __half2float>(d, a, b, d);
+}
+template <>
+inline void mma_m16n8k16<__nv_bfloat16>(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+  emu::mma_m16n8k16<__nv_bfloat16, __bfloat162float>(d, a, b, d);
+}
+#else
+#define RK_MMA_16816(type)                                                                              \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." type "." type ".f32 {%0, %1, %2, %3}, "        \
+               "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"                                        \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                         \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
+template <>
+__device__ __forceinline__ void mma_m16n8k16<__half>(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+  RK_MMA_16816("f16");
+}
+template <>
+__device__ __forceinline__ void mma_m16n8k16<__nv_bfloat16>(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+  RK_MMA_16816("bf16");
+}
+#undef RK_MMA_16816
+#endif
+
+}  // namespace resnext_kernels
