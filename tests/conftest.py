@@ -15,6 +15,10 @@ import pytest  # noqa: E402
 import resnext_kernels  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# fp32 results are compared with float64 at fp32 accuracy: no TF32 in cuDNN's reference or in
+# kernels that follow its setting.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
 KERNEL_IMPLS = [impl for impl in resnext_kernels.available_impls(DEVICE) if impl != "torch"]
 
 

@@ -1,0 +1,294 @@
+"""Per-op benchmark: grouped_conv_bn_relu on ResNeXt's layer shapes, for every provider that can run.
+
+Providers:
+* ``eager``: what a PyTorch model runs without this project: F.conv2d (cuDNN) + F.batch_norm + ReLU;
+* ``compile``: torch.compile of that same function (default mode), compiled afresh for each case;
+* ``triton``, ``cuda``: grouped_conv_bn_relu(..., impl=...), when available_impls(device) lists them.
+
+Modes (shapes.MODES): ``inference`` (running statistics, under no_grad), ``train_fwd`` (batch
+statistics and the running-statistics update, under no_grad: the forward kernels alone) and
+``train_fwd_bwd`` (the forward with autograd recording, then the gradients of x, weight, gamma and
+beta for a random dz).
+"""
+
+import dataclasses
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .. import available_impls, backends, grouped_conv_bn_relu
+from . import shapes, timing
+
+PROVIDERS = ("eager", "compile", "triton", "cuda")
+KERNEL_PROVIDERS = ("triton", "cuda")
+LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class Unsupported(Exception):
+    """The provider does not implement what the case needs (not a failure)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OpCase:
+    layer: shapes.Layer
+    n: int
+    dtype: str  # a key of DTYPES
+    layout: str  # a key of LAYOUTS
+    mode: str  # one of shapes.MODES
+
+    @property
+    def id(self):
+        return f"{self.layer.id}-n{self.n}-{self.dtype}-{self.layout}-{self.mode}"
+
+    @property
+    def itemsize(self):
+        return DTYPES[self.dtype].itemsize
+
+    @property
+    def bytes(self):
+        return shapes.op_bytes(self.layer, self.n, self.mode, self.itemsize)
+
+    @property
+    def flops(self):
+        return shapes.op_flops(self.layer, self.n, self.mode)
+
+
+def op_cases(layers, n, dtypes, layouts, modes):
+    return [OpCase(layer, n, dtype, layout, mode)
+            for layer in layers for dtype in dtypes for layout in layouts for mode in modes]
+
+
+def providers_for(device):
+    """The providers that can run on ``device``: on a CPU only the eager reference is worth timing (the
+    kernel backends run there only in test instruments, and compiling would cost more than it tells)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return ["eager"]
+    return ["eager", "compile"] + [impl for impl in KERNEL_PROVIDERS if impl in available_impls(device)]
+
+
+def eager_conv_bn_relu(x, weight, gamma, beta, running_mean, running_var, stride: int, groups: int,
+                       training: bool):
+    """The unfused layer as torchvision's Bottleneck runs it: conv2, bn2, relu (in place)."""
+    y = F.conv2d(x, weight, None, stride, 1, 1, groups)
+    return F.relu(F.batch_norm(y, running_mean, running_var, gamma, beta, training, 0.1, 1e-5), inplace=True)
+
+
+def unsupported_reason(provider, device, mode):
+    """Why a kernel provider cannot run ``mode`` (from the capabilities it declares), or None."""
+    if provider not in KERNEL_PROVIDERS:
+        return None
+    reason = backends.unavailable_reason(provider, torch.device(device))
+    if reason is not None:
+        return reason
+    module = backends.resolve(provider, torch.device(device))
+    if mode != "inference" and not module.SUPPORTS_BATCH_STATS:
+        return f"impl={provider!r} does not implement training mode (batch statistics) yet"
+    if mode == "train_fwd_bwd" and not module.SUPPORTS_BACKWARD:
+        return f"impl={provider!r} does not implement backward yet"
+    return None
+
+
+class OpRunner:
+    """One case on one provider: the inputs (rotated among several sets) and a call per timed run.
+
+    Building it compiles (``compile``) or loads nothing yet; the first call does, and ``compile_s``
+    then holds how long that first call took for the ``compile`` provider."""
+
+    def __init__(self, case, provider, device, generator_seed=0):
+        reason = unsupported_reason(provider, device, case.mode)
+        if reason is not None:
+            raise Unsupported(reason)
+        self.case, self.provider, self.device = case, provider, torch.device(device)
+        layer, dtype = case.layer, DTYPES[case.dtype]
+        memory_format = LAYOUTS[case.layout]
+        training = case.mode != "inference"
+        backward = case.mode == "train_fwd_bwd"
+        gen = torch.Generator(device=self.device).manual_seed(generator_seed)
+
+        def randn(*size, scale=1.0):
+            return (torch.randn(*size, generator=gen, device=self.device, dtype=torch.float32) * scale)
+
+        # Random data (never zeros: they can run faster than real data) with realistic scales.
+        fan_in = layer.channels_per_group * 9
+        self.weight = randn(layer.c_out, layer.channels_per_group, 3, 3, scale=(2 / fan_in) ** 0.5).to(dtype)
+        self.gamma = randn(layer.c_out, scale=0.1).add_(1.0)
+        self.beta = randn(layer.c_out, scale=0.1)
+        self.running_mean = randn(layer.c_out, scale=0.1)
+        self.running_var = randn(layer.c_out, scale=0.1).abs_().add_(1.0)
+        x_bytes, z_bytes = shapes.activation_bytes(layer, case.n, case.itemsize)
+        per_set = x_bytes + (z_bytes if backward else 0)
+        self.sets = []
+        for _ in range(shapes.rotation_sets(per_set, timing.cache_bytes(self.device))):
+            x = randn(case.n, layer.c_in, layer.h, layer.w).to(dtype).contiguous(memory_format=memory_format)
+            dz = (randn(case.n, layer.c_out, layer.h_out, layer.w_out).to(dtype).contiguous(memory_format=memory_format)
+                  if backward else None)
+            self.sets.append((x.requires_grad_(backward), dz))
+        if backward:
+            for t in (self.weight, self.gamma, self.beta):
+                t.requires_grad_(True)
+
+        if provider in ("eager", "compile"):
+            function = eager_conv_bn_relu
+            if provider == "compile":
+                # A fresh cache for each case: the same function compiled for many shapes would hit
+                # dynamo's recompile limit or switch to dynamic shapes, and time something else.
+                torch._dynamo.reset()
+                function = torch.compile(eager_conv_bn_relu, dynamic=False)
+
+            def layer_fn(x):
+                return function(x, self.weight, self.gamma, self.beta, self.running_mean, self.running_var,
+                                layer.stride, layer.groups, training)
+        else:
+            def layer_fn(x):
+                return grouped_conv_bn_relu(x, self.weight, self.gamma, self.beta, self.running_mean,
+                                            self.running_var, stride=layer.stride, groups=layer.groups,
+                                            training=training, impl=provider)
+
+        if backward:
+            params = (self.weight, self.gamma, self.beta)
+
+            def run(x, dz):
+                z = layer_fn(x)
+                return torch.autograd.grad(z, (x,) + params, dz)
+        else:
+            def run(x, dz):
+                with torch.no_grad():
+                    return layer_fn(x)
+
+        self._run = run
+        self._calls = 0
+        self.compile_s = None
+
+    def __call__(self):
+        x, dz = self.sets[self._calls % len(self.sets)]
+        first = self._calls == 0
+        self._calls += 1
+        if not (first and self.provider == "compile"):
+            return self._run(x, dz)
+        start = time.perf_counter()
+        result = self._run(x, dz)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.compile_s = time.perf_counter() - start
+        return result
+
+
+def run_op_case(case, provider, device, timing_options, bandwidth_gbps):
+    """Times one case on one provider; returns its result record (see report.py for the fields)."""
+    record = base_op_record(case, provider, bandwidth_gbps)
+    runner = None
+    try:
+        runner = OpRunner(case, provider, device)
+        measured = timing.measure(runner, device, cold_cache=True, **timing_options)
+    except Unsupported as error:
+        return dict(record, status="unsupported", reason=str(error))
+    except Exception as error:  # noqa: BLE001 - a failing provider must not stop the others
+        return timing.failure_record(record, error)
+    finally:
+        compile_s = runner.compile_s if runner is not None else None
+        del runner
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    return dict(record, **timing_figures(case, measured, bandwidth_gbps), compile_s=compile_s)
+
+
+def base_op_record(case, provider, bandwidth_gbps):
+    floor_s = shapes.floor_seconds(case.bytes, bandwidth_gbps * 1e9) if bandwidth_gbps else None
+    return {
+        "layer": case.layer.id,
+        "shape": case.layer.as_dict(),
+        "n": case.n,
+        "dtype": case.dtype,
+        "layout": case.layout,
+        "mode": case.mode,
+        "provider": provider,
+        "status": "ok",
+        "reason": None,
+        "bytes": case.bytes,
+        "flops": case.flops,
+        "floor_us": None if floor_s is None else floor_s * 1e6,
+        "median_us": None,
+        "p20_us": None,
+        "p80_us": None,
+        "reps": None,
+        "gbps": None,
+        "tflops": None,
+        "fraction_of_floor": None,
+        "speedup_vs_eager": None,
+        "speedup_vs_compile": None,
+        "compile_s": None,
+    }
+
+
+def timing_figures(case, measured, bandwidth_gbps):
+    """GB/s, TFLOP/s and the fraction of the memory floor achieved (floor time / measured time: 1.0
+    means the kernel moves its minimal bytes at copy bandwidth)."""
+    seconds = max(measured.median_s, 1e-12)  # a clock tick of 0 must not divide by zero
+    figures = {
+        "median_us": seconds * 1e6,
+        "p20_us": measured.p20_s * 1e6,
+        "p80_us": measured.p80_s * 1e6,
+        "reps": measured.reps,
+        "gbps": case.bytes / seconds / 1e9,
+        "tflops": case.flops / seconds / 1e12,
+    }
+    if bandwidth_gbps:
+        figures["fraction_of_floor"] = shapes.floor_seconds(case.bytes, bandwidth_gbps * 1e9) / seconds
+    return figures
+
+
+def add_speedups(records):
+    """Fills speedup_vs_eager / speedup_vs_compile (baseline time / this time) within each case."""
+    by_case = {}
+    for record in records:
+        key = (record["layer"], record["n"], record["dtype"], record["layout"], record["mode"])
+        by_case.setdefault(key, {})[record["provider"]] = record
+    for providers in by_case.values():
+        for baseline, field in (("eager", "speedup_vs_eager"), ("compile", "speedup_vs_compile")):
+            base = providers.get(baseline)
+            if base is None or base["status"] != "ok":
+                continue
+            for record in providers.values():
+                if record["status"] == "ok":
+                    record[field] = base["median_us"] / record["median_us"]
+    return records
+
+
+def run_ops(cases, providers, device, *, timing_options, bandwidth_gbps, deadline=None, compile_deadline=None,
+            excluded=None, log=print, records=None):
+    """Every case on every provider, in order; returns the records, appended to ``records`` as they
+    finish (so that an interrupted run keeps them). Cases left when ``deadline`` expires are recorded
+    as skipped, and the compile provider is skipped once ``compile_deadline`` has (compiling is the
+    slow part of a short run). ``excluded``: {provider: reason} not to run."""
+    deadline = deadline or timing.Deadline()
+    compile_deadline = compile_deadline or timing.Deadline()
+    excluded = excluded or {}
+    records = [] if records is None else records
+    for index, case in enumerate(cases):
+        for provider in providers:
+            if provider in excluded:
+                record = dict(base_op_record(case, provider, bandwidth_gbps), status="skipped",
+                              reason=excluded[provider])
+            elif deadline.expired():
+                record = dict(base_op_record(case, provider, bandwidth_gbps), status="skipped",
+                              reason="time budget spent")
+            elif provider == "compile" and compile_deadline.expired():
+                record = dict(base_op_record(case, provider, bandwidth_gbps), status="skipped",
+                              reason="compile time budget spent")
+            else:
+                record = run_op_case(case, provider, device, timing_options, bandwidth_gbps)
+                log(f"  op {index + 1}/{len(cases)} {case.id} {provider}: " + describe_status(record))
+            records.append(record)
+    return add_speedups(records)
+
+
+def describe_status(record):
+    if record["status"] == "ok":
+        text = f"{record['median_us']:.1f} us"
+        if record.get("fraction_of_floor"):
+            text += f", {100 * record['fraction_of_floor']:.0f}% of the memory floor"
+        return text
+    return f"{record['status']} ({record['reason']})"

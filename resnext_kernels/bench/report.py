@@ -1,0 +1,460 @@
+"""The results document (JSON), its schema and checks, and what is made from it: markdown tables and a
+PNG chart.
+
+Schema, version 1 (every time in the unit its name says; GB/s = 1e9 bytes/s):
+
+    schema_version  1
+    date            ISO 8601 UTC time the run started
+    device          {type: "cuda"|"cpu", name, ...: capability, multiprocessors, memory_bytes, l2_cache_bytes}
+    versions        {python, torch, triton, cuda, cudnn, resnext_kernels} (None where absent)
+    commit          {sha, short, dirty} (None without git; dirty: tracked files differ from sha)
+    settings        {ops: {...}, batches: {...}}: what each section ran (sizes, dtypes, timing options)
+    copy_bandwidth  {bytes, median_us, gbps}: a large device-to-device copy, (read + written) / time
+    selfcheck       {dtype, passed, failed_impls} or None when skipped
+    ops             [op record]: one per (layer, n, dtype, layout, mode, provider)
+        layer, shape {model, stage, first, c_in, h, w, c_out, groups, stride, repeats, id, h_out, w_out},
+        n, dtype, layout, mode, provider, status ("ok"|"unsupported"|"skipped"|"error"), reason,
+        bytes (shapes.op_bytes), flops (shapes.op_flops), floor_us (bytes / copy bandwidth),
+        median_us, p20_us, p80_us, reps, gbps, tflops, fraction_of_floor (floor_us / median_us),
+        speedup_vs_eager, speedup_vs_compile (baseline time / this time), compile_s
+    batches         [batch record]: one per (model, mode, provider)
+        model, mode ("train"|"inference"), provider, n, image_size, dtype, layout, status, reason,
+        median_ms, p20_ms, p80_ms, reps, images_per_s, peak_memory_bytes (None on a CPU), compile_s
+    ratios          [{resnext, resnet, mode, provider ("best": each model's fastest), resnext_provider,
+                      resnet_provider, resnext_ms, resnet_ms, ratio, paper_ratio (None: the paper has none)}]
+    interrupted     true when the run was stopped before its end (what had finished is kept)
+
+Figures of a record whose status is not "ok" are None.
+"""
+
+import json
+import math
+import pathlib
+
+from . import environment
+from .shapes import MODE_LABELS
+
+SCHEMA_VERSION = 1
+STATUSES = ("ok", "unsupported", "skipped", "error")
+PROVIDER_LABELS = {"eager": "eager cuDNN", "compile": "torch.compile", "triton": "triton", "cuda": "cuda",
+                   "best": "fastest of each"}
+
+
+def provider_label(provider, device_type="cuda"):
+    if provider == "eager" and device_type != "cuda":
+        return "eager (CPU)"
+    return PROVIDER_LABELS.get(provider, provider)
+
+_NUMBER = (int, float)
+_OPTIONAL_NUMBER = (int, float, type(None))
+_OPTIONAL_STR = (str, type(None))
+
+TOP_FIELDS = {
+    "schema_version": int, "date": str, "device": dict, "versions": dict, "commit": dict, "settings": dict,
+    "copy_bandwidth": (dict, type(None)), "selfcheck": (dict, type(None)), "ops": list, "batches": list,
+    "ratios": list, "interrupted": bool,
+}
+DEVICE_FIELDS = {"type": str, "name": str}
+VERSION_FIELDS = {"python": str, "torch": str, "triton": _OPTIONAL_STR, "cuda": _OPTIONAL_STR,
+                  "cudnn": (int, type(None)), "resnext_kernels": str}
+COMMIT_FIELDS = {"sha": _OPTIONAL_STR, "short": _OPTIONAL_STR, "dirty": (bool, type(None))}
+COPY_FIELDS = {"bytes": int, "median_us": _NUMBER, "gbps": _NUMBER}
+OP_FIELDS = {
+    "layer": str, "shape": dict, "n": int, "dtype": str, "layout": str, "mode": str, "provider": str,
+    "status": str, "reason": _OPTIONAL_STR, "bytes": int, "flops": int, "floor_us": _OPTIONAL_NUMBER,
+    "median_us": _OPTIONAL_NUMBER, "p20_us": _OPTIONAL_NUMBER, "p80_us": _OPTIONAL_NUMBER,
+    "reps": (int, type(None)), "gbps": _OPTIONAL_NUMBER, "tflops": _OPTIONAL_NUMBER,
+    "fraction_of_floor": _OPTIONAL_NUMBER, "speedup_vs_eager": _OPTIONAL_NUMBER,
+    "speedup_vs_compile": _OPTIONAL_NUMBER, "compile_s": _OPTIONAL_NUMBER,
+}
+OP_OK_FIELDS = ("median_us", "p20_us", "p80_us", "reps", "gbps", "tflops")
+BATCH_FIELDS = {
+    "model": str, "mode": str, "provider": str, "n": int, "image_size": int, "dtype": str, "layout": str,
+    "status": str, "reason": _OPTIONAL_STR, "median_ms": _OPTIONAL_NUMBER, "p20_ms": _OPTIONAL_NUMBER,
+    "p80_ms": _OPTIONAL_NUMBER, "reps": (int, type(None)), "images_per_s": _OPTIONAL_NUMBER,
+    "peak_memory_bytes": (int, type(None)), "compile_s": _OPTIONAL_NUMBER,
+}
+BATCH_OK_FIELDS = ("median_ms", "p20_ms", "p80_ms", "reps", "images_per_s")
+RATIO_FIELDS = {"resnext": str, "resnet": str, "mode": str, "provider": str, "resnext_provider": str,
+                "resnet_provider": str, "resnext_ms": _NUMBER, "resnet_ms": _NUMBER, "ratio": _NUMBER,
+                "paper_ratio": _OPTIONAL_NUMBER}
+
+
+def new_document(device, *, date=None, commit=None, versions=None):
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "date": date or environment.now_utc(),
+        "device": environment.device_info(device),
+        "versions": versions or environment.versions(),
+        "commit": commit or environment.commit(),
+        "settings": {},
+        "copy_bandwidth": None,
+        "selfcheck": None,
+        "ops": [],
+        "batches": [],
+        "ratios": [],
+        "interrupted": False,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+def validate(doc):
+    """The list of ways ``doc`` breaks the schema (empty when it conforms)."""
+    problems = []
+    if not isinstance(doc, dict):
+        return ["the document is not a JSON object"]
+    _check_fields(doc, TOP_FIELDS, "", problems)
+    if doc.get("schema_version") != SCHEMA_VERSION:
+        problems.append(f"schema_version is {doc.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    for name, fields in (("device", DEVICE_FIELDS), ("versions", VERSION_FIELDS), ("commit", COMMIT_FIELDS)):
+        if isinstance(doc.get(name), dict):
+            _check_fields(doc[name], fields, f"{name}.", problems)
+    if isinstance(doc.get("copy_bandwidth"), dict):
+        _check_fields(doc["copy_bandwidth"], COPY_FIELDS, "copy_bandwidth.", problems)
+    for section, fields, ok_fields in (("ops", OP_FIELDS, OP_OK_FIELDS), ("batches", BATCH_FIELDS, BATCH_OK_FIELDS)):
+        for index, record in enumerate(doc.get(section) or []):
+            where = f"{section}[{index}]."
+            if not isinstance(record, dict):
+                problems.append(f"{where[:-1]} is not an object")
+                continue
+            _check_fields(record, fields, where, problems)
+            status = record.get("status")
+            if status not in STATUSES:
+                problems.append(f"{where}status is {status!r}, expected one of {STATUSES}")
+            elif status == "ok":
+                problems += [f"{where}{f} is missing for status 'ok'" for f in ok_fields if record.get(f) is None]
+            elif not record.get("reason"):
+                problems.append(f"{where}reason is empty for status {status!r}")
+    for index, record in enumerate(doc.get("ratios") or []):
+        if isinstance(record, dict):
+            _check_fields(record, RATIO_FIELDS, f"ratios[{index}].", problems)
+        else:
+            problems.append(f"ratios[{index}] is not an object")
+    try:
+        json.dumps(doc, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        problems.append(f"not serialisable as strict JSON: {error}")
+    return problems
+
+
+def check(doc):
+    problems = validate(doc)
+    if problems:
+        raise ValueError("the results document breaks schema version "
+                         f"{SCHEMA_VERSION}:\n  " + "\n  ".join(problems))
+    return doc
+
+
+def _check_fields(obj, fields, where, problems):
+    for name, types in fields.items():
+        if name not in obj:
+            problems.append(f"{where}{name} is missing")
+            continue
+        value = obj[name]
+        types = types if isinstance(types, tuple) else (types,)
+        # bool is an int to Python, but never a valid number or count here.
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+            expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            problems.append(f"{where}{name} is {type(value).__name__}, expected {expected}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{where}{name} is {value}")
+
+
+# -------------------------------------------------------------------------------------- files, merging
+
+def result_stem(doc):
+    """<date>-<device>-<short commit>, the name of a run's files (benchmarks/results/ convention)."""
+    return f"{doc['date'][:10]}-{environment.slug(doc['device']['name'])}-{doc['commit'].get('short') or 'nocommit'}"
+
+
+def merge(new, old):
+    """``new`` completed with the sections it lacks from ``old``, when both come from one device and one
+    commit (the per-op and per-batch runs of one GPU check are two processes writing one result)."""
+    same_origin = (old.get("schema_version") == new["schema_version"]
+                   and old.get("device", {}).get("name") == new["device"]["name"]
+                   and old.get("commit", {}).get("sha") == new["commit"]["sha"])
+    if not same_origin:
+        return new
+    merged = dict(new, settings=dict(new["settings"]))
+    taken = False
+    if not new["ops"] and old.get("ops"):
+        merged["ops"] = old["ops"]
+        merged["settings"]["ops"] = old.get("settings", {}).get("ops")
+        taken = True
+    if not new["batches"] and old.get("batches"):
+        merged["batches"] = old["batches"]
+        merged["ratios"] = old.get("ratios", [])
+        merged["settings"]["batches"] = old.get("settings", {}).get("batches")
+        taken = True
+    if new["selfcheck"] is None:
+        merged["selfcheck"] = old.get("selfcheck")
+    merged["interrupted"] = bool(new["interrupted"] or (taken and old.get("interrupted")))
+    merged["settings"] = {k: v for k, v in merged["settings"].items() if v is not None}
+    return merged
+
+
+def write_json(doc, path, strict=True):
+    """Writes ``doc`` to ``path``, merged with what a same-device, same-commit run left there; returns
+    the document written. ``strict``: refuse a document that breaks the schema (the main job passes
+    False after reporting the problems, so that a GPU run's figures are never lost to a harness bug)."""
+    path = pathlib.Path(path)
+    if path.exists():
+        try:
+            doc = merge(doc, json.loads(path.read_text()))
+        except (ValueError, OSError):
+            pass  # an unreadable old file is replaced
+    if strict:
+        check(doc)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1, allow_nan=strict) + "\n")
+    return doc
+
+
+def write_outputs(doc, folder, strict=True):
+    """<stem>.json, <stem>.md and (with matplotlib) <stem>.png in ``folder``; returns (paths, notes)."""
+    folder = pathlib.Path(folder)
+    stem = result_stem(doc)
+    doc = write_json(doc, folder / f"{stem}.json", strict)
+    paths = [folder / f"{stem}.json"]
+    (folder / f"{stem}.md").write_text(render_markdown(doc) + "\n")
+    paths.append(folder / f"{stem}.md")
+    chart, note = save_chart(doc, folder / f"{stem}.png")
+    notes = [note] if note else []
+    if chart:
+        paths.append(chart)
+    return paths, notes
+
+
+def newest_gpu_result(folder):
+    """(path, document) of the newest GPU result in ``folder`` by its date, or (None, None)."""
+    newest = (None, None)
+    for path in sorted(pathlib.Path(folder).glob("*.json")):
+        try:
+            doc = json.loads(path.read_text())
+        except (ValueError, OSError):
+            continue
+        if validate(doc) or doc["device"]["type"] != "cuda":
+            continue
+        if newest[1] is None or (doc["date"], path.name) > (newest[1]["date"], newest[0].name):
+            newest = (path, doc)
+    return newest
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+def _fmt(value, digits=1, scale=1.0, suffix=""):
+    if value is None:
+        return "–"
+    return f"{value * scale:,.{digits}f}{suffix}"
+
+
+def _table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _not_run_notes(records, key_fields, device_type):
+    """One line per distinct (provider, status, reason): which cases did not run, and why."""
+    groups = {}
+    for r in records:
+        if r["status"] != "ok":
+            groups.setdefault((r["provider"], r["status"], r["reason"]), []).append(
+                " ".join(str(r[f]) for f in key_fields))
+    lines = []
+    for (provider, status, reason), cases in groups.items():
+        which = ", ".join(dict.fromkeys(cases)) if len(cases) <= 4 else f"{len(cases)} cases"
+        lines.append(f"- {provider_label(provider, device_type)}: {status} ({which}): {reason}")
+    return lines
+
+
+def render_header(doc):
+    device, v, commit = doc["device"], doc["versions"], doc["commit"]
+    software = f"torch {v['torch']}, triton {v['triton'] or 'absent'}"
+    if device["type"] == "cuda":
+        software += f", CUDA {v['cuda']}, cuDNN {v['cudnn']}"
+    revision = "unknown commit" if not commit.get("short") else (
+        f"commit {commit['short']}" + (" with local changes" if commit.get("dirty") else ""))
+    lines = [f"**{device['name']}** ({device['type']}) · {software} · {revision} · {doc['date']}"]
+    if device["type"] != "cuda":
+        lines.append("")
+        lines.append("No GPU: these are CPU timings of the eager PyTorch reference only, not GPU figures.")
+    bandwidth = doc.get("copy_bandwidth")
+    if bandwidth:
+        lines.append("")
+        lines.append(f"Copy bandwidth {bandwidth['gbps']:,.0f} GB/s ({bandwidth['bytes'] / 2 ** 30:g} GiB copy, "
+                     "bytes read + written over time, measured in this run)"
+                     + (": the memory floors below use it." if doc["ops"] else "."))
+    if doc.get("interrupted"):
+        lines.append("")
+        lines.append("The run was interrupted; only what had finished is shown.")
+    return "\n".join(lines)
+
+
+def render_batches(doc, heading="###"):
+    records = doc["batches"]
+    if not records:
+        return ""
+    s = doc["settings"].get("batches", {})
+    gpu = doc["device"]["type"] == "cuda"
+    precision = f"{s.get('dtype')} autocast" if s.get("dtype") in ("bfloat16", "float16") else s.get("dtype")
+    out = [f"{heading} Per batch: one training step (forward, backward, SGD step) and one inference forward",
+           "",
+           f"N={s.get('n')}, {s.get('image_size')}x{s.get('image_size')} synthetic images, {precision}, "
+           f"{s.get('layout')}{', --quick' if s.get('quick') else ''}. Median per batch; "
+           + ("peak memory is torch.cuda.max_memory_allocated over the case (model, optimizer state, activations)."
+              if gpu else "peak memory is not measured on a CPU."),
+           ""]
+    by_key = {(r["model"], r["provider"], r["mode"]): r for r in records}
+    models = list(dict.fromkeys(r["model"] for r in records))
+    providers = list(dict.fromkeys(r["provider"] for r in records))
+    rows = []
+    for model in models:
+        for provider in providers:
+            train, infer = by_key.get((model, provider, "train")), by_key.get((model, provider, "inference"))
+            if not any(r and r["status"] == "ok" for r in (train, infer)):
+                continue
+            cells = [model, provider_label(provider, doc["device"]["type"])]
+            for r in (train, infer):
+                if r is None or r["status"] != "ok":
+                    cells += [r["status"] if r else "–", "", ""]
+                    continue
+                peak = _fmt(r["peak_memory_bytes"], 2, 1 / 2 ** 30) if gpu else "n/a"
+                rate_digits = 0 if r["images_per_s"] >= 100 else 1
+                cells += [_fmt(r["median_ms"]), _fmt(r["images_per_s"], rate_digits), peak]
+            rows.append(cells)
+    out.append(_table(["model", "provider", "train ms", "train images/s", "train peak GiB",
+                       "inference ms", "inference images/s", "inference peak GiB"], rows))
+    notes = _not_run_notes(records, ("model", "mode"), doc["device"]["type"])
+    if notes:
+        out += ["", "Not run:"] + notes
+    if doc.get("ratios"):
+        out += ["", f"{heading}# ResNeXt / ResNet time per batch "
+                    "(the paper: 0.95 s / 0.70 s = 1.36 for the 101-layer pair)",
+                ""]
+        rows = []
+        for r in doc["ratios"]:
+            provider = provider_label(r["provider"], doc["device"]["type"])
+            if r["provider"] == "best":
+                provider += f" ({r['resnext_provider']} / {r['resnet_provider']})"
+            rows.append([f"{r['resnext']} / {r['resnet']}", r["mode"], provider, _fmt(r["resnext_ms"]),
+                         _fmt(r["resnet_ms"]), _fmt(r["ratio"], 2),
+                         _fmt(r["paper_ratio"], 2) if r["paper_ratio"] else "–"])
+        out.append(_table(["pair", "mode", "provider", "ResNeXt ms", "ResNet ms", "ratio", "paper"], rows))
+    return "\n".join(out)
+
+
+def render_ops(doc, heading="###"):
+    records = doc["ops"]
+    if not records:
+        return ""
+    s = doc["settings"].get("ops", {})
+    out = [f"{heading} Per op: grouped_conv_bn_relu on ResNeXt layer shapes",
+           "",
+           f"N={s.get('n')}{', --quick' if s.get('quick') else ''}. Median time; floor = the fewest bytes "
+           "(one read of each input, one write of each output; forward+backward: see shapes.op_bytes) over "
+           "the copy bandwidth; % floor = floor / time (100% = at the memory roofline); speed-ups = "
+           "baseline time / this time.",
+           ""]
+    rows = []
+    for r in records:
+        if r["status"] != "ok":
+            continue
+        shape = r["shape"]
+        rows.append([
+            r["layer"],
+            f"{shape['c_in']}x{shape['h']}² → {shape['c_out']}x{shape['h_out']}², "
+            f"g{shape['groups']}, s{shape['stride']}",
+            r["dtype"], r["layout"], MODE_LABELS.get(r["mode"], r["mode"]),
+            provider_label(r["provider"], doc["device"]["type"]),
+            _fmt(r["median_us"]), _fmt(r["floor_us"]), _fmt(r["fraction_of_floor"], 0, 100, "%"),
+            _fmt(r["gbps"], 0), _fmt(r["tflops"], 2),
+            _fmt(r["speedup_vs_eager"], 2, suffix="×"), _fmt(r["speedup_vs_compile"], 2, suffix="×"),
+        ])
+    out.append(_table(["layer", "shape", "dtype", "layout", "mode", "provider", "µs", "floor µs", "% floor",
+                       "GB/s", "TFLOP/s", "vs eager", "vs compile"], rows))
+    notes = _not_run_notes(records, ("layer", "dtype", "layout", "mode"), doc["device"]["type"])
+    if notes:
+        out += ["", "Not run:"] + notes
+    return "\n".join(out)
+
+
+def render_markdown(doc, heading="###"):
+    parts = [render_header(doc), render_batches(doc, heading), render_ops(doc, heading)]
+    return "\n\n".join(p for p in parts if p)
+
+
+# ----------------------------------------------------------------------------------------------- chart
+
+def save_chart(doc, path):
+    """A PNG of the per-batch throughput and the per-op fraction of the memory floor. Returns (path,
+    None), or (None, why not) when matplotlib is missing or there is nothing to draw."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None, "no PNG chart: matplotlib is not installed (pip install 'resnext_kernels[bench]')"
+    panels = _batch_panels(doc) + _op_panels(doc)
+    if not panels:
+        return None, "no PNG chart: no successful measurement to draw"
+    figure, axes = plt.subplots(len(panels), 1, figsize=(11, 3.4 * len(panels)), squeeze=False)
+    for axis, (title, ylabel, groups, series) in zip(axes[:, 0], panels):
+        width = 0.8 / max(1, len(series))
+        for index, (label, values) in enumerate(series.items()):
+            xs = [g + (index - (len(series) - 1) / 2) * width for g in range(len(groups))]
+            axis.bar(xs, [v if v is not None else 0 for v in values], width, label=label)
+        axis.set_xticks(range(len(groups)))
+        axis.set_xticklabels(groups, rotation=15, ha="right", fontsize=8)
+        axis.set_title(title, fontsize=10)
+        axis.set_ylabel(ylabel)
+        if ylabel.startswith("%"):
+            axis.axhline(100, color="black", linewidth=0.8, linestyle="--", label="memory floor")
+        axis.legend(fontsize=8)
+        axis.grid(axis="y", alpha=0.3)
+    figure.suptitle(f"{doc['device']['name']} · {doc['date'][:10]} · {doc['commit'].get('short') or ''}", fontsize=11)
+    figure.tight_layout(rect=(0, 0, 1, 0.97))  # room for the title
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path, None
+
+
+def _batch_panels(doc):
+    panels = []
+    for mode in ("train", "inference"):
+        records = [r for r in doc["batches"] if r["mode"] == mode and r["status"] == "ok"]
+        if not records:
+            continue
+        models = list(dict.fromkeys(r["model"] for r in records))
+        providers = list(dict.fromkeys(r["provider"] for r in records))
+        value = {(r["model"], r["provider"]): r["images_per_s"] for r in records}
+        series = {provider_label(p, doc["device"]["type"]): [value.get((m, p)) for m in models] for p in providers}
+        n = records[0]["n"]
+        panels.append((f"per batch, {'training step' if mode == 'train' else 'inference'} (N={n})",
+                       "images/s", models, series))
+    return panels
+
+
+def _op_panels(doc):
+    records = [r for r in doc["ops"] if r["status"] == "ok" and r["fraction_of_floor"] is not None]
+    if not records:
+        return []
+    # One dtype and layout: the headline one when present.
+    combos = list(dict.fromkeys((r["dtype"], r["layout"]) for r in records))
+    dtype, layout = ("bfloat16", "channels_last") if ("bfloat16", "channels_last") in combos else combos[0]
+    panels = []
+    for mode in MODE_LABELS:
+        chosen = [r for r in records if r["mode"] == mode and r["dtype"] == dtype and r["layout"] == layout]
+        if not chosen:
+            continue
+        layers = list(dict.fromkeys(r["layer"] for r in chosen))
+        providers = list(dict.fromkeys(r["provider"] for r in chosen))
+        value = {(r["layer"], r["provider"]): 100 * r["fraction_of_floor"] for r in chosen}
+        series = {provider_label(p, doc["device"]["type"]): [value.get((layer, p)) for layer in layers]
+                  for p in providers}
+        panels.append((f"per op, {MODE_LABELS[mode]}, {dtype}, {layout}, N={chosen[0]['n']}",
+                       "% of memory floor", layers, series))
+    return panels
