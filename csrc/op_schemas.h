@@ -11,6 +11,21 @@ inline void define_ops(torch::Library& m) {
   // keeps x's memory format.
   m.def("conv_bn_relu_folded(Tensor x, Tensor weight, Tensor scale, Tensor shift, int stride, int dilation, "
         "int groups) -> Tensor");
+  // conv2d(x, weight, stride, padding = dilation, dilation, groups) alone, in x's dtype and memory
+  // format (the folded backward recomputes y with it). No autograd.
+  m.def("grouped_conv(Tensor x, Tensor weight, int stride, int dilation, int groups) -> Tensor");
+  // Training forward with batch statistics: (z, y, stats), z = relu(y * scale + shift), y the
+  // convolution (kept for backward), stats (4, C_out) rows mean, biased var, scale, shift in the
+  // accumulation dtype (fp32; fp64 for fp64 x). Functional: the caller updates running stats.
+  m.def("conv_bn_relu_train(Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, float eps, int stride, "
+        "int dilation, int groups) -> (Tensor, Tensor, Tensor)");
+  // Backward of z = relu(y * scale + shift), y = conv2d(x, weight): (dx, dw, dparams). With mean and
+  // var (training; scale, shift from conv_bn_relu_train's stats) dparams = (d bn_weight, d bn_bias);
+  // without (folded) dparams = (d scale, d shift). dparams (2, C_out) in the accumulation dtype; dx
+  // (x's memory format) and dw are empty (0,) when not needed. grad_output may have any strides.
+  m.def("conv_bn_relu_backward(Tensor grad_output, Tensor x, Tensor weight, Tensor y, Tensor scale, Tensor shift, "
+        "Tensor? mean, Tensor? var, float eps, int stride, int dilation, int groups, bool need_dx, bool need_dw) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 }  // namespace resnext_kernels

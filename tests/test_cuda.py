@@ -15,7 +15,7 @@ import torch
 
 import resnext_kernels
 from conftest import DEVICE, KERNEL_IMPLS
-from helpers import Shape, make_case
+from helpers import Shape, assert_close_to_reference, make_case, reference64
 
 CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc"
 EMULATION_PY = str(pathlib.Path(resnext_kernels.__file__).parent / "cuda" / "emulation.py")
@@ -51,6 +51,202 @@ def test_opcheck_inference_op():
     scale, shift = torch.rand(16, device=DEVICE) + 0.5, torch.randn(16, device=DEVICE)
     for x in (case.x, case.x.contiguous(memory_format=torch.channels_last)):
         torch.library.opcheck(ops().conv_bn_relu_folded.default, (x, case.weight, scale, shift, 2, 1, 4))
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck_training_ops(dtype):
+    case = make_case(Shape(2, 16, 16, 5, 4, groups=4, stride=2), dtype=dtype)
+    gamma, beta = torch.rand(16, device=DEVICE) + 0.5, torch.randn(16, device=DEVICE)
+    for x in (case.x, case.x.contiguous(memory_format=torch.channels_last)):
+        torch.library.opcheck(ops().grouped_conv.default, (x, case.weight, 2, 1, 4))
+        for bn in ((gamma, beta), (None, None), (gamma.to(dtype), beta.to(dtype))):
+            x_ = x.detach().requires_grad_()
+            w_ = case.weight.detach().requires_grad_()
+            torch.library.opcheck(ops().conv_bn_relu_train.default, (x_, w_, *bn, 1e-5, 2, 1, 4))
+        z, y, stats = ops().conv_bn_relu_train(x, case.weight, gamma, beta, 1e-5, 2, 1, 4)
+        dz = torch.randn_like(z)[..., ::1]
+        for mean_var in ((stats[0], stats[1]), (None, None)):
+            for need in ((True, True), (True, False), (False, True)):
+                torch.library.opcheck(ops().conv_bn_relu_backward.default,
+                                      (dz, x, case.weight, y, stats[2], stats[3], *mean_var, 1e-5, 2, 1, 4, *need))
+
+
+@needs_cuda_backend
+def test_opcheck_inference_op_with_autograd():
+    case = make_case(Shape(2, 8, 8, 4, 5, groups=2))
+    scale = (torch.rand(8, device=DEVICE) + 0.5).requires_grad_()
+    shift = torch.randn(8, device=DEVICE).requires_grad_()
+    args = (case.x.requires_grad_(), case.weight.requires_grad_(), scale, shift, 1, 1, 2)
+    torch.library.opcheck(ops().conv_bn_relu_folded.default, args)
+
+
+def _train_step(impl, case, grad):
+    leaves = [t.detach().requires_grad_() for t in case.tensors()[:4]]
+    mean, var = case.running_mean.clone(), case.running_var.clone()
+    s = case.shape
+    z = resnext_kernels.grouped_conv_bn_relu(*leaves, mean, var, stride=s.stride, dilation=s.dilation, groups=s.groups,
+                                             training=True, impl=impl)
+    z.backward(grad)
+    return [z, mean, var] + [t.grad for t in leaves]
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_training_forward_and_backward_are_deterministic(dtype):
+    # Large enough for several pixel blocks, reduction blocks and wgrad splits per channel.
+    case = make_case(Shape(3, 32, 32, 19, 17, groups=8), dtype=dtype, layout="channels_last")
+    grad = torch.randn(3, 32, 19, 17, device=DEVICE, dtype=dtype)
+    first, second = _train_step("cuda", case, grad), _train_step("cuda", case, grad)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def _grads_in(dtype, case64, grad64, impl, training=True):
+    """(z, dx, dw, dgamma, dbeta) of the case computed in ``dtype`` (BN parameters in fp32)."""
+    bn_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    leaves = [case64.x.to(dtype), case64.weight.to(dtype), case64.bn_weight.to(bn_dtype), case64.bn_bias.to(bn_dtype)]
+    leaves = [t.detach().requires_grad_() for t in leaves]
+    s = case64.shape
+    z = resnext_kernels.grouped_conv_bn_relu(*leaves, case64.running_mean.to(bn_dtype).clone(),
+                                             case64.running_var.to(bn_dtype).clone(), stride=s.stride, dilation=s.dilation,
+                                             groups=s.groups, training=training, impl=impl)
+    z.backward(grad64.to(dtype))
+    return [z] + [t.grad for t in leaves]
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [Shape(2, 32, 32, 6, 5, groups=8), Shape(2, 12, 18, 5, 7, groups=6, stride=2),
+                                   Shape(1, 32, 32, 7, 6, groups=2, dilation=2), Shape(2, 40, 40, 5, 5, groups=40),
+                                   Shape(2, 128, 96, 4, 3, groups=2, stride=2), Shape(2, 32, 32, 17, 16, groups=8),
+                                   # wgrad's input halo too large for shared memory: the FMA fallback
+                                   Shape(1, 8, 8, 5, 6, groups=2, dilation=12)],
+                         ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_low_precision_gradients_within_pytorchs_own_error(dtype, shape, training):
+    # fp16/bf16 dgrad and wgrad run on tensor cores (packed small groups; dgrad: zero rows for taps a
+    # pixel does not receive from with stride 2; wgrad: several splits, tiles overhanging the image);
+    # every gradient within a small multiple of PyTorch's own error.
+    case64 = make_case(shape, dtype=torch.float64, layout="channels_last")
+    h_out, w_out = (shape.h - 1) // shape.stride + 1, (shape.w - 1) // shape.stride + 1
+    grad64 = torch.randn(shape.n, shape.c_out, h_out, w_out, device=DEVICE, dtype=torch.float64)
+    expected = _grads_in(torch.float64, case64, grad64, "torch", training)
+    baseline = _grads_in(dtype, case64, grad64, "torch", training)
+    ours = _grads_in(dtype, case64, grad64, "cuda", training)
+    for name, a, b, e in zip(("z", "dx", "dw", "dgamma", "dbeta"), ours, baseline, expected):
+        # dgamma, dbeta are fp32 but computed from low-precision tensors: same criterion.
+        assert_close_to_reference(a, e, dtype, baseline=b, what=name)
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_non_finite_gradient_stays_in_its_group(dtype):
+    # An Inf in grad_output makes its channel's dy NaN; packed tensor-core tiles must not spread it to
+    # the other groups of the tile (Inf * 0 = NaN).
+    case = make_case(Shape(2, 16, 16, 5, 5, groups=8), dtype=dtype)
+    grad = torch.randn(2, 16, 5, 5, device=DEVICE, dtype=dtype)
+    s = case.shape
+    z = resnext_kernels.grouped_conv_bn_relu(*case.tensors()[:4], None, None, groups=s.groups, training=True,
+                                             impl="torch")
+    where = (z[:, 5] > 0).nonzero()[0]  # a pixel where ReLU passes the gradient
+    grad[where[0], 5, where[1], where[2]] = float("inf")
+    ours, ref = _train_step("cuda", case, grad), _train_step("torch", case, grad)
+    for name, a, b in zip(("dx", "dw"), ours[3:5], ref[3:5]):
+        assert torch.equal(a.isnan(), b.isnan()), name
+        assert a.isnan().any() and not a.isnan().all(), name
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_statistics_merge_over_many_blocks(dtype):
+    # More than 256 pixel blocks: the merge of the per-block statistics runs in two stages. A large
+    # mean checks that the merge keeps the variance's digits.
+    case = make_case(Shape(12, 8, 8, 40, 37, groups=2), dtype=dtype, mean_shift=50.0)
+    expected, _, expected_var = reference64(case, True, momentum=1.0)
+    z, mean, var = resnext_kernels.cuda.batch_stats_forward(case.x, case.weight, case.bn_weight, case.bn_bias, 1e-5,
+                                                            1, 1, 2)
+    y = torch.nn.functional.conv2d(case.x.double(), case.weight.double(), None, 1, 1, 1, 2)
+    if dtype == torch.float32:
+        torch.testing.assert_close(mean.double(), y.mean((0, 2, 3)), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(var.double(), y.var((0, 2, 3), unbiased=False), rtol=1e-5, atol=1e-6)
+        assert_close_to_reference(z, expected, dtype)
+    else:  # y is rounded to bf16 before its statistics, as in PyTorch's own bf16 computation
+        yb = y.to(dtype).double()
+        torch.testing.assert_close(mean.double(), yb.mean((0, 2, 3)), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(var.double(), yb.var((0, 2, 3), unbiased=False), rtol=1e-5, atol=1e-6)
+
+
+@needs_cuda_backend
+def test_backward_with_bn_parameters_in_fp32_and_x_in_bf16():
+    case = make_case(Shape(2, 16, 16, 6, 5, groups=4), dtype=torch.bfloat16, bn_dtype=torch.float32)
+    grad = torch.randn(2, 16, 6, 5, device=DEVICE, dtype=torch.bfloat16)
+    z, mean, var, dx, dw, dgamma, dbeta = _train_step("cuda", case, grad)
+    assert (dx.dtype, dw.dtype, dgamma.dtype, dbeta.dtype) == (torch.bfloat16,) * 2 + (torch.float32,) * 2
+    ref = _train_step("torch", case, grad)
+    for name, a, b in zip(("z", "mean", "var", "dx", "dw", "dgamma", "dbeta"), (z, mean, var, dx, dw, dgamma, dbeta), ref):
+        torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2, msg=name)
+
+
+@needs_cuda_backend
+def test_dgrad_and_wgrad_cover_every_element():
+    # Tiles overhanging the image on every side, stride 2 with odd sizes, groups of 1 input channel.
+    for shape in (Shape(2, 24, 48, 11, 9, groups=24, stride=2), Shape(1, 12, 12, 3, 14, groups=3, dilation=3)):
+        case = make_case(shape)
+        grad = torch.randn(shape.n, shape.c_out, (shape.h - 1) // shape.stride + 1, (shape.w - 1) // shape.stride + 1,
+                           device=DEVICE)
+        ours, ref = _train_step("cuda", case, grad), _train_step("torch", case, grad)
+        for a, b in zip(ours, ref):
+            assert not a.isnan().any()
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@needs_cuda_backend
+def test_compiles_without_graph_breaks_in_training():
+    block = resnext_kernels.ResNeXtBlock(64, 16, groups=8, impl="cuda").to(DEVICE).train()
+    reference = resnext_kernels.ResNeXtBlock(64, 16, groups=8, impl="torch").to(DEVICE).train()
+    reference.load_state_dict(block.state_dict())
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 64, 5, 5, device=DEVICE)
+    out, expected = compiled(x), reference(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for (name, p), q in zip(block.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-3, msg=name)
+    torch.testing.assert_close(block.bn2.running_var, reference.bn2.running_var)
+
+
+@needs_cuda_backend
+def test_sgd_steps_of_a_small_resnext_match_the_reference():
+    def model(impl):
+        torch.manual_seed(1)
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 64, 3, padding=1, bias=False), torch.nn.BatchNorm2d(64), torch.nn.ReLU(),
+            resnext_kernels.ResNeXtBlock(64, 16, groups=8, base_width=8, impl=impl),
+            resnext_kernels.ResNeXtBlock(64, 16, stride=2, groups=8, base_width=8, impl=impl,
+                                         downsample=torch.nn.Sequential(torch.nn.Conv2d(64, 64, 1, 2, bias=False),
+                                                                        torch.nn.BatchNorm2d(64))),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10),
+        ).to(DEVICE)
+
+    ours, theirs = model("cuda"), model("torch")
+    inputs = torch.randn(4, 8, 3, 12, 12, device=DEVICE)
+    labels = torch.randint(0, 10, (4, 8), device=DEVICE)
+    losses = []
+    for m in (ours, theirs):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        run = []
+        for x, y in zip(inputs, labels):
+            loss = torch.nn.functional.cross_entropy(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            run.append(loss.item())
+        losses.append(run)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-4)
+    for (key, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=key)
 
 
 @needs_cuda_backend

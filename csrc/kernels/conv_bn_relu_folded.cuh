@@ -54,7 +54,60 @@ __device__ __forceinline__ BlockTile locate_block(const ConvBnReluParams& p, con
   return b;
 }
 
-template <typename T>
+// Training pass 1 (kTrain): the epilogue writes y itself, rounded to T, and the block's partial
+// statistics of the stored values: for each channel the count, the mean and the sum of squared
+// deviations from that mean (two passes over the tile, staged in shared memory, summed by one
+// thread per channel in pixel order: deterministic, no atomics).
+__device__ __forceinline__ bool pixel_in_image(const ConvBnReluParams& p, const BlockTile& b, int pixel,
+                                               int tile_pixels, int tile_w) {
+  return pixel < tile_pixels && b.oh0 + pixel / tile_w < p.h_out && b.ow0 + pixel % tile_w < p.w_out;
+}
+
+// stage[pixel * kChannels + channel] holds the stored y of the tile. Every thread takes part: lane
+// l = threadIdx.x / kChannels of `lanes` takes pixels l, l + lanes, ... of its channel. Two rounds
+// through `scratch` ([2][lanes][kChannels] of Acc, not overlapping `stage`), each summed by lane 0
+// in lane order: the channel's count and sum, giving the block mean; then the squared deviations
+// from it. Contains barriers: call from all threads.
+template <typename Acc, typename Staged>
+__device__ __forceinline__ void block_statistics(const ConvBnReluParams& p, const BlockTile& b, const Staged* stage,
+                                                 Acc* scratch, int lanes, int tile_pixels, int tile_w) {
+  const int c = int(threadIdx.x) % kChannels, lane = int(threadIdx.x) / kChannels, co = b.co0 + c;
+  Acc count = Acc(0), sum = Acc(0);
+  for (int q = lane; q < tile_pixels; q += lanes)
+    if (pixel_in_image(p, b, q, tile_pixels, tile_w)) {
+      sum += Acc(stage[q * kChannels + c]);
+      count += Acc(1);
+    }
+  scratch[lane * kChannels + c] = count;
+  scratch[(lanes + lane) * kChannels + c] = sum;
+  __syncthreads();
+  if (lane == 0) {
+    for (int l = 1; l < lanes; ++l) count += scratch[l * kChannels + c], sum += scratch[(lanes + l) * kChannels + c];
+    scratch[c] = count;
+    scratch[lanes * kChannels + c] = sum / count;  // every block has at least one pixel in the image
+  }
+  __syncthreads();
+  count = scratch[c];
+  const Acc mean = scratch[lanes * kChannels + c];
+  Acc m2 = Acc(0);
+  for (int q = lane; q < tile_pixels; q += lanes)
+    if (pixel_in_image(p, b, q, tile_pixels, tile_w)) {
+      const Acc delta = Acc(stage[q * kChannels + c]) - mean;
+      m2 += delta * delta;
+    }
+  __syncthreads();  // everyone has read count and mean
+  scratch[lane * kChannels + c] = m2;
+  __syncthreads();
+  if (p.partials == nullptr || lane != 0 || co >= b.co_end) return;
+  for (int l = 1; l < lanes; ++l) m2 += scratch[l * kChannels + c];
+  Acc* partials = static_cast<Acc*>(p.partials);
+  const int64_t blocks = gridDim.x, at = int64_t(blockIdx.x) * p.c_out + co;
+  partials[at] = count;
+  partials[blocks * p.c_out + at] = mean;
+  partials[2 * blocks * p.c_out + at] = m2;
+}
+
+template <typename T, bool kTrain>
 __global__ void __launch_bounds__(kThreads) conv_bn_relu_folded_fma(const ConvBnReluParams p, const Tiling tiling) {
   using Acc = typename Numeric<T>::Acc;
   RK_DYNAMIC_SHARED(Acc, shared);
@@ -120,9 +173,24 @@ __global__ void __launch_bounds__(kThreads) conv_bn_relu_folded_fma(const ConvBn
       }
   }
 
+  T* out = static_cast<T*>(p.out);
+  if constexpr (kTrain) {
+    Acc* stage = shared;  // [kMaxPixels][kChannels], over the tiles (launch sizes it)
+    __syncthreads();
+    for (int j = 0; j < kPixelsPerThread; ++j) {
+      const int pixel = pixel_lane + j * kPixelLanes;
+      if (!active || !pixel_in_image(p, b, pixel, tile_pixels, tile_w)) continue;
+      const int64_t oh = oh0 + pixel / tile_w, ow = ow0 + pixel % tile_w;
+      const T v = Numeric<T>::store(acc[j]);
+      out[n * p.out_stride[0] + co * p.out_stride[1] + oh * p.out_stride[2] + ow * p.out_stride[3]] = v;
+      stage[pixel * kChannels + c_local] = Numeric<T>::load(v);
+    }
+    __syncthreads();
+    block_statistics<Acc>(p, b, stage, stage + kMaxPixels * kChannels, kPixelLanes, tile_pixels, tile_w);
+    return;
+  }
   if (!active) return;
   const Acc scale = static_cast<const Acc*>(p.scale)[co], shift = static_cast<const Acc*>(p.shift)[co];
-  T* out = static_cast<T*>(p.out);
   for (int j = 0; j < kPixelsPerThread; ++j) {
     const int pixel = pixel_lane + j * kPixelLanes;
     const int64_t oh = oh0 + pixel / tile_w, ow = ow0 + pixel % tile_w;
@@ -171,7 +239,7 @@ __device__ __forceinline__ void exact_chunk_sums(float* exact, const uint16_t* x
   }
 }
 
-template <typename T>
+template <typename T, bool kTrain>
 __global__ void __launch_bounds__(kMmaThreads) conv_bn_relu_folded_mma(const ConvBnReluParams p, const Tiling tiling) {
   RK_DYNAMIC_SHARED(uint16_t, shared);  // raw 16-bit values: zero bits are +0.0 in fp16 and bf16
   const int chunk = tiling.chunk, row = chunk + kMmaK, halo_w = tiling.halo_w, tile_w = tiling.tile_w;
@@ -271,9 +339,27 @@ __global__ void __launch_bounds__(kMmaThreads) conv_bn_relu_folded_mma(const Con
     }
   }
 
+  T* out = static_cast<T*>(p.out);
+  if constexpr (kTrain) {
+    __syncthreads();  // `exact` may still be read by a straggler of the last chunk
+#pragma unroll
+    for (int j = 0; j < kNTiles; ++j)
+      for (int i = 0; i < 4; ++i) {
+        const int q = pixel[i / 2], c = 8 * j + 2 * t + i % 2, co = co0 + c;
+        if (co >= co_end || !pixel_in_image(p, b, q, tile_pixels, tile_w)) continue;
+        const int64_t oh = oh0 + q / tile_w, ow = ow0 + q % tile_w;
+        const T v = Numeric<T>::store(acc[j][i]);
+        out[n * p.out_stride[0] + co * p.out_stride[1] + oh * p.out_stride[2] + ow * p.out_stride[3]] = v;
+        exact[q * kChannels + c] = Numeric<T>::load(v);
+      }
+    __syncthreads();
+    // The staged inputs are consumed: their space holds the lanes' partial statistics.
+    block_statistics<float>(p, b, exact, reinterpret_cast<float*>(shared), kMmaThreads / kChannels, tile_pixels,
+                            tile_w);
+    return;
+  }
   const float* scale = static_cast<const float*>(p.scale);
   const float* shift = static_cast<const float*>(p.shift);
-  T* out = static_cast<T*>(p.out);
 #pragma unroll
   for (int j = 0; j < kNTiles; ++j)
     for (int i = 0; i < 4; ++i) {
@@ -314,7 +400,7 @@ inline size_t shared_bytes(const Tiling& t, int value_bytes, int pad, int reserv
   return size_t(int64_t(t.halo_h) * t.halo_w + kChannels * 9) * (t.chunk + pad) * value_bytes + reserve;
 }
 
-template <typename T>
+template <typename T, bool kTrain = false>
 const char* launch(const ConvBnReluParams& p, void* stream) {
   using Acc = typename Numeric<T>::Acc;
   // 16-bit inputs run on tensor cores; fp32 and fp64 on FMA units.
@@ -327,12 +413,18 @@ const char* launch(const ConvBnReluParams& p, void* stream) {
   if (!choose_tiling(p, value_bytes, pad, reserve, &tiling))
     return "dilation and stride too large: one output pixel's input halo does not fit in shared memory";
   const dim3 grid(unsigned(p.n * tiling.tiles_h * tiling.tiles_w), unsigned((p.c_out + kChannels - 1) / kChannels));
-  const size_t bytes = shared_bytes(tiling, value_bytes, pad, reserve);
+  size_t bytes = shared_bytes(tiling, value_bytes, pad, reserve);
+  // The FMA kernel's training epilogue stages the tile's y over the (finished) input tiles, and the
+  // lanes' partial statistics after it. (The tensor-core kernel stages y in `exact` and keeps the
+  // lanes' statistics over its tiles, at least 9 * kChannels * (1 + kMmaK) 16-bit values.)
+  const size_t stage_bytes =
+      kTrain && !kTensorCores ? (size_t(kMaxPixels) * kChannels + 2 * kPixelLanes * kChannels) * sizeof(Acc) : 0;
+  bytes = bytes > stage_bytes ? bytes : stage_bytes;
   if constexpr (kTensorCores) {
-    auto kernel = conv_bn_relu_folded_mma<T>;
+    auto kernel = conv_bn_relu_folded_mma<T, kTrain>;
     RK_LAUNCH(kernel, grid, dim3(kMmaThreads), bytes, static_cast<cudaStream_t>(stream), p, tiling);
   } else {
-    auto kernel = conv_bn_relu_folded_fma<T>;
+    auto kernel = conv_bn_relu_folded_fma<T, kTrain>;
     RK_LAUNCH(kernel, grid, dim3(kThreads), bytes, static_cast<cudaStream_t>(stream), p, tiling);
   }
   return RK_LAUNCH_ERROR();
@@ -346,6 +438,26 @@ const char* launch_conv_bn_relu_folded(const ConvBnReluParams& p, void* stream) 
     case DType::kFloat64: return folded::launch<double>(p, stream);
     case DType::kFloat16: return folded::launch<__half>(p, stream);
     case DType::kBFloat16: return folded::launch<__nv_bfloat16>(p, stream);
+  }
+  return "unsupported dtype";
+}
+
+int64_t conv_stats_blocks(const ConvBnReluParams& p) {
+  const bool tensor_cores = p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16;
+  const int value_bytes = tensor_cores ? 2 : p.dtype == DType::kFloat64 ? 8 : 4;
+  folded::Tiling tiling;
+  if (!folded::choose_tiling(p, value_bytes, tensor_cores ? folded::kMmaK : 0,
+                             tensor_cores ? folded::kMaxPixels * folded::kChannels * 4 + 4 : 0, &tiling))
+    return 0;
+  return p.n * tiling.tiles_h * tiling.tiles_w;
+}
+
+const char* launch_conv_stats(const ConvBnReluParams& p, void* stream) {
+  switch (p.dtype) {
+    case DType::kFloat32: return folded::launch<float, true>(p, stream);
+    case DType::kFloat64: return folded::launch<double, true>(p, stream);
+    case DType::kFloat16: return folded::launch<__half, true>(p, stream);
+    case DType::kBFloat16: return folded::launch<__nv_bfloat16, true>(p, stream);
   }
   return "unsupported dtype";
 }

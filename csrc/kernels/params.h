@@ -22,9 +22,69 @@ struct ConvBnReluParams {
   int64_t x_stride[4];    // in elements, for (n, c, h, w)
   int64_t out_stride[4];
   int stride, dilation, groups;
+  // Training pass 1 only (launch_conv_stats): per (pixel block, channel) partial statistics of y,
+  // [3][blocks][c_out] in the accumulation type: count, block mean, sum of squares around the block
+  // mean. May be null: then the kernel only writes y.
+  void* partials;
 };
 
 // Launches on `stream` (a cudaStream_t); returns nullptr or the launch error's description.
 const char* launch_conv_bn_relu_folded(const ConvBnReluParams& params, void* stream);
+
+// Training pass 1: y = conv2d(...) (no scale, shift or ReLU) into `out`, in x's dtype, and the
+// partial statistics of the stored y into `partials`. conv_stats_blocks: the partials' block count
+// (0 when the tile does not fit in shared memory; the launch then reports why).
+int64_t conv_stats_blocks(const ConvBnReluParams& params);
+const char* launch_conv_stats(const ConvBnReluParams& params, void* stream);
+
+// Training pass 2: merges the partials of pass 1 in a fixed order (Chan's parallel variance
+// formula), then z = relu(y * scale + shift).
+struct BatchNormTrainParams {
+  const void* partials;  // [3][blocks][c], from launch_conv_stats
+  int64_t blocks;
+  const void* gamma;     // (c,), accumulation type, or null (1)
+  const void* beta;      // (c,), or null (0)
+  double eps;
+  void* stats;           // out: [4][c] mean, biased var, scale, shift (accumulation type)
+  const void* y;         // y and z: dense, both NCHW or both channels-last
+  void* z;
+  DType dtype;
+  int64_t numel, c, hw;
+  bool channels_last;
+  void* slabs;  // workspace: [3][batch_norm_train_slabs(blocks)][c], accumulation type (null when 0)
+};
+// The merge is itself two-stage when there are many blocks: slabs of blocks first, then the slabs.
+int64_t batch_norm_train_slabs(int64_t blocks);
+const char* launch_batch_norm_train(const BatchNormTrainParams& params, void* stream);
+
+// Backward of z = relu(y * scale + shift), y = conv2d(x, weight), where (training) scale and shift
+// come from the batch statistics mean, var of y. With g = dz * 1[y * scale + shift > 0]:
+//   folded (mean == null):  dy = scale * g;  dparams = (sum g * y, sum g)   (d scale, d shift)
+//   training:  dy = scale * (g - mean(g) - xhat * mean(g * xhat)), xhat = (y - mean) * rstd;
+//              dparams = (sum g * xhat, sum g)   (d gamma, d beta)
+// dy is never written out: dgrad and wgrad compute it in their prologues from (dz, y) and
+// per-channel coefficients. Every reduction is two-stage in a fixed order (deterministic).
+struct ConvBnReluBackwardParams {
+  const void* x;
+  const void* weight;  // (c_out, c_in / groups, 3, 3), contiguous
+  const void* y;
+  const void* dz;
+  const void* scale;   // (c_out,), accumulation type
+  const void* shift;
+  const void* mean;    // (c_out,) or null (folded)
+  const void* var;     // (c_out,) biased batch variance, with mean
+  double eps;
+  void* dx;            // null: not wanted
+  void* dw;            // null: not wanted; (c_out, c_in / groups, 3, 3), contiguous, weight's dtype
+  void* dparams;       // out: [2][c_out], accumulation type
+  void* workspace;     // backward_workspace_elements(...) elements of the accumulation type
+  DType dtype;
+  int64_t n, c_in, h, w;
+  int64_t c_out, h_out, w_out;
+  int64_t x_stride[4], y_stride[4], dz_stride[4], dx_stride[4];
+  int stride, dilation, groups;
+};
+int64_t backward_workspace_elements(const ConvBnReluBackwardParams& params);
+const char* launch_conv_bn_relu_backward(const ConvBnReluBackwardParams& params, void* stream);
 
 }  // namespace resnext_kernels

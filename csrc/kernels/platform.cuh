@@ -59,6 +59,21 @@ __device__ __forceinline__ Acc relu(Acc v) {
   return v < Acc(0) ? Acc(0) : v;
 }
 
+// (count, mean, M2) of a set of values merged with another set's: Chan et al.'s parallel formula
+// for the variance. Deterministic as long as the merge order is fixed.
+template <typename Acc>
+__device__ __forceinline__ void merge_moments(Acc& count, Acc& mean, Acc& m2, Acc count_b, Acc mean_b, Acc m2_b) {
+  if (count_b == Acc(0)) return;
+  if (count == Acc(0)) {
+    count = count_b, mean = mean_b, m2 = m2_b;
+    return;
+  }
+  const Acc total = count + count_b, delta = mean_b - mean;
+  mean += delta * (count_b / total);
+  m2 += m2_b + delta * delta * (count * count_b / total);
+  count = total;
+}
+
 }  // namespace resnext_kernels
 
 namespace resnext_kernels {

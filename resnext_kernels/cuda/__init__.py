@@ -11,11 +11,8 @@ from . import emulation
 from .ops import register_namespace
 
 # Capabilities "auto" consults before choosing this backend for a call.
-SUPPORTS_BATCH_STATS = False
-SUPPORTS_BACKWARD = False
-
-_NOT_YET = ("impl='cuda' does not implement {what} yet (it arrives with the training kernels); "
-            "use impl='triton' or impl='torch'{hint}")
+SUPPORTS_BATCH_STATS = True
+SUPPORTS_BACKWARD = True
 
 if LOAD_ERROR is None:
     register_namespace("resnext_kernels")
@@ -41,11 +38,12 @@ def _ops(device):
 
 
 def folded_forward(x, weight, scale, shift, stride, dilation, groups):
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, scale, shift)):
-        raise NotImplementedError(_NOT_YET.format(
-            what="backward", hint=", or run inference under torch.no_grad()/torch.inference_mode()"))
+    """``relu(conv(x) * scale + shift)``, BatchNorm folded into per-channel scale and shift."""
     return _ops(x.device).conv_bn_relu_folded(x, weight, scale, shift, stride, dilation, groups)
 
 
 def batch_stats_forward(x, weight, bn_weight, bn_bias, eps, stride, dilation, groups):
-    raise NotImplementedError(_NOT_YET.format(what="training mode (batch statistics)", hint=""))
+    """``(z, mean, var)``: BatchNorm with the batch's statistics (biased variance)."""
+    z, _, stats = _ops(x.device).conv_bn_relu_train(x, weight, bn_weight, bn_bias, float(eps), stride, dilation,
+                                                    groups)
+    return z, stats[0], stats[1]

@@ -1,0 +1,121 @@
+// Training forward, pass 2: merge the per-block statistics of pass 1 (conv_bn_relu_folded.cuh with
+// kTrain) into per-channel mean and biased variance, fold them with gamma and beta into a scale and
+// shift, then z = relu(y * scale + shift) elementwise.
+//
+// Why y is written rather than recomputed, in activation-sized transfers (C_in = C_out, as in
+// ResNeXt): the forward with write-y reads x, writes y, reads y, writes z (4); with recompute it
+// reads x (statistics), reads x again and writes z (3). But the backward needs y everywhere: here it
+// reads (y, dz) for the reductions, (y, dz) for dgrad plus writes dx, and (y, dz, x) for wgrad (8);
+// with recompute it must first rebuild y (read x, write y: +2, and a second convolution). A training
+// step moves 12 with write-y against 13, with one convolution fewer. Recompute would only win for a
+// training-mode forward that is never differentiated.
+#pragma once
+
+#include "params.h"
+#include "platform.cuh"
+
+namespace resnext_kernels {
+namespace bn_train {
+
+constexpr int kThreads = 256;
+constexpr int kChannels = 8;                   // channels per merge block
+constexpr int kLanes = kThreads / kChannels;   // threads sharing one channel's partials
+constexpr int kSlab = 8 * kLanes;              // blocks per first-stage merge block
+
+// Merges rows [blockIdx.y * rows_per_block, ...) of `in` ([3][rows][c]: count, mean, M2) for
+// kChannels channels: lane l takes rows l, l + kLanes, ... in order, then lane 0 merges the lanes in
+// order. Not final: writes row blockIdx.y of `out` ([3][gridDim.y][c]). Final (one row block):
+// writes stats = mean, var, scale, shift.
+template <typename Acc>
+__global__ void __launch_bounds__(kThreads) merge_statistics(const BatchNormTrainParams p, const Acc* in, int64_t rows,
+                                                             int64_t rows_per_block, Acc* out, bool final) {
+  __shared__ Acc shared[3][kLanes][kChannels];
+  const int c_local = int(threadIdx.x) % kChannels, lane = int(threadIdx.x) / kChannels;
+  const int64_t c = int64_t(blockIdx.x) * kChannels + c_local;
+  const int64_t plane = rows * p.c, r0 = int64_t(blockIdx.y) * rows_per_block;
+  const int64_t r1 = r0 + rows_per_block < rows ? r0 + rows_per_block : rows;
+  Acc count = Acc(0), mean = Acc(0), m2 = Acc(0);
+  if (c < p.c)
+    for (int64_t r = r0 + lane; r < r1; r += kLanes)
+      merge_moments(count, mean, m2, in[r * p.c + c], in[plane + r * p.c + c], in[2 * plane + r * p.c + c]);
+  shared[0][lane][c_local] = count;
+  shared[1][lane][c_local] = mean;
+  shared[2][lane][c_local] = m2;
+  __syncthreads();
+  if (lane != 0 || c >= p.c) return;
+  for (int l = 1; l < kLanes; ++l)
+    merge_moments(count, mean, m2, shared[0][l][c_local], shared[1][l][c_local], shared[2][l][c_local]);
+  if (!final) {
+    const int64_t out_plane = int64_t(gridDim.y) * p.c, at = int64_t(blockIdx.y) * p.c + c;
+    out[at] = count;
+    out[out_plane + at] = mean;
+    out[2 * out_plane + at] = m2;
+    return;
+  }
+  const Acc var = m2 / count;
+  Acc scale = Acc(1) / sqrt(var + Acc(p.eps));
+  if (p.gamma != nullptr) scale *= static_cast<const Acc*>(p.gamma)[c];
+  Acc shift = -mean * scale;
+  if (p.beta != nullptr) shift += static_cast<const Acc*>(p.beta)[c];
+  Acc* stats = static_cast<Acc*>(p.stats);
+  stats[c] = mean;
+  stats[p.c + c] = var;
+  stats[2 * p.c + c] = scale;
+  stats[3 * p.c + c] = shift;
+}
+
+// z = relu(y * scale + shift) over the dense y and z (same layout), grid-stride.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) normalize_relu(const BatchNormTrainParams p) {
+  using Acc = typename Numeric<T>::Acc;
+  const Acc* stats = static_cast<const Acc*>(p.stats);
+  const T* y = static_cast<const T*>(p.y);
+  T* z = static_cast<T*>(p.z);
+  const int64_t step = int64_t(gridDim.x) * kThreads;
+  for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < p.numel; i += step) {
+    const int64_t c = p.channels_last ? i % p.c : (i / p.hw) % p.c;
+    z[i] = Numeric<T>::store(relu(Numeric<T>::load(y[i]) * stats[2 * p.c + c] + stats[3 * p.c + c]));
+  }
+}
+
+template <typename T>
+const char* launch(const BatchNormTrainParams& p, void* stream) {
+  using Acc = typename Numeric<T>::Acc;
+  const auto s = static_cast<cudaStream_t>(stream);
+  const unsigned channel_tiles = unsigned((p.c + kChannels - 1) / kChannels);
+  const Acc* partials = static_cast<const Acc*>(p.partials);
+  auto merge_kernel = merge_statistics<Acc>;
+  const int64_t slabs = batch_norm_train_slabs(p.blocks);
+  if (slabs > 1) {
+    Acc* merged = static_cast<Acc*>(p.slabs);
+    RK_LAUNCH(merge_kernel, dim3(channel_tiles, unsigned(slabs)), dim3(kThreads), 0, s, p, partials, p.blocks,
+              int64_t(kSlab), merged, false);
+    if (const char* error = RK_LAUNCH_ERROR()) return error;
+    RK_LAUNCH(merge_kernel, dim3(channel_tiles), dim3(kThreads), 0, s, p, merged, slabs, slabs, merged, true);
+  } else {
+    RK_LAUNCH(merge_kernel, dim3(channel_tiles), dim3(kThreads), 0, s, p, partials, p.blocks, p.blocks, nullptr, true);
+  }
+  if (const char* error = RK_LAUNCH_ERROR()) return error;
+  const int64_t blocks = (p.numel + kThreads - 1) / kThreads;
+  auto normalize_kernel = normalize_relu<T>;
+  RK_LAUNCH(normalize_kernel, dim3(unsigned(blocks < 65536 ? blocks : 65536)), dim3(kThreads), 0, s, p);
+  return RK_LAUNCH_ERROR();
+}
+
+}  // namespace bn_train
+
+int64_t batch_norm_train_slabs(int64_t blocks) {
+  return blocks > bn_train::kSlab ? (blocks + bn_train::kSlab - 1) / bn_train::kSlab : 0;
+}
+
+const char* launch_batch_norm_train(const BatchNormTrainParams& p, void* stream) {
+  switch (p.dtype) {
+    case DType::kFloat32: return bn_train::launch<float>(p, stream);
+    case DType::kFloat64: return bn_train::launch<double>(p, stream);
+    case DType::kFloat16: return bn_train::launch<__half>(p, stream);
+    case DType::kBFloat16: return bn_train::launch<__nv_bfloat16>(p, stream);
+  }
+  return "unsupported dtype";
+}
+
+}  // namespace resnext_kernels

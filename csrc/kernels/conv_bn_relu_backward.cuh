@@ -1,0 +1,795 @@
+// Backward of z = relu(batch_norm(conv3x3_grouped(x))), training (batch statistics) or folded
+// (inference scale and shift). Kernels, in launch order:
+//
+//  1. reduce_partials: per (pixel block, channel) sums of g and g * (y - center), g = dz * 1[z > 0]
+//     (z > 0 tested as y * scale + shift > 0, the same expression the forward's pass 2 rounds from);
+//  2. finalize: sums the partials in a fixed order into dparams and per-channel coefficients with
+//     dy = scale * g + B * (y - center) + C (training: center = mean, B = -scale * rstd * mean(g xhat),
+//     C = -scale * mean(g); folded: B = C = center = 0);
+//  3. dgrad: dx = conv_transpose(dy, w), dy computed on the fly while staging it in shared memory;
+//  4. wgrad: dw = sum over (n, oh, ow) of x (*) dy, the long reduction split over blocks into
+//     partials, then wgrad_reduce sums the splits in order.
+// No float atomics anywhere: two runs give bitwise equal results. dgrad and wgrad run on tensor
+// cores (mma.sync m16n8k16, fp32 accumulate) for fp16/bf16 and on FMA units for fp32/fp64; the
+// reductions always accumulate in fp32 (fp64 for fp64).
+#pragma once
+
+#include "params.h"
+#include "platform.cuh"
+
+namespace resnext_kernels {
+namespace backward {
+
+using P = ConvBnReluBackwardParams;
+
+constexpr int kThreads = 256;
+constexpr int kChannels = 32;                      // channels per block (reduce, dgrad, wgrad)
+constexpr int kLanes = kThreads / kChannels;       // threads sharing one channel
+constexpr int kReducePixels = 256;                 // minimum pixels per reduction block
+constexpr int kMaxReduceBlocks = 1024;
+constexpr int kFinalChannels = 8;                  // finalize: channels per block
+constexpr int kFinalLanes = kThreads / kFinalChannels;
+constexpr int kMaxPixels = 64;                     // dgrad: input pixels per block
+constexpr int kPixelsPerThread = kMaxPixels / kLanes;
+constexpr int kMaxChunk = 64;                      // dgrad: output channels per shared-memory stage
+constexpr int kSharedBytes = 48 * 1024;
+constexpr int kWgradPixels = 64;                   // wgrad: pixels per shared-memory stage
+constexpr int kWgradInputs = kLanes;               // wgrad: input channels (of a group) per block
+constexpr int kMaxWgradSplits = 1024;
+
+// Coefficient rows of the workspace, each c_out wide.
+enum Row { kScale = 0, kShift = 1, kB = 2, kC = 3, kCenter = 4, kRows = 5 };
+
+__host__ __device__ inline int64_t pixels(const P& p) { return p.n * p.h_out * p.w_out; }
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int64_t reduce_pixels_per_block(const P& p) {
+  const int64_t per = ceil_div(pixels(p), kMaxReduceBlocks);
+  return per > kReducePixels ? per : kReducePixels;
+}
+inline int64_t reduce_blocks(const P& p) { return ceil_div(pixels(p), reduce_pixels_per_block(p)); }
+
+inline int64_t wgrad_pixels_per_split(const P& p) {
+  const int64_t tiles = ceil_div(p.c_out, kChannels) * ceil_div(p.c_in / p.groups, kWgradInputs);
+  int64_t splits = ceil_div(pixels(p), 4 * kWgradPixels);  // at least 256 pixels per split
+  const int64_t most = ceil_div(kMaxWgradSplits, tiles);
+  splits = splits < most ? splits : most;
+  return ceil_div(pixels(p), splits > 0 ? splits : 1);
+}
+inline int64_t wgrad_splits(const P& p) { return ceil_div(pixels(p), wgrad_pixels_per_split(p)); }
+
+template <typename Acc>
+struct Workspace {
+  Acc* coef;      // [kRows][c_out]
+  Acc* partials;  // reduction partials [2][blocks][c_out], later wgrad partials [splits][c_out][K]
+};
+template <typename Acc>
+__device__ __forceinline__ Workspace<Acc> workspace_of(const P& p) {
+  Acc* base = static_cast<Acc*>(p.workspace);
+  return {base, base + kRows * p.c_out};
+}
+
+// dy at (n, co, oh, ow), from dz and y and the coefficients.
+template <typename T>
+__device__ __forceinline__ typename Numeric<T>::Acc dy_at(const P& p, const typename Numeric<T>::Acc* coef, int64_t n,
+                                                           int64_t co, int64_t oh, int64_t ow) {
+  using Acc = typename Numeric<T>::Acc;
+  const Acc yv = Numeric<T>::load(
+      static_cast<const T*>(p.y)[n * p.y_stride[0] + co * p.y_stride[1] + oh * p.y_stride[2] + ow * p.y_stride[3]]);
+  const Acc dz = Numeric<T>::load(
+      static_cast<const T*>(p.dz)[n * p.dz_stride[0] + co * p.dz_stride[1] + oh * p.dz_stride[2] + ow * p.dz_stride[3]]);
+  const Acc scale = coef[kScale * p.c_out + co];
+  const Acc g = yv * scale + coef[kShift * p.c_out + co] > Acc(0) ? dz : Acc(0);
+  return scale * g + coef[kB * p.c_out + co] * (yv - coef[kCenter * p.c_out + co]) + coef[kC * p.c_out + co];
+}
+
+// 1. Partial sums over a block's pixel range. Channel-fast thread order when y is channels-last,
+// pixel-fast otherwise, so that loads are contiguous either way.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) reduce_partials(const P p, int64_t pixels_per_block, bool channel_fast) {
+  using Acc = typename Numeric<T>::Acc;
+  __shared__ Acc shared[2][kLanes][kChannels];
+  const int tid = int(threadIdx.x);
+  const int c_local = channel_fast ? tid % kChannels : tid / kLanes;
+  const int lane = channel_fast ? tid / kChannels : tid % kLanes;
+  const int64_t co = int64_t(blockIdx.y) * kChannels + c_local;
+  const int64_t m0 = int64_t(blockIdx.x) * pixels_per_block, total = pixels(p);
+  const int64_t m1 = m0 + pixels_per_block < total ? m0 + pixels_per_block : total;
+  const int64_t hw = p.h_out * p.w_out;
+  Acc sum_g = Acc(0), sum_gy = Acc(0);
+  if (co < p.c_out) {
+    const Acc scale = static_cast<const Acc*>(p.scale)[co], shift = static_cast<const Acc*>(p.shift)[co];
+    const Acc center = p.mean != nullptr ? static_cast<const Acc*>(p.mean)[co] : Acc(0);
+    const T* y = static_cast<const T*>(p.y);
+    const T* dz = static_cast<const T*>(p.dz);
+    for (int64_t m = m0 + lane; m < m1; m += kLanes) {
+      const int64_t n = m / hw, oh = (m % hw) / p.w_out, ow = m % p.w_out;
+      const Acc yv = Numeric<T>::load(y[n * p.y_stride[0] + co * p.y_stride[1] + oh * p.y_stride[2] + ow * p.y_stride[3]]);
+      if (yv * scale + shift > Acc(0)) {
+        const Acc g =
+            Numeric<T>::load(dz[n * p.dz_stride[0] + co * p.dz_stride[1] + oh * p.dz_stride[2] + ow * p.dz_stride[3]]);
+        sum_g += g;
+        sum_gy += g * (yv - center);
+      }
+    }
+  }
+  shared[0][lane][c_local] = sum_g;
+  shared[1][lane][c_local] = sum_gy;
+  __syncthreads();
+  if (lane != 0 || co >= p.c_out) return;
+  for (int l = 1; l < kLanes; ++l) sum_g += shared[0][l][c_local], sum_gy += shared[1][l][c_local];
+  Acc* partials = workspace_of<Acc>(p).partials;
+  const int64_t blocks = gridDim.x;
+  partials[int64_t(blockIdx.x) * p.c_out + co] = sum_g;
+  partials[(blocks + blockIdx.x) * p.c_out + co] = sum_gy;
+}
+
+// 2. Sums the partials in order (lane l takes blocks l, l + kFinalLanes, ...; then lane 0 the lanes
+// in order); writes dparams and the coefficients.
+template <typename Acc>
+__global__ void __launch_bounds__(kThreads) finalize(const P p, int64_t blocks) {
+  __shared__ Acc shared[2][kFinalLanes][kFinalChannels];
+  const int c_local = int(threadIdx.x) % kFinalChannels, lane = int(threadIdx.x) / kFinalChannels;
+  const int64_t c = int64_t(blockIdx.x) * kFinalChannels + c_local;
+  const Workspace<Acc> ws = workspace_of<Acc>(p);
+  Acc sum_g = Acc(0), sum_gy = Acc(0);
+  if (c < p.c_out)
+    for (int64_t b = lane; b < blocks; b += kFinalLanes)
+      sum_g += ws.partials[b * p.c_out + c], sum_gy += ws.partials[(blocks + b) * p.c_out + c];
+  shared[0][lane][c_local] = sum_g;
+  shared[1][lane][c_local] = sum_gy;
+  __syncthreads();
+  if (lane != 0 || c >= p.c_out) return;
+  for (int l = 1; l < kFinalLanes; ++l) sum_g += shared[0][l][c_local], sum_gy += shared[1][l][c_local];
+  const Acc scale = static_cast<const Acc*>(p.scale)[c];
+  Acc* dparams = static_cast<Acc*>(p.dparams);
+  Acc* coef = ws.coef;
+  coef[kScale * p.c_out + c] = scale;
+  coef[kShift * p.c_out + c] = static_cast<const Acc*>(p.shift)[c];
+  if (p.mean != nullptr) {
+    const Acc rstd = Acc(1) / sqrt(static_cast<const Acc*>(p.var)[c] + Acc(p.eps));
+    const Acc count = Acc(pixels(p));
+    const Acc sum_gxhat = sum_gy * rstd;
+    dparams[c] = sum_gxhat;
+    dparams[p.c_out + c] = sum_g;
+    coef[kB * p.c_out + c] = -scale * rstd * (sum_gxhat / count);
+    coef[kC * p.c_out + c] = -scale * (sum_g / count);
+    coef[kCenter * p.c_out + c] = static_cast<const Acc*>(p.mean)[c];
+  } else {
+    dparams[c] = sum_gy;
+    dparams[p.c_out + c] = sum_g;
+    coef[kB * p.c_out + c] = Acc(0);
+    coef[kC * p.c_out + c] = Acc(0);
+    coef[kCenter * p.c_out + c] = Acc(0);
+  }
+}
+
+// 3. dgrad. A block computes a tile of input pixels of one image for kChannels input channels; it
+// stages, one chunk of output channels at a time, dy on the output pixels the tile's pixels feed
+// (the "halo", computed on the fly) and the weights. Each thread sums over its own channel's group
+// only, so packed small groups never mix. Input pixel ih receives from output row oh through tap kh
+// when ih + d - kh * d = oh * s.
+struct DgradTiling {
+  int tile_h, tile_w;  // input pixels per block
+  int halo_h, halo_w;  // output rows and columns they receive from
+  int chunk;
+  int tiles_h, tiles_w;
+  float inverse_stride;  // 1 / stride, computed on the host (a division in the kernel is a call)
+};
+
+__device__ __forceinline__ int floor_div(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+// a / b for 0 <= a < 2^20 and b >= 1, without an integer division (which ptxas compiles to a call):
+// (a + 0.5) / b is at least 0.5 / b away from an integer, far more than float's rounding error.
+__device__ __forceinline__ int small_quotient(int a, int b, float inverse_b) {
+  (void)b;
+  return int((float(a) + 0.5f) * inverse_b);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) dgrad(const P p, const DgradTiling tiling) {
+  using Acc = typename Numeric<T>::Acc;
+  RK_DYNAMIC_SHARED(Acc, shared);
+  const int chunk = tiling.chunk, halo_w = tiling.halo_w, tile_w = tiling.tile_w;
+  const int halo = tiling.halo_h * halo_w, tile_pixels = tiling.tile_h * tile_w;
+  Acc* dy_tile = shared;                // [halo][chunk]
+  Acc* w_tile = shared + halo * chunk;  // [kChannels][chunk][9]
+  const Acc* coef = workspace_of<Acc>(p).coef;
+  const T* weight = static_cast<const T*>(p.weight);
+  const int s = p.stride, d = p.dilation;
+  const int cin_pg = int(p.c_in / p.groups), cout_pg = int(p.c_out / p.groups);
+
+  // 32-bit block arithmetic (spatial sizes and the grid fit in int); 64-bit only in addresses.
+  const unsigned tiles = unsigned(tiling.tiles_h) * unsigned(tiling.tiles_w);
+  const int tile = int(blockIdx.x % tiles);
+  const int64_t n = blockIdx.x / tiles;
+  const int ih0 = (tile / tiling.tiles_w) * tiling.tile_h, iw0 = (tile % tiling.tiles_w) * tile_w;
+  const int oh_lo = floor_div(ih0 - d, s), ow_lo = floor_div(iw0 - d, s);
+  const int eh = ih0 + d - oh_lo * s, ew = iw0 + d - ow_lo * s;  // >= 2d
+  const int ci0 = int(blockIdx.y) * kChannels;
+  const int ci_end = int(ci0 + kChannels < p.c_in ? ci0 + kChannels : p.c_in);
+  const int co_begin = (ci0 / cin_pg) * cout_pg, co_stop = ((ci_end - 1) / cin_pg + 1) * cout_pg;
+
+  const int c_local = int(threadIdx.x) % kChannels, ci = ci0 + c_local, pixel_lane = int(threadIdx.x) / kChannels;
+  const float inverse_s = tiling.inverse_stride;
+  const bool active = ci < ci_end;
+  const int group_begin = active ? (ci / cin_pg) * cout_pg : 0;
+  const int group_end = active ? group_begin + cout_pg : 0;
+
+  Acc acc[kPixelsPerThread];
+  int pixel_h[kPixelsPerThread], pixel_w[kPixelsPerThread];  // -1: beyond the tile
+#pragma unroll
+  for (int j = 0; j < kPixelsPerThread; ++j) {
+    acc[j] = Acc(0);
+    const int pixel = pixel_lane + j * kLanes;
+    pixel_h[j] = pixel < tile_pixels ? pixel / tile_w : -1;
+    pixel_w[j] = pixel % tile_w;
+  }
+
+  for (int k0 = co_begin; k0 < co_stop; k0 += chunk) {
+    const int count = chunk < co_stop - k0 ? chunk : co_stop - k0;
+    __syncthreads();
+    for (int i = int(threadIdx.x); i < halo * count; i += kThreads) {
+      const int k = i % count, pos = i / count;
+      const int oh = oh_lo + pos / halo_w, ow = ow_lo + pos % halo_w;
+      Acc v = Acc(0);
+      if (oh >= 0 && oh < p.h_out && ow >= 0 && ow < p.w_out) v = dy_at<T>(p, coef, n, k0 + k, oh, ow);
+      dy_tile[pos * chunk + k] = v;
+    }
+    for (int i = int(threadIdx.x); i < kChannels * count * 9; i += kThreads) {
+      const int c = i / (count * 9), rest = i % (count * 9), k = rest / 9, tap = rest % 9;
+      const int ic = ci0 + c, oc = k0 + k;
+      Acc v = Acc(0);
+      if (ic < ci_end && oc / cout_pg == ic / cin_pg)
+        v = Numeric<T>::load(weight[(int64_t(oc) * cin_pg + ic % cin_pg) * 9 + tap]);
+      w_tile[(c * chunk + k) * 9 + tap] = v;
+    }
+    __syncthreads();
+    if (!active) continue;
+    const int k_begin = (group_begin > k0 ? group_begin : k0) - k0;
+    const int k_end = (group_end < k0 + count ? group_end : k0 + count) - k0;
+    for (int k = k_begin; k < k_end; ++k)
+      for (int tap = 0; tap < 9; ++tap) {
+        const Acc wv = w_tile[(c_local * chunk + k) * 9 + tap];
+        const int rh = eh - (tap / 3) * d, rw = ew - (tap % 3) * d;
+#pragma unroll
+        for (int j = 0; j < kPixelsPerThread; ++j) {
+          if (pixel_h[j] >= 0) {
+            // nh, nw < 2 * halo * s: small
+            const int nh = rh + pixel_h[j], nw = rw + pixel_w[j];
+            const int qh = small_quotient(nh, s, inverse_s), qw = small_quotient(nw, s, inverse_s);
+            if (qh * s == nh && qw * s == nw) acc[j] += dy_tile[(qh * halo_w + qw) * chunk + k] * wv;
+          }
+        }
+      }
+  }
+
+  if (!active) return;
+  T* dx = static_cast<T*>(p.dx);
+#pragma unroll
+  for (int j = 0; j < kPixelsPerThread; ++j) {
+    const int pixel = pixel_lane + j * kLanes;
+    const int ih = ih0 + pixel / tile_w, iw = iw0 + pixel % tile_w;
+    if (pixel < tile_pixels && ih < p.h && iw < p.w)
+      dx[n * p.dx_stride[0] + ci * p.dx_stride[1] + ih * p.dx_stride[2] + iw * p.dx_stride[3]] =
+          Numeric<T>::store(acc[j]);
+  }
+}
+
+// The largest input tile (up to kMaxPixels) whose output halo leaves room for a chunk of at least
+// one output channel.
+// `pad` spare channels per row and `reserve` bytes besides, as the forward's chooser.
+inline bool choose_dgrad_tiling(const P& p, int value_bytes, int pad, int reserve, DgradTiling* t) {
+  const int budget = (kSharedBytes - reserve) / value_bytes;
+  int tile_w = int(p.w < 8 ? p.w : 8);
+  int tile_h = int(p.h < kMaxPixels / tile_w ? p.h : kMaxPixels / tile_w);
+  const int extra = p.stride == 1 ? 1 : 2;
+  while (true) {
+    t->tile_h = tile_h;
+    t->tile_w = tile_w;
+    t->halo_h = (tile_h - 1 + 2 * p.dilation) / p.stride + extra;
+    t->halo_w = (tile_w - 1 + 2 * p.dilation) / p.stride + extra;
+    const int64_t per_channel = int64_t(t->halo_h) * t->halo_w + kChannels * 9;
+    const int64_t chunk = budget / per_channel - pad;
+    if (chunk >= 1) {
+      t->chunk = int(chunk < kMaxChunk ? chunk : kMaxChunk);
+      t->tiles_h = int(ceil_div(p.h, tile_h));
+      t->tiles_w = int(ceil_div(p.w, tile_w));
+      t->inverse_stride = 1.0f / float(p.stride);
+      return true;
+    }
+    if (tile_h == 1 && tile_w == 1) return false;
+    if (tile_h >= tile_w) tile_h = (tile_h + 1) / 2; else tile_w = (tile_w + 1) / 2;
+  }
+}
+
+// Tensor-core dgrad for 16-bit inputs: per tap, (input pixels x output channels) dy times (output
+// channels x input channels) weights with mma.m16n8k16, fp32 accumulate. Each warp owns 16 input
+// pixels and all kChannels input channels (four 8-channel n-tiles); an n-tile's K range is the
+// output channels of its own groups only. dy is computed in fp32 and rounded to T as it is staged
+// (as PyTorch's own low-precision backward stores dy in T). A pixel that does not receive from a tap
+// (stride > 1) has a zero A row for it. As in the forward, a chunk whose staged dy holds any Inf or
+// NaN is summed exactly per group instead, so that Inf * 0 never leaks across packed groups.
+constexpr int kMmaThreads = 128;
+constexpr int kMmaK = 16;
+constexpr int kNTiles = kChannels / 8;
+constexpr int kMmaReserve = kMaxPixels * kChannels * 4 + 4;
+
+template <typename T>
+__device__ __forceinline__ void dgrad_exact_sums(float* exact, const uint16_t* dy_tile, const uint16_t* w_tile, int row,
+                                                 int k0, int count, int tile_pixels, int tile_w, int halo_w, int s,
+                                                 float inverse_s, int d, int eh, int ew, int ci0, int ci_end,
+                                                 int cin_pg, int cout_pg) {
+  for (int e = int(threadIdx.x); e < kMaxPixels * kChannels; e += kMmaThreads) {
+    const int q = e / kChannels, c = e % kChannels, ci = ci0 + c;
+    float sum = 0.0f;
+    if (q < tile_pixels && ci < ci_end) {
+      const int group_begin = (ci / cin_pg) * cout_pg;
+      const int lo = group_begin > k0 ? group_begin : k0;
+      const int hi = group_begin + cout_pg < k0 + count ? group_begin + cout_pg : k0 + count;
+      for (int tap = 0; tap < 9; ++tap) {
+        const int nh = eh - (tap / 3) * d + q / tile_w, nw = ew - (tap % 3) * d + q % tile_w;
+        const int qh = small_quotient(nh, s, inverse_s), qw = small_quotient(nw, s, inverse_s);
+        if (qh * s != nh || qw * s != nw) continue;
+        for (int k = lo; k < hi; ++k)
+          sum += Numeric<T>::from_bits(dy_tile[(qh * halo_w + qw) * row + k - k0]) *
+                 Numeric<T>::from_bits(w_tile[(tap * kChannels + c) * row + k - k0]);
+      }
+    }
+    exact[e] = sum;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kMmaThreads, 1) dgrad_mma(const P p, const DgradTiling tiling) {
+  RK_DYNAMIC_SHARED(uint16_t, shared);  // raw 16-bit values: zero bits are +0.0 in fp16 and bf16
+  const int chunk = tiling.chunk, row = chunk + kMmaK, halo_w = tiling.halo_w, tile_w = tiling.tile_w;
+  const int halo = tiling.halo_h * halo_w, tile_pixels = tiling.tile_h * tile_w;
+  uint16_t* dy_tile = shared;               // [halo][row]
+  uint16_t* w_tile = shared + halo * row;   // [9][kChannels][row]: (tap, input channel, output channel)
+  const int staged = (halo + 9 * kChannels) * row;
+  float* exact = reinterpret_cast<float*>(shared + staged + staged % 2);  // [kMaxPixels][kChannels]
+  const float* coef = workspace_of<float>(p).coef;
+  const uint16_t* weight = static_cast<const uint16_t*>(p.weight);
+  const int s = p.stride, d = p.dilation;
+  const float inverse_s = tiling.inverse_stride;
+  const int cin_pg = int(p.c_in / p.groups), cout_pg = int(p.c_out / p.groups);
+
+  const unsigned tiles = unsigned(tiling.tiles_h) * unsigned(tiling.tiles_w);
+  const int tile = int(blockIdx.x % tiles);
+  const int64_t n = blockIdx.x / tiles;
+  const int ih0 = (tile / tiling.tiles_w) * tiling.tile_h, iw0 = (tile % tiling.tiles_w) * tile_w;
+  const int oh_lo = floor_div(ih0 - d, s), ow_lo = floor_div(iw0 - d, s);
+  const int eh = ih0 + d - oh_lo * s, ew = iw0 + d - ow_lo * s;
+  const int ci0 = int(blockIdx.y) * kChannels;
+  const int ci_end = int(ci0 + kChannels < p.c_in ? ci0 + kChannels : p.c_in);
+  const int co_begin = (ci0 / cin_pg) * cout_pg, co_stop = ((ci_end - 1) / cin_pg + 1) * cout_pg;
+
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
+  int pixel[2], ph[2], pw[2];  // this lane's two fragment rows; ph = -1 beyond the tile
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    pixel[r] = warp * 16 + g + 8 * r;
+    ph[r] = pixel[r] < tile_pixels ? pixel[r] / tile_w : -1;
+    pw[r] = pixel[r] % tile_w;
+  }
+  int k_begin[kNTiles], k_end[kNTiles];
+#pragma unroll
+  for (int j = 0; j < kNTiles; ++j) {
+    const int first = ci0 + 8 * j, last = (first + 7 < ci_end ? first + 7 : ci_end - 1);
+    k_begin[j] = first < ci_end ? (first / cin_pg) * cout_pg : 0;
+    k_end[j] = first < ci_end ? (last / cin_pg + 1) * cout_pg : 0;
+  }
+  float acc[kNTiles][4];
+#pragma unroll
+  for (int j = 0; j < kNTiles; ++j)
+    for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
+
+  for (int k0 = co_begin; k0 < co_stop; k0 += chunk) {
+    const int count = chunk < co_stop - k0 ? chunk : co_stop - k0;
+    __syncthreads();
+    int non_finite = 0;
+    for (int i = int(threadIdx.x); i < halo * count; i += kMmaThreads) {
+      const int k = i % count, pos = i / count;
+      const int oh = oh_lo + pos / halo_w, ow = ow_lo + pos % halo_w;
+      T v = Numeric<T>::store(0.0f);
+      if (oh >= 0 && oh < p.h_out && ow >= 0 && ow < p.w_out) v = Numeric<T>::store(dy_at<T>(p, coef, n, k0 + k, oh, ow));
+      reinterpret_cast<T*>(dy_tile)[pos * row + k] = v;
+      non_finite |= (dy_tile[pos * row + k] & 0x7fff) >= Numeric<T>::kNonFinite;
+    }
+    for (int i = int(threadIdx.x); i < 9 * kChannels * count; i += kMmaThreads) {
+      const int k = i % count, c = (i / count) % kChannels, tap = i / (count * kChannels);
+      const int ic = ci0 + c, oc = k0 + k;
+      uint16_t v = 0;
+      if (ic < ci_end && oc / cout_pg == ic / cin_pg) v = weight[(int64_t(oc) * cin_pg + ic % cin_pg) * 9 + tap];
+      w_tile[(tap * kChannels + c) * row + k] = v;
+    }
+    if (__syncthreads_or(non_finite)) {
+      dgrad_exact_sums<T>(exact, dy_tile, w_tile, row, k0, count, tile_pixels, tile_w, halo_w, s, inverse_s, d, eh, ew,
+                          ci0, ci_end, cin_pg, cout_pg);
+      __syncthreads();
+#pragma unroll
+      for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[j][i] += exact[pixel[i / 2] * kChannels + 8 * j + 2 * t + i % 2];
+      continue;  // the loop's first barrier keeps `exact` until everyone has read it
+    }
+    for (int tap = 0; tap < 9; ++tap) {
+      const int rh = eh - (tap / 3) * d, rw = ew - (tap % 3) * d;
+      int source[2];  // the halo position row r receives from through this tap, or -1
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int nh = rh + ph[r], nw = rw + pw[r];
+        const int qh = small_quotient(nh, s, inverse_s), qw = small_quotient(nw, s, inverse_s);
+        source[r] = ph[r] >= 0 && qh * s == nh && qw * s == nw ? (qh * halo_w + qw) * row : -1;
+      }
+#pragma unroll
+      for (int j = 0; j < kNTiles; ++j) {
+        const int lo = k_begin[j] > k0 ? k_begin[j] : k0;
+        const int hi = k_end[j] < k0 + count ? k_end[j] : k0 + count;
+        for (int ks = lo; ks < hi; ks += kMmaK) {
+          const int kr = ks - k0, valid = hi - ks;  // fragment columns >= valid are zero
+          uint32_t a[4], b[2];
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            const int col = 2 * t + 8 * (r / 2), at = source[r % 2];
+            const uint16_t* src = dy_tile + (at < 0 ? 0 : at) + kr + col;
+            a[r] = at < 0 ? 0u : uint32_t(col < valid ? src[0] : 0) | uint32_t(col + 1 < valid ? src[1] : 0) << 16;
+          }
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int k = 2 * t + 8 * r;
+            const uint16_t* src = w_tile + (tap * kChannels + 8 * j + g) * row + kr + k;
+            b[r] = uint32_t(k < valid ? src[0] : 0) | uint32_t(k + 1 < valid ? src[1] : 0) << 16;
+          }
+          mma_m16n8k16<T>(acc[j], a, b);
+        }
+      }
+    }
+  }
+
+  T* dx = static_cast<T*>(p.dx);
+#pragma unroll
+  for (int j = 0; j < kNTiles; ++j)
+    for (int i = 0; i < 4; ++i) {
+      const int q = pixel[i / 2], ci = ci0 + 8 * j + 2 * t + i % 2;
+      const int ih = ih0 + q / tile_w, iw = iw0 + q % tile_w;
+      if (q < tile_pixels && ci < ci_end && ih < p.h && iw < p.w)
+        dx[n * p.dx_stride[0] + ci * p.dx_stride[1] + ih * p.dx_stride[2] + iw * p.dx_stride[3]] =
+            Numeric<T>::store(acc[j][i]);
+    }
+}
+
+// 4. wgrad. Block (split, output-channel tile, input-channel tile): thread (co, ci_l) accumulates
+// the 9 taps of dw[co, ci_l] over the split's pixels, kWgradPixels at a time: dy staged in shared
+// memory (computed on the fly), x read through the cache (threads of one group read the same x).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) wgrad(const P p, int64_t pixels_per_split, bool channel_fast) {
+  using Acc = typename Numeric<T>::Acc;
+  __shared__ Acc dy_tile[kWgradPixels][kChannels];
+  __shared__ int image[kWgradPixels], out_h[kWgradPixels], out_w[kWgradPixels];
+  const Workspace<Acc> ws = workspace_of<Acc>(p);
+  const T* x = static_cast<const T*>(p.x);
+  const int cin_pg = int(p.c_in / p.groups), cout_pg = int(p.c_out / p.groups), d = p.dilation;
+  const int co0 = int(blockIdx.y) * kChannels;
+  const int c_local = int(threadIdx.x) % kChannels, slot = int(threadIdx.x) / kChannels;
+  const int co = co0 + c_local, ci_l = int(blockIdx.z) * kWgradInputs + slot;
+  const bool active = co < p.c_out && ci_l < cin_pg;
+  const int64_t ci = active ? int64_t(co / cout_pg) * cin_pg + ci_l : 0;
+  const int64_t total = pixels(p);
+  const int64_t m0 = int64_t(blockIdx.x) * pixels_per_split;
+  const int64_t m1 = m0 + pixels_per_split < total ? m0 + pixels_per_split : total;
+  // The stage's first pixel as (image, pixel in image), advanced without 64-bit divisions in the loop
+  // (an image has fewer than 2^31 pixels).
+  const int hw = int(p.h_out * p.w_out), w_out = int(p.w_out);
+  int stage_n = int(m0 / hw), stage_r = int(m0 % hw);
+
+  Acc acc[9];
+#pragma unroll
+  for (int tap = 0; tap < 9; ++tap) acc[tap] = Acc(0);
+
+  for (int64_t mb = m0; mb < m1; mb += kWgradPixels) {  // stage_n, stage_r: pixel mb
+    const int count = int(m1 - mb < kWgradPixels ? m1 - mb : kWgradPixels);
+    __syncthreads();
+    for (int q = int(threadIdx.x); q < count; q += kThreads) {
+      int n = stage_n, r = stage_r + q;
+      while (r >= hw) r -= hw, ++n;
+      image[q] = n;
+      out_h[q] = r / w_out;
+      out_w[q] = r % w_out;
+    }
+    stage_r += count;
+    while (stage_r >= hw) stage_r -= hw, ++stage_n;
+    __syncthreads();
+    for (int i = int(threadIdx.x); i < kWgradPixels * kChannels; i += kThreads) {
+      const int c = channel_fast ? i % kChannels : i / kWgradPixels;
+      const int q = channel_fast ? i / kChannels : i % kWgradPixels;
+      if (q >= count || co0 + c >= p.c_out) continue;
+      dy_tile[q][c] = dy_at<T>(p, ws.coef, image[q], co0 + c, out_h[q], out_w[q]);
+    }
+    __syncthreads();
+    if (!active) continue;
+    const T* xc = x + ci * p.x_stride[1];
+    for (int q = 0; q < count; ++q) {
+      const Acc dy = dy_tile[q][c_local];
+      const T* xq = xc + image[q] * p.x_stride[0];
+      const int ihb = out_h[q] * p.stride - d, iwb = out_w[q] * p.stride - d;
+#pragma unroll
+      for (int tap = 0; tap < 9; ++tap) {
+        const int ih = ihb + (tap / 3) * d, iw = iwb + (tap % 3) * d;
+        if (ih >= 0 && ih < p.h && iw >= 0 && iw < p.w)
+          acc[tap] += Numeric<T>::load(xq[ih * p.x_stride[2] + iw * p.x_stride[3]]) * dy;
+      }
+    }
+  }
+  if (!active) return;
+  Acc* out = ws.partials + (int64_t(blockIdx.x) * p.c_out + co) * (cin_pg * 9) + ci_l * 9;
+#pragma unroll
+  for (int tap = 0; tap < 9; ++tap) out[tap] = acc[tap];
+}
+
+// Tensor-core wgrad for 16-bit inputs. Per block (split, kChannels output channels, up to
+// kWmmaInputs input channels of the contiguous range the block's groups read), over the split's
+// (image, output tile) units in order: D[co][(ci, tap)] += sum over the tile's pixels of
+// dy[pixel][co] * x[pixel, ci, tap] with mma.m16n8k16 (A = dy^T, two 16-row m-tiles; B read from the
+// tile's input halo staged once per unit, so x is loaded once per tile rather than once per tap;
+// fp32 accumulate). Small groups are packed densely: D also holds products of channels of
+// different groups, which are simply not written out (real products, no masking zeros, so
+// non-finite values cannot leak). Pixels outside the image or the tile have zero A and B.
+// Warp w owns the 9 n-tiles of input channels 8w .. 8w + 7.
+constexpr int kWmmaInputs = 32;
+constexpr int kWmmaRow = kWgradPixels + 8;   // dy_tile row: pixels (padded against bank conflicts)
+constexpr int kWmmaHaloRow = kWmmaInputs + 8;  // x halo row: input channels (padded)
+constexpr int kWmmaNTiles = kWmmaInputs * 9 / 8 / 4;  // per warp
+constexpr int kWmmaDyBytes = kChannels * kWmmaRow * 2;
+
+struct WgradTiling {
+  int tile_h, tile_w;  // output pixels per unit (at most kWgradPixels)
+  int halo_h, halo_w;  // the input rows and columns they read
+  int tiles_h, tiles_w;
+  int64_t units_per_split;
+};
+
+// The largest output tile whose input halo fits beside dy_tile; false when not even one pixel's.
+inline bool choose_wgrad_tiling(const P& p, WgradTiling* t) {
+  const int budget = (kSharedBytes - kWmmaDyBytes) / (kWmmaHaloRow * 2);
+  int tile_w = int(p.w_out < 8 ? p.w_out : 8);
+  int tile_h = int(p.h_out < kWgradPixels / tile_w ? p.h_out : kWgradPixels / tile_w);
+  while (true) {
+    t->halo_h = (tile_h - 1) * p.stride + 2 * p.dilation + 1;
+    t->halo_w = (tile_w - 1) * p.stride + 2 * p.dilation + 1;
+    if (int64_t(t->halo_h) * t->halo_w <= budget) break;
+    if (tile_h == 1 && tile_w == 1) return false;
+    if (tile_h >= tile_w) tile_h = (tile_h + 1) / 2; else tile_w = (tile_w + 1) / 2;
+  }
+  t->tile_h = tile_h;
+  t->tile_w = tile_w;
+  t->tiles_h = int(ceil_div(p.h_out, tile_h));
+  t->tiles_w = int(ceil_div(p.w_out, tile_w));
+  // No more splits than the workspace holds (wgrad_splits), none empty.
+  const int64_t units = p.n * t->tiles_h * t->tiles_w, splits = wgrad_splits(p);
+  t->units_per_split = ceil_div(units, splits < units ? splits : units);
+  return true;
+}
+inline int64_t wgrad_mma_splits(const P& p, const WgradTiling& t) {
+  return ceil_div(p.n * t.tiles_h * t.tiles_w, t.units_per_split);
+}
+inline size_t wgrad_mma_shared_bytes(const WgradTiling& t) {
+  return size_t(kWmmaDyBytes) + size_t(t.halo_h) * t.halo_w * kWmmaHaloRow * 2;
+}
+
+__host__ __device__ inline int wgrad_mma_input_begin(const P& p, int co0) {
+  return (co0 / int(p.c_out / p.groups)) * int(p.c_in / p.groups);
+}
+__host__ __device__ inline int wgrad_mma_input_stop(const P& p, int co0) {
+  const int co_end = int(co0 + kChannels < p.c_out ? co0 + kChannels : p.c_out);
+  return ((co_end - 1) / int(p.c_out / p.groups) + 1) * int(p.c_in / p.groups);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kMmaThreads, 1) wgrad_mma(const P p, const WgradTiling tiling) {
+  RK_DYNAMIC_SHARED(uint16_t, shared);
+  uint16_t* dy_tile = shared;                        // [kChannels][kWmmaRow]: (co, pixel)
+  uint16_t* x_halo = shared + kChannels * kWmmaRow;  // [halo][kWmmaHaloRow]: (position, ci)
+  __shared__ int pixel_base[kWgradPixels];           // halo position of a pixel's first tap, -1: none
+  const Workspace<float> ws = workspace_of<float>(p);
+  const uint16_t* x = static_cast<const uint16_t*>(p.x);
+  const int cin_pg = int(p.c_in / p.groups), cout_pg = int(p.c_out / p.groups), d = p.dilation, s = p.stride;
+  const int co0 = int(blockIdx.y) * kChannels;
+  const int ci_begin = wgrad_mma_input_begin(p, co0) + int(blockIdx.z) * kWmmaInputs;
+  const int ci_stop = wgrad_mma_input_stop(p, co0);
+  if (ci_begin >= ci_stop) return;  // uniform over the block
+  const int ci_count = ci_stop - ci_begin < kWmmaInputs ? ci_stop - ci_begin : kWmmaInputs;
+  const int tile_w = tiling.tile_w, tile_pixels = tiling.tile_h * tile_w, halo_w = tiling.halo_w;
+  const int halo = tiling.halo_h * halo_w;
+  const unsigned tiles = unsigned(tiling.tiles_h) * unsigned(tiling.tiles_w);
+  const int64_t units = p.n * tiles, u0 = int64_t(blockIdx.x) * tiling.units_per_split;
+  const int64_t u1 = u0 + tiling.units_per_split < units ? u0 + tiling.units_per_split : units;
+  int64_t n = u0 / tiles;  // the unit as (image, tile), advanced without divisions in the loop
+  int tile = int(u0 % tiles);
+
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
+  // This lane's B column of each n-tile: input channel and the tap's offset in the halo.
+  int column_ci[kWmmaNTiles], column_offset[kWmmaNTiles];
+#pragma unroll
+  for (int j = 0; j < kWmmaNTiles; ++j) {
+    const int column = (warp * kWmmaNTiles + j) * 8 + g, tap = column % 9;
+    column_ci[j] = column / 9;
+    column_offset[j] = (tap / 3) * d * halo_w + (tap % 3) * d;
+  }
+  float acc[2][kWmmaNTiles][4];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int j = 0; j < kWmmaNTiles; ++j)
+      for (int i = 0; i < 4; ++i) acc[mt][j][i] = 0.0f;
+
+  for (int64_t u = u0; u < u1; ++u) {
+    const int oh0 = (tile / tiling.tiles_w) * tiling.tile_h, ow0 = (tile % tiling.tiles_w) * tile_w;
+    const int ih0 = oh0 * s - d, iw0 = ow0 * s - d;
+    __syncthreads();  // the previous unit's tiles have been read
+    for (int q = int(threadIdx.x); q < kWgradPixels; q += kMmaThreads) {
+      const int ph = q / tile_w, pw = q % tile_w;
+      pixel_base[q] = q < tile_pixels && oh0 + ph < p.h_out && ow0 + pw < p.w_out ? ph * s * halo_w + pw * s : -1;
+    }
+    for (int i = int(threadIdx.x); i < kChannels * kWgradPixels; i += kMmaThreads) {
+      const int c = i % kChannels, q = i / kChannels;
+      const int oh = oh0 + q / tile_w, ow = ow0 + q % tile_w;
+      T v = Numeric<T>::store(0.0f);
+      if (q < tile_pixels && oh < p.h_out && ow < p.w_out && co0 + c < p.c_out)
+        v = Numeric<T>::store(dy_at<T>(p, ws.coef, n, co0 + c, oh, ow));
+      reinterpret_cast<T*>(dy_tile)[c * kWmmaRow + q] = v;
+    }
+    for (int i = int(threadIdx.x); i < halo * kWmmaInputs; i += kMmaThreads) {
+      const int c = i % kWmmaInputs, pos = i / kWmmaInputs;
+      const int ih = ih0 + pos / halo_w, iw = iw0 + pos % halo_w;
+      uint16_t v = 0;
+      if (c < ci_count && ih >= 0 && ih < p.h && iw >= 0 && iw < p.w)
+        v = x[n * p.x_stride[0] + (ci_begin + c) * p.x_stride[1] + ih * p.x_stride[2] + iw * p.x_stride[3]];
+      x_halo[pos * kWmmaHaloRow + c] = v;
+    }
+    __syncthreads();
+    for (int ks = 0; ks < tile_pixels; ks += kMmaK) {
+      uint32_t a[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const uint16_t* src = dy_tile + (mt * 16 + g + 8 * (r % 2)) * kWmmaRow + ks + 2 * t + 8 * (r / 2);
+          a[mt][r] = uint32_t(src[0]) | uint32_t(src[1]) << 16;
+        }
+      int base[4];  // the lane's four B rows (pixels ks + 2t + {0, 1, 8, 9})
+#pragma unroll
+      for (int e = 0; e < 4; ++e) base[e] = pixel_base[ks + 2 * t + 8 * (e / 2) + e % 2];
+#pragma unroll
+      for (int j = 0; j < kWmmaNTiles; ++j) {
+        uint32_t b[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int lo = base[2 * r], hi = base[2 * r + 1];
+          const uint32_t v0 = lo < 0 ? 0u : x_halo[(lo + column_offset[j]) * kWmmaHaloRow + column_ci[j]];
+          const uint32_t v1 = hi < 0 ? 0u : x_halo[(hi + column_offset[j]) * kWmmaHaloRow + column_ci[j]];
+          b[r] = v0 | v1 << 16;
+        }
+        mma_m16n8k16<T>(acc[0][j], a[0], b);
+        mma_m16n8k16<T>(acc[1][j], a[1], b);
+      }
+    }
+    if (++tile == int(tiles)) tile = 0, ++n;
+  }
+
+  float* out = ws.partials + int64_t(blockIdx.x) * p.c_out * (cin_pg * 9);
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int j = 0; j < kWmmaNTiles; ++j)
+      for (int i = 0; i < 4; ++i) {
+        const int co = co0 + mt * 16 + g + 8 * (i / 2);
+        const int column = (warp * kWmmaNTiles + j) * 8 + 2 * t + i % 2;
+        const int c = column / 9, tap = column % 9, ci = ci_begin + c;
+        if (co >= p.c_out || c >= ci_count || ci / cin_pg != co / cout_pg) continue;
+        out[int64_t(co) * (cin_pg * 9) + (ci % cin_pg) * 9 + tap] = acc[mt][j][i];
+      }
+}
+
+// Sums the wgrad splits in order into dw.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) wgrad_reduce(const P p, int64_t splits) {
+  using Acc = typename Numeric<T>::Acc;
+  const Acc* partials = workspace_of<Acc>(p).partials;
+  const int64_t size = p.c_out * (p.c_in / p.groups) * 9, step = int64_t(gridDim.x) * kThreads;
+  for (int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x; e < size; e += step) {
+    Acc sum = Acc(0);
+    for (int64_t b = 0; b < splits; ++b) sum += partials[b * size + e];
+    static_cast<T*>(p.dw)[e] = Numeric<T>::store(sum);
+  }
+}
+
+template <typename T>
+const char* launch(const P& p, void* stream) {
+  using Acc = typename Numeric<T>::Acc;
+  const auto s = static_cast<cudaStream_t>(stream);
+  const unsigned channel_tiles = unsigned(ceil_div(p.c_out, kChannels));
+  const int64_t blocks = reduce_blocks(p);
+  auto reduce_kernel = reduce_partials<T>;
+  RK_LAUNCH(reduce_kernel, dim3(unsigned(blocks), channel_tiles), dim3(kThreads), 0, s, p,
+            reduce_pixels_per_block(p), p.y_stride[1] == 1);
+  if (const char* error = RK_LAUNCH_ERROR()) return error;
+  auto finalize_kernel = finalize<Acc>;
+  RK_LAUNCH(finalize_kernel, dim3(unsigned(ceil_div(p.c_out, kFinalChannels))), dim3(kThreads), 0, s, p, blocks);
+  if (const char* error = RK_LAUNCH_ERROR()) return error;
+  if (p.dx != nullptr) {
+    // 16-bit inputs run on tensor cores; fp32 and fp64 on FMA units.
+    constexpr bool kTensorCores = sizeof(T) == 2;
+    constexpr int value_bytes = kTensorCores ? 2 : int(sizeof(Acc));
+    constexpr int pad = kTensorCores ? kMmaK : 0;
+    constexpr int reserve = kTensorCores ? kMmaReserve : 0;
+    DgradTiling tiling;
+    if (!choose_dgrad_tiling(p, value_bytes, pad, reserve, &tiling))
+      return "dilation and stride too large: one input pixel's output halo does not fit in shared memory";
+    const size_t bytes =
+        (size_t(tiling.halo_h) * tiling.halo_w + kChannels * 9) * (tiling.chunk + pad) * value_bytes + reserve;
+    const dim3 grid(unsigned(p.n * tiling.tiles_h * tiling.tiles_w), unsigned(ceil_div(p.c_in, kChannels)));
+    if constexpr (kTensorCores) {
+      auto dgrad_kernel = dgrad_mma<T>;
+      RK_LAUNCH(dgrad_kernel, grid, dim3(kMmaThreads), bytes, s, p, tiling);
+    } else {
+      auto dgrad_kernel = dgrad<T>;
+      RK_LAUNCH(dgrad_kernel, grid, dim3(kThreads), bytes, s, p, tiling);
+    }
+    if (const char* error = RK_LAUNCH_ERROR()) return error;
+  }
+  if (p.dw != nullptr) {
+    int64_t splits = wgrad_splits(p);
+    bool tensor_cores = false;
+    WgradTiling tiling;
+    if constexpr (sizeof(T) == 2) {
+      tensor_cores = choose_wgrad_tiling(p, &tiling);
+      if (tensor_cores) {
+        int input_tiles = 1;  // the most any output-channel tile needs
+        for (int co0 = 0; co0 < p.c_out; co0 += kChannels) {
+          const int tiles = int(ceil_div(wgrad_mma_input_stop(p, co0) - wgrad_mma_input_begin(p, co0), kWmmaInputs));
+          input_tiles = tiles > input_tiles ? tiles : input_tiles;
+        }
+        splits = wgrad_mma_splits(p, tiling);
+        auto wgrad_kernel = wgrad_mma<T>;
+        RK_LAUNCH(wgrad_kernel, dim3(unsigned(splits), channel_tiles, unsigned(input_tiles)), dim3(kMmaThreads),
+                  wgrad_mma_shared_bytes(tiling), s, p, tiling);
+      }
+    }
+    if (!tensor_cores) {  // fp32 / fp64, or a dilation whose halo does not fit
+      auto wgrad_kernel = wgrad<T>;
+      RK_LAUNCH(wgrad_kernel,
+                dim3(unsigned(splits), channel_tiles, unsigned(ceil_div(p.c_in / p.groups, kWgradInputs))),
+                dim3(kThreads), 0, s, p, wgrad_pixels_per_split(p), p.dz_stride[1] == 1);
+    }
+    if (const char* error = RK_LAUNCH_ERROR()) return error;
+    const int64_t size = p.c_out * (p.c_in / p.groups) * 9, reduce_grid = ceil_div(size, kThreads);
+    auto wgrad_reduce_kernel = wgrad_reduce<T>;
+    RK_LAUNCH(wgrad_reduce_kernel, dim3(unsigned(reduce_grid < 4096 ? reduce_grid : 4096)), dim3(kThreads), 0, s, p,
+              splits);
+    if (const char* error = RK_LAUNCH_ERROR()) return error;
+  }
+  return nullptr;
+}
+
+}  // namespace backward
+
+int64_t backward_workspace_elements(const ConvBnReluBackwardParams& p) {
+  using namespace backward;
+  const int64_t reduce = 2 * reduce_blocks(p) * p.c_out;
+  const int64_t wgrad = wgrad_splits(p) * p.c_out * (p.c_in / p.groups) * 9;
+  return kRows * p.c_out + (reduce > wgrad ? reduce : wgrad);
+}
+
+const char* launch_conv_bn_relu_backward(const ConvBnReluBackwardParams& p, void* stream) {
+  switch (p.dtype) {
+    case DType::kFloat32: return backward::launch<float>(p, stream);
+    case DType::kFloat64: return backward::launch<double>(p, stream);
+    case DType::kFloat16: return backward::launch<__half>(p, stream);
+    case DType::kBFloat16: return backward::launch<__nv_bfloat16>(p, stream);
+  }
+  return "unsupported dtype";
+}
+
+}  // namespace resnext_kernels
