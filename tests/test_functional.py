@@ -142,13 +142,14 @@ def test_variance_of_a_large_mean_activation(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype, layout", [(torch.float32, "nchw"), (torch.bfloat16, "nchw"),
+                                           (torch.bfloat16, "channels_last")], ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_nan_and_inf_propagate_as_in_the_reference(impl, dtype, training):
+def test_nan_and_inf_propagate_as_in_the_reference(impl, dtype, layout, training):
     # Small groups: kernels that pack several groups into one tile must not leak Inf * 0 = NaN
     # into a neighbouring group.
     require(impl, batch_stats=training)
-    case = make_case(Shape(2, 8, 8, 5, 5, groups=4), dtype=dtype)
+    case = make_case(Shape(2, 8, 8, 5, 5, groups=4), dtype=dtype, layout=layout)
     case.x[0, 1, 2, 3] = float("nan")
     case.x[1, 5, 0, 0] = float("inf")
     mean, var = case.running_mean.clone(), case.running_var.clone()

@@ -53,6 +53,9 @@ using cudaStream_t = void*;
 struct alignas(16) int4 {
   int x, y, z, w;
 };
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
 
 // ---- 16-bit floating point types -----------------------------------------------------------------
 

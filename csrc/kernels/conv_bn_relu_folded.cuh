@@ -239,6 +239,12 @@ __device__ __forceinline__ void exact_chunk_sums(float* exact, const uint16_t* x
   }
 }
 
+// Whether either 16-bit value packed in `word` is Inf or NaN.
+template <typename T>
+__device__ __forceinline__ int has_non_finite(uint32_t word) {
+  return (word & 0x7fffu) >= Numeric<T>::kNonFinite || ((word >> 16) & 0x7fffu) >= Numeric<T>::kNonFinite;
+}
+
 template <typename T, bool kTrain>
 __global__ void __launch_bounds__(kMmaThreads) conv_bn_relu_folded_mma(const ConvBnReluParams p, const Tiling tiling) {
   RK_DYNAMIC_SHARED(uint16_t, shared);  // raw 16-bit values: zero bits are +0.0 in fp16 and bf16
@@ -276,19 +282,36 @@ __global__ void __launch_bounds__(kMmaThreads) conv_bn_relu_folded_mma(const Con
 #pragma unroll
   for (int j = 0; j < kNTiles; ++j)
     for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
+  // 16-byte loads of the halo need unit channel stride, 16-byte aligned pixels and shared rows.
+  const bool vectorized = p.x_stride[1] == 1 && (p.x_stride[0] % 8 | p.x_stride[2] % 8 | p.x_stride[3] % 8) == 0 &&
+                          reinterpret_cast<uintptr_t>(x) % 16 == 0 && row % 8 == 0;
 
   for (int k0 = b.ci_begin; k0 < b.ci_end; k0 += chunk) {
     const int count = chunk < b.ci_end - k0 ? chunk : b.ci_end - k0;
     __syncthreads();
     int non_finite = 0;
-    for (int i = int(threadIdx.x); i < halo * count; i += kMmaThreads) {
-      const int k = i % count, pos = i / count;
-      const int64_t ih = ih0 + pos / halo_w, iw = iw0 + pos % halo_w;
-      uint16_t v = 0;
-      if (ih >= 0 && ih < p.h && iw >= 0 && iw < p.w)
-        v = x[n * p.x_stride[0] + (k0 + k) * p.x_stride[1] + ih * p.x_stride[2] + iw * p.x_stride[3]];
-      non_finite |= (v & 0x7fff) >= Numeric<T>::kNonFinite;
-      x_tile[pos * row + k] = v;
+    if (vectorized && count % 8 == 0 && k0 % 8 == 0) {
+      // Channels-last input: 8 channels of a pixel are 16 contiguous, aligned bytes.
+      const int vectors = count / 8;
+      for (int i = int(threadIdx.x); i < halo * vectors; i += kMmaThreads) {
+        const int k = (i % vectors) * 8, pos = i / vectors;
+        const int64_t ih = ih0 + pos / halo_w, iw = iw0 + pos % halo_w;
+        uint4 v = {0u, 0u, 0u, 0u};
+        if (ih >= 0 && ih < p.h && iw >= 0 && iw < p.w)
+          v = *reinterpret_cast<const uint4*>(x + n * p.x_stride[0] + (k0 + k) + ih * p.x_stride[2] + iw * p.x_stride[3]);
+        non_finite |= has_non_finite<T>(v.x) | has_non_finite<T>(v.y) | has_non_finite<T>(v.z) | has_non_finite<T>(v.w);
+        *reinterpret_cast<uint4*>(x_tile + pos * row + k) = v;
+      }
+    } else {
+      for (int i = int(threadIdx.x); i < halo * count; i += kMmaThreads) {
+        const int k = i % count, pos = i / count;
+        const int64_t ih = ih0 + pos / halo_w, iw = iw0 + pos % halo_w;
+        uint16_t v = 0;
+        if (ih >= 0 && ih < p.h && iw >= 0 && iw < p.w)
+          v = x[n * p.x_stride[0] + (k0 + k) * p.x_stride[1] + ih * p.x_stride[2] + iw * p.x_stride[3]];
+        non_finite |= (v & 0x7fff) >= Numeric<T>::kNonFinite;
+        x_tile[pos * row + k] = v;
+      }
     }
     for (int i = int(threadIdx.x); i < 9 * kChannels * count; i += kMmaThreads) {
       const int k = i % count, c = (i / count) % kChannels, tap = i / (count * kChannels);
@@ -387,6 +410,8 @@ inline bool choose_tiling(const ConvBnReluParams& p, int value_bytes, int pad, i
     const int64_t chunk = budget / per_channel - pad;
     if (chunk >= 1) {
       t->chunk = int(chunk < kMaxChunk ? chunk : kMaxChunk);
+      // 16-bit chunks in whole 8-channel vectors keep shared rows 16-byte aligned (vectorised loads).
+      if (value_bytes == 2 && t->chunk >= 8) t->chunk -= t->chunk % 8;
       t->tiles_h = int((p.h_out + tile_h - 1) / tile_h);
       t->tiles_w = int((p.w_out + tile_w - 1) / tile_w);
       return true;

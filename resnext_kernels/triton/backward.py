@@ -1,0 +1,387 @@
+"""Backward kernels and their launcher: BN + ReLU backward folded into grouped dgrad and wgrad.
+
+One formula serves training and inference. With g = dz * 1[not y * scale + shift <= 0] (the forward's
+own affine on the saved, rounded y, so the ReLU mask is the forward's exactly, and NaN passes as in
+torch.relu's backward),
+
+    dy = scale * g + B * (y - mean) + C
+
+where, training, scale = gamma * rstd, B = -scale * rstd^2 * S2 / n, C = -scale * S1 / n with
+S1 = sum(g), S2 = sum(g * (y - mean)) over (N, H_out, W_out) -- this is
+gamma * rstd * (g - mean(g) - xhat * mean(g * xhat)), xhat = (y - mean) * rstd, written around the mean
+so that no large terms cancel -- and dgamma = rstd * S2, dbeta = S1; inference (BN folded into
+scale/shift), B = C = 0, dscale = sum(g * y), dshift = sum(g).
+
+Passes: (1) partial S1, S2 per channel and run of row tiles (a few runs per SM); (2) their sum in a
+fixed order, and B, C, and the parameter gradients; (3) dgrad and (4) wgrad, each computing dy on the fly
+in its prologue from dz, y and the per-channel coefficients instead of reading a materialised dy;
+(5) wgrad's split reduction over N * H_out * W_out summed in a fixed order. No atomics anywhere:
+results are bitwise reproducible for a given tile configuration (autotuning picks one per shape class
+and process) and device size (which sets the number of splits).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ..functional import output_memory_format
+from . import config
+from .conv import device_guard
+
+_DGRAD_CONFIGS = config.autotune_configs("BLOCK_M", [(128, 4, 3), (64, 4, 3), (128, 8, 3), (64, 4, 1)])
+_WGRAD_CONFIGS = config.autotune_configs("BLOCK_P", [(64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 2), (64, 4, 1)])
+_REDUCE_BLOCK_M = 64 if config.INTERPRET else 128
+_REDUCE_BLOCK_C = 32
+_FINALIZE_BLOCK_T = 32
+_SUM_BLOCK = 1024
+# wgrad keeps nine accumulators; 9 x 32 x 32 fp32 still fit in registers, 64 x 64 tiles would spill.
+WGRAD_MAX_TILE = 32
+# Fewest pixels worth a wgrad split of its own.
+_WGRAD_MIN_SPLIT_PIXELS = 64 if config.INTERPRET else 1024
+
+
+@triton.jit
+def _relu_grad(dz, y, scale, shift):
+    # As torch.relu's backward: zero where the output is <= 0, so a NaN output passes its gradient.
+    return tl.where(y * scale + shift <= 0, 0.0, dz)
+
+
+@triton.jit
+def _dy_tile(dz_ptrs, y_ptrs, ok, offs_c, c_ok, scale_ptr, shift_ptr, mean_ptr, coef_ptr, C,
+             TRAIN: tl.constexpr, ACC: tl.constexpr):
+    """dy on a [pixels, channels] tile, zero outside ``ok``."""
+    scale = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)[None, :]
+    shift = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)[None, :]
+    dz = tl.load(dz_ptrs, mask=ok, other=0.0).to(ACC)
+    y = tl.load(y_ptrs, mask=ok, other=0.0).to(ACC)
+    dy = _relu_grad(dz, y, scale, shift) * scale
+    if TRAIN:
+        mean = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)[None, :]
+        coef_b = tl.load(coef_ptr + offs_c, mask=c_ok, other=0.0)[None, :]
+        coef_c = tl.load(coef_ptr + C + offs_c, mask=c_ok, other=0.0)[None, :]
+        dy += coef_b * (y - mean) + coef_c
+    return tl.where(ok, dy, 0.0)
+
+
+@triton.jit
+def _reduce_kernel(
+    dz_ptr, y_ptr, scale_ptr, shift_ptr, mean_ptr, part_ptr, M, HO, WO, C, TILES_PER_PROGRAM, PART_ROWS,
+    sdn, sdc, sdh, sdw, syn, syc, syh, syw,
+    TRAIN: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Each program sums a run of row tiles into one partial row: few enough rows for the final sum.
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    scale = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)[None, :]
+    shift = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)[None, :]
+    center = tl.zeros([1, BLOCK_C], ACC)
+    if TRAIN:
+        center = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)[None, :]
+    s1 = tl.zeros([BLOCK_C], ACC)
+    s2 = tl.zeros([BLOCK_C], ACC)
+    p_lo = tl.program_id(0).to(tl.int64) * TILES_PER_PROGRAM * BLOCK_M
+    p_hi = tl.minimum(p_lo + TILES_PER_PROGRAM * BLOCK_M, M)
+    for p0 in range(p_lo, p_hi, BLOCK_M):
+        offs_m = p0 + tl.arange(0, BLOCK_M)
+        n_img = offs_m // (HO * WO)
+        ho = (offs_m % (HO * WO)) // WO
+        wo = offs_m % WO
+        ok = (offs_m < p_hi)[:, None] & c_ok[None, :]
+        dz = tl.load(dz_ptr + (n_img * sdn + ho * sdh + wo * sdw)[:, None] + offs_c[None, :] * sdc, mask=ok, other=0.0)
+        y = tl.load(y_ptr + (n_img * syn + ho * syh + wo * syw)[:, None] + offs_c[None, :] * syc, mask=ok, other=0.0)
+        y = y.to(ACC)
+        g = _relu_grad(dz.to(ACC), y, scale, shift)
+        s1 += tl.sum(g, axis=0)
+        s2 += tl.sum(tl.where(ok, g * (y - center), 0.0), axis=0)
+    part = part_ptr + tl.program_id(0) * C + offs_c
+    tl.store(part, s1, mask=c_ok)
+    tl.store(part + PART_ROWS * C, s2, mask=c_ok)
+
+
+@triton.jit
+def _finalize_kernel(
+    part_ptr, scale_ptr, var_ptr, coef_ptr, dparam_ptr, M, C, ROWS, eps,
+    TRAIN: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    s1 = tl.zeros([BLOCK_C], ACC)
+    s2 = tl.zeros([BLOCK_C], ACC)
+    for t0 in range(0, ROWS, BLOCK_T):
+        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+        ok = (offs_t < ROWS)[:, None] & c_ok[None, :]
+        part = offs_t[:, None] * C + offs_c[None, :]
+        s1 += tl.sum(tl.load(part_ptr + part, mask=ok, other=0.0), axis=0)
+        s2 += tl.sum(tl.load(part_ptr + ROWS * C + part, mask=ok, other=0.0), axis=0)
+    if TRAIN:
+        scale = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
+        rstd = 1.0 / tl.sqrt(tl.load(var_ptr + offs_c, mask=c_ok, other=0.0) + eps)
+        tl.store(coef_ptr + offs_c, -scale * rstd * rstd * s2 / M, mask=c_ok)
+        tl.store(coef_ptr + C + offs_c, -scale * s1 / M, mask=c_ok)
+        s2 *= rstd
+    tl.store(dparam_ptr + offs_c, s2, mask=c_ok)
+    tl.store(dparam_ptr + C + offs_c, s1, mask=c_ok)
+
+
+@triton.autotune(configs=_DGRAD_CONFIGS, key=["C_IN", "C_OUT", "GROUP_IN", "GROUP_OUT", "STRIDE", "DIL"])
+@triton.jit
+def _dgrad_kernel(
+    dz_ptr, y_ptr, w_ptr, dx_ptr, scale_ptr, shift_ptr, mean_ptr, coef_ptr,
+    M, H, W, HO, WO, C_IN, C_OUT, GROUP_IN, GROUP_OUT,
+    sdn, sdc, sdh, sdw, syn, syc, syh, syw, swo, swi, swh, sww, sxn, sxc, sxh, sxw,
+    STRIDE: tl.constexpr, DIL: tl.constexpr, TRAIN: tl.constexpr,
+    ACC: tl.constexpr, DOT_IN: tl.constexpr, PRECISION: tl.constexpr, K_ALIGN: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # Implicit GEMM over input pixels x input channels; K runs over the taps and the output channels of
+    # the groups this tile's input channels feed.
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    n_img = offs_m // (H * W)
+    hi = (offs_m % (H * W)) // W
+    wi = offs_m % W
+    n0 = tl.program_id(1) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < C_IN
+    k_lo = tl.multiple_of((n0 // GROUP_IN) * GROUP_OUT, K_ALIGN)
+    k_hi = ((tl.minimum(n0 + BLOCK_N, C_IN) - 1) // GROUP_IN + 1) * GROUP_OUT
+
+    dz_img = dz_ptr + n_img * sdn
+    y_img = y_ptr + n_img * syn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    k_steps = tl.cdiv(k_hi - k_lo, BLOCK_K)
+    for step in range(0, 9 * k_steps):  # (tap, K chunk) flattened, as in the forward
+        tap = step // k_steps
+        kh = tap // 3
+        kw = tap % 3
+        offs_k = k_lo + (step - tap * k_steps) * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = config.k_mask(offs_k, k_hi, EVEN_K)
+        # Input pixel (hi, wi) receives from output pixel (ho, wo) where ho * STRIDE + (kh - 1) * DIL == hi.
+        th = hi - (kh - 1) * DIL
+        tw = wi - (kw - 1) * DIL
+        ho = tl.where(th >= 0, th, 0) // STRIDE
+        wo = tl.where(tw >= 0, tw, 0) // STRIDE
+        pix_ok = m_ok & (th >= 0) & (th % STRIDE == 0) & (ho < HO) & (tw >= 0) & (tw % STRIDE == 0) & (wo < WO)
+        dy = _dy_tile(dz_img[:, None] + (ho * sdh + wo * sdw)[:, None] + offs_k[None, :] * sdc,
+                      y_img[:, None] + (ho * syh + wo * syw)[:, None] + offs_k[None, :] * syc,
+                      pix_ok[:, None] & k_ok[None, :], offs_k, k_ok, scale_ptr, shift_ptr, mean_ptr,
+                      coef_ptr, C_OUT, TRAIN, ACC)
+        # dy enters the GEMM in the input dtype, as an unfused backward would store it.
+        dy = config.cast(dy, w_ptr.dtype.element_ty).to(DOT_IN)
+        ci = offs_n[None, :] - (offs_k[:, None] // GROUP_OUT) * GROUP_IN
+        w_ok = (ci >= 0) & (ci < GROUP_IN) & k_ok[:, None] & n_ok[None, :]
+        b = tl.load(w_ptr + offs_k[:, None] * swo + ci * swi + kh * swh + kw * sww, mask=w_ok, other=0.0)
+        acc = tl.dot(dy, b.to(DOT_IN), acc, input_precision=PRECISION, out_dtype=ACC)
+    if config.has_non_finite(acc):
+        acc = _dgrad_tile_exact(dz_img, y_img, w_ptr, scale_ptr, shift_ptr, mean_ptr, coef_ptr, hi, wi, m_ok,
+                                offs_n, n_ok, k_lo, k_hi, HO, WO, C_OUT, GROUP_IN, GROUP_OUT,
+                                sdc, sdh, sdw, syc, syh, syw, swo, swi, swh, sww,
+                                STRIDE, DIL, TRAIN, ACC, BLOCK_M, BLOCK_N)
+
+    dx_ptrs = dx_ptr + (n_img * sxn + hi * sxh + wi * sxw)[:, None] + offs_n[None, :] * sxc
+    tl.store(dx_ptrs, config.cast(acc, dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _dgrad_tile_exact(dz_img, y_img, w_ptr, scale_ptr, shift_ptr, mean_ptr, coef_ptr, hi, wi, m_ok,
+                      offs_n, n_ok, k_lo, k_hi, HO, WO, C_OUT, GROUP_IN, GROUP_OUT,
+                      sdc, sdh, sdw, syc, syh, syw, swo, swi, swh, sww,
+                      STRIDE: tl.constexpr, DIL: tl.constexpr, TRAIN: tl.constexpr, ACC: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The dgrad tile from in-group products only, one output channel at a time (see _conv_tile_exact)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    for tap in range(9):
+        kh = tap // 3
+        kw = tap % 3
+        th = hi - (kh - 1) * DIL
+        tw = wi - (kw - 1) * DIL
+        ho = tl.where(th >= 0, th, 0) // STRIDE
+        wo = tl.where(tw >= 0, tw, 0) // STRIDE
+        pix_ok = m_ok & (th >= 0) & (th % STRIDE == 0) & (ho < HO) & (tw >= 0) & (tw % STRIDE == 0) & (wo < WO)
+        for k in range(k_lo, k_hi):
+            offs_k = k + tl.arange(0, 1)
+            dy = _dy_tile(dz_img[:, None] + (ho * sdh + wo * sdw)[:, None] + offs_k[None, :] * sdc,
+                          y_img[:, None] + (ho * syh + wo * syw)[:, None] + offs_k[None, :] * syc,
+                          pix_ok[:, None], offs_k, offs_k < C_OUT, scale_ptr, shift_ptr, mean_ptr, coef_ptr,
+                          C_OUT, TRAIN, ACC)
+            dy = config.cast(dy, w_ptr.dtype.element_ty).to(ACC)
+            ci = offs_n[None, :] - (k // GROUP_OUT) * GROUP_IN
+            w_ok = (ci >= 0) & (ci < GROUP_IN) & n_ok[None, :]
+            wk = tl.load(w_ptr + k * swo + ci * swi + kh * swh + kw * sww, mask=w_ok, other=0.0).to(ACC)
+            acc += tl.where(w_ok, dy * wk, 0.0)
+    return acc
+
+
+@triton.jit
+def _wgrad_tap(acc, dy_t, x_pix, hi, wi, p_ok, ci_off, ci_ok, H, W, sxh, sxw,
+               DOT_IN: tl.constexpr, PRECISION: tl.constexpr):
+    ok = p_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+    x = tl.load(x_pix[:, None] + (hi * sxh + wi * sxw)[:, None] + ci_off[None, :],
+                mask=ok[:, None] & ci_ok[None, :], other=0.0)
+    return tl.dot(dy_t, x.to(DOT_IN), acc, input_precision=PRECISION, out_dtype=acc.dtype)
+
+
+@triton.autotune(configs=_WGRAD_CONFIGS, key=["C_IN", "C_OUT", "GROUP_IN", "GROUP_OUT", "STRIDE", "DIL"])
+@triton.jit
+def _wgrad_kernel(
+    x_ptr, dz_ptr, y_ptr, part_ptr, scale_ptr, shift_ptr, mean_ptr, coef_ptr,
+    M, H, W, HO, WO, C_IN, C_OUT, GROUP_IN, GROUP_OUT,
+    sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, syn, syc, syh, syw,
+    STRIDE: tl.constexpr, DIL: tl.constexpr, TRAIN: tl.constexpr,
+    ACC: tl.constexpr, DOT_IN: tl.constexpr, PRECISION: tl.constexpr, K_ALIGN: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # dw[co, ci, tap] = sum over output pixels p of dy[p, co] * x[p shifted by tap, ci]: a GEMM with a
+    # long K (the pixels), split over program_id(0). All 9 taps share one dy tile, so dy is computed once
+    # per pixel tile and kept in 9 accumulators.
+    pid_s = tl.program_id(0)
+    co0 = tl.program_id(1) * BLOCK_CO
+    offs_co = co0 + tl.arange(0, BLOCK_CO)
+    co_ok = offs_co < C_OUT
+    ci_lo = tl.multiple_of((co0 // GROUP_OUT) * GROUP_IN, K_ALIGN)
+    ci_hi = ((tl.minimum(co0 + BLOCK_CO, C_OUT) - 1) // GROUP_OUT + 1) * GROUP_IN
+    offs_ci = ci_lo + tl.program_id(2) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    ci_ok = config.k_mask(offs_ci, ci_hi, EVEN_K)
+    ci_off = offs_ci * sxc
+
+    tiles = tl.cdiv(M, BLOCK_P)
+    tiles_per_split = tl.cdiv(tiles, tl.num_programs(0))
+    p_lo = pid_s.to(tl.int64) * tiles_per_split * BLOCK_P
+    p_hi = tl.minimum(p_lo + tiles_per_split * BLOCK_P, M)
+    acc0 = tl.zeros([BLOCK_CO, BLOCK_CI], ACC)
+    acc1 = tl.zeros([BLOCK_CO, BLOCK_CI], ACC)
+    acc2 = tl.zeros([BLOCK_CO, BLOCK_CI], ACC)
+    acc3 = tl.zeros([BLOCK_CO, BLOCK_CI], ACC)
+    acc4 = tl.zeros([BLOCK_CO, BLOCK_CI], ACC)
+    acc5 = tl.zeros([BLOCK_CO, BLOCK_CI], ACC)
+    acc6 = tl.zeros([BLOCK_CO, BLOCK_CI], ACC)
+    acc7 = tl.zeros([BLOCK_CO, BLOCK_CI], ACC)
+    acc8 = tl.zeros([BLOCK_CO, BLOCK_CI], ACC)
+    for p0 in range(p_lo, p_hi, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        p_ok = offs_p < p_hi
+        n_img = offs_p // (HO * WO)
+        ho = (offs_p % (HO * WO)) // WO
+        wo = offs_p % WO
+        dy = _dy_tile(dz_ptr + (n_img * sdn + ho * sdh + wo * sdw)[:, None] + offs_co[None, :] * sdc,
+                      y_ptr + (n_img * syn + ho * syh + wo * syw)[:, None] + offs_co[None, :] * syc,
+                      p_ok[:, None] & co_ok[None, :], offs_co, co_ok, scale_ptr, shift_ptr, mean_ptr,
+                      coef_ptr, C_OUT, TRAIN, ACC)
+        dy_t = tl.trans(config.cast(dy, x_ptr.dtype.element_ty).to(DOT_IN))
+        x_pix = x_ptr + n_img * sxn
+        h0 = ho * STRIDE - DIL
+        h1 = ho * STRIDE
+        h2 = ho * STRIDE + DIL
+        w0 = wo * STRIDE - DIL
+        w1 = wo * STRIDE
+        w2 = wo * STRIDE + DIL
+        acc0 = _wgrad_tap(acc0, dy_t, x_pix, h0, w0, p_ok, ci_off, ci_ok, H, W, sxh, sxw, DOT_IN, PRECISION)
+        acc1 = _wgrad_tap(acc1, dy_t, x_pix, h0, w1, p_ok, ci_off, ci_ok, H, W, sxh, sxw, DOT_IN, PRECISION)
+        acc2 = _wgrad_tap(acc2, dy_t, x_pix, h0, w2, p_ok, ci_off, ci_ok, H, W, sxh, sxw, DOT_IN, PRECISION)
+        acc3 = _wgrad_tap(acc3, dy_t, x_pix, h1, w0, p_ok, ci_off, ci_ok, H, W, sxh, sxw, DOT_IN, PRECISION)
+        acc4 = _wgrad_tap(acc4, dy_t, x_pix, h1, w1, p_ok, ci_off, ci_ok, H, W, sxh, sxw, DOT_IN, PRECISION)
+        acc5 = _wgrad_tap(acc5, dy_t, x_pix, h1, w2, p_ok, ci_off, ci_ok, H, W, sxh, sxw, DOT_IN, PRECISION)
+        acc6 = _wgrad_tap(acc6, dy_t, x_pix, h2, w0, p_ok, ci_off, ci_ok, H, W, sxh, sxw, DOT_IN, PRECISION)
+        acc7 = _wgrad_tap(acc7, dy_t, x_pix, h2, w1, p_ok, ci_off, ci_ok, H, W, sxh, sxw, DOT_IN, PRECISION)
+        acc8 = _wgrad_tap(acc8, dy_t, x_pix, h2, w2, p_ok, ci_off, ci_ok, H, W, sxh, sxw, DOT_IN, PRECISION)
+
+    # Keep the block diagonal: entry (co, ci) is a weight only when both are in the same group.
+    ci = offs_ci[None, :] - (offs_co[:, None] // GROUP_OUT) * GROUP_IN
+    ok = (ci >= 0) & (ci < GROUP_IN) & co_ok[:, None] & ci_ok[None, :]
+    part = part_ptr + pid_s.to(tl.int64) * C_OUT * GROUP_IN * 9 + offs_co[:, None] * (GROUP_IN * 9) + ci * 9
+    tl.store(part + 0, acc0, mask=ok)
+    tl.store(part + 1, acc1, mask=ok)
+    tl.store(part + 2, acc2, mask=ok)
+    tl.store(part + 3, acc3, mask=ok)
+    tl.store(part + 4, acc4, mask=ok)
+    tl.store(part + 5, acc5, mask=ok)
+    tl.store(part + 6, acc6, mask=ok)
+    tl.store(part + 7, acc7, mask=ok)
+    tl.store(part + 8, acc8, mask=ok)
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, out_ptr, NUMEL, SPLITS, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < NUMEL
+    total = tl.zeros([BLOCK], ACC)
+    for s in range(SPLITS):
+        total += tl.load(part_ptr + s * NUMEL + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + offs, config.cast(total, out_ptr.dtype.element_ty), mask=ok)
+
+
+def gradient_buffers(x, weight, need_dx, need_dw):
+    """Uninitialised (dx, dw, dparams) as backward() returns them."""
+    if need_dx:
+        dx = torch.empty_like(x, memory_format=output_memory_format(x))
+    else:
+        dx = torch.empty(0, dtype=x.dtype, device=x.device)
+    dw = torch.empty(weight.shape if need_dw else (0,), dtype=weight.dtype, device=weight.device)
+    dparams = torch.empty((2, weight.shape[0]), dtype=config.acc_dtype(x.dtype), device=x.device)
+    return dx, dw, dparams
+
+
+def backward(dz, x, weight, y, scale, shift, mean, var, eps, stride, dilation, groups, need_dx, need_dw):
+    """Gradients of relu(bn(conv(x))) given dz: ``(dx, dw, dparams)``.
+
+    ``mean``/``var`` given: training BatchNorm with batch statistics, dparams rows (dgamma, dbeta);
+    None: BN folded into (scale, shift), dparams rows (dscale, dshift). dparams is in the accumulation
+    dtype; dx (x's dtype and memory format) and dw (weight's dtype, contiguous) are empty tensors when not
+    needed.
+    """
+    n, c_in, h, w = x.shape
+    c_out = weight.shape[0]
+    _, _, ho, wo = y.shape
+    m = n * ho * wo
+    train = mean is not None
+    acc = config.acc_dtype(x.dtype)
+    tl_acc = config.tl_acc_dtype(x.dtype)
+    dot = dict(ACC=tl_acc, DOT_IN=config.dot_operand_dtype(x.dtype), PRECISION=config.dot_precision(x.dtype))
+    c_blocks = triton.cdiv(c_out, _REDUCE_BLOCK_C)
+    row_tiles = triton.cdiv(m, _REDUCE_BLOCK_M)
+    tiles_per_program = triton.cdiv(row_tiles, max(1, min(row_tiles, config.parallel_programs(x.device) // c_blocks)))
+    rows = triton.cdiv(row_tiles, tiles_per_program)
+    part = torch.empty((2, rows, c_out), dtype=acc, device=x.device)
+    coef = torch.empty((2, c_out), dtype=acc, device=x.device)
+    mean = mean if train else scale  # a placeholder pointer, never read, when not training
+    per_channel = (scale, shift, mean, coef)
+    dx, dw, dparams = gradient_buffers(x, weight, need_dx, need_dw)
+    with device_guard(x):
+        _reduce_kernel[(rows, c_blocks)](
+            dz, y, scale, shift, mean, part, m, ho, wo, c_out, tiles_per_program, rows, *dz.stride(), *y.stride(),
+            TRAIN=train, ACC=tl_acc, BLOCK_M=_REDUCE_BLOCK_M, BLOCK_C=_REDUCE_BLOCK_C,
+        )
+        _finalize_kernel[(c_blocks,)](
+            part, scale, var if train else scale, coef, dparams, m, c_out, rows, eps,
+            TRAIN=train, ACC=tl_acc, BLOCK_T=_FINALIZE_BLOCK_T, BLOCK_C=_REDUCE_BLOCK_C,
+        )
+        if need_dx:
+            block_n, block_k = config.gemm_channel_tiles(c_in // groups, c_out // groups, groups)
+            k_align, even_k = config.k_range_layout(c_in // groups, c_out // groups, c_in, block_n, block_k)
+            grid = lambda meta: (triton.cdiv(n * h * w, meta["BLOCK_M"]), triton.cdiv(c_in, block_n))  # noqa: E731
+            _dgrad_kernel[grid](
+                dz, y, weight, dx, *per_channel,
+                n * h * w, h, w, ho, wo, c_in, c_out, c_in // groups, c_out // groups,
+                *dz.stride(), *y.stride(), *weight.stride(), *dx.stride(),
+                STRIDE=stride, DIL=dilation, TRAIN=train, K_ALIGN=k_align, EVEN_K=even_k,
+                BLOCK_N=block_n, BLOCK_K=block_k, **dot,
+            )
+        if need_dw:
+            block_co, block_ci = config.gemm_channel_tiles(c_out // groups, c_in // groups, groups, WGRAD_MAX_TILE)
+            ci_span = config.groups_spanned(block_co, c_out // groups, groups) * (c_in // groups)
+            ci_tiles = triton.cdiv(ci_span, block_ci)
+            k_align, even_k = config.k_range_layout(c_out // groups, c_in // groups, c_out, block_co, block_ci)
+            tiles = triton.cdiv(c_out, block_co) * ci_tiles
+            splits = max(1, min(config.parallel_programs(x.device) // tiles, triton.cdiv(m, _WGRAD_MIN_SPLIT_PIXELS)))
+            wpart = torch.empty((splits, *weight.shape), dtype=acc, device=x.device)
+            _wgrad_kernel[(splits, triton.cdiv(c_out, block_co), ci_tiles)](
+                x, dz, y, wpart, *per_channel,
+                m, h, w, ho, wo, c_in, c_out, c_in // groups, c_out // groups,
+                *x.stride(), *dz.stride(), *y.stride(),
+                STRIDE=stride, DIL=dilation, TRAIN=train, K_ALIGN=k_align, EVEN_K=even_k,
+                BLOCK_CO=block_co, BLOCK_CI=block_ci, **dot,
+            )
+            _sum_splits_kernel[(triton.cdiv(dw.numel(), _SUM_BLOCK),)](
+                wpart, dw, dw.numel(), splits, ACC=tl_acc, BLOCK=_SUM_BLOCK,
+            )
+    return dx, dw, dparams

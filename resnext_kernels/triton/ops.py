@@ -1,0 +1,118 @@
+"""The kernels as torch.library custom ops (torch.ops.resnext_kernels.triton_*), with fake kernels and
+autograd, so torch.compile traces them without graph breaks and opcheck holds.
+
+The namespace is shared with the C++ extension's TORCH_LIBRARY(resnext_kernels); custom_op adds to it
+as a fragment, which works whichever of the two registers first.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backward as _backward
+from . import conv as _conv
+
+
+@torch.library.custom_op("resnext_kernels::triton_conv_bn_relu_train", mutates_args=())
+def conv_bn_relu_train(
+    x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float,
+    stride: int, dilation: int, groups: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """BatchNorm with batch statistics: ``(z, y, stats)``, y the convolution output (kept for backward),
+    stats rows (mean, biased var, scale, shift) in the accumulation dtype."""
+    return _conv.train_forward(x, weight, bn_weight, bn_bias, eps, stride, dilation, groups)
+
+
+@conv_bn_relu_train.register_fake
+def _(x, weight, bn_weight, bn_bias, eps, stride, dilation, groups):
+    y = _conv.conv_output(x, weight, stride, dilation)
+    return torch.empty_like(y), y, _conv.stats_buffer(x, weight.shape[0])
+
+
+def _train_setup(ctx, inputs, output):
+    x, weight, bn_weight, bn_bias, eps, stride, dilation, groups = inputs
+    _, y, stats = output
+    ctx.mark_non_differentiable(y, stats)
+    ctx.save_for_backward(x, weight, y, stats)
+    ctx.args = (eps, stride, dilation, groups)
+    ctx.param_dtypes = (None if bn_weight is None else bn_weight.dtype, None if bn_bias is None else bn_bias.dtype)
+
+
+def _train_backward(ctx, dz, _dy, _dstats):
+    x, weight, y, stats = ctx.saved_tensors
+    eps, stride, dilation, groups = ctx.args
+    need = ctx.needs_input_grad
+    dx, dw, dparams = conv_bn_relu_backward(
+        dz, x, weight, y, stats[2], stats[3], stats[0], stats[1], eps, stride, dilation, groups, need[0], need[1]
+    )
+    dgamma, dbeta = (d.to(dtype) if dtype is not None and needed else None
+                     for d, dtype, needed in zip(dparams, ctx.param_dtypes, need[2:4]))
+    return dx if need[0] else None, dw if need[1] else None, dgamma, dbeta, None, None, None, None
+
+
+conv_bn_relu_train.register_autograd(_train_backward, setup_context=_train_setup)
+
+
+@torch.library.custom_op("resnext_kernels::triton_conv_scale_shift_relu", mutates_args=())
+def conv_scale_shift_relu(
+    x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, stride: int, dilation: int, groups: int,
+) -> Tensor:
+    """Inference, BatchNorm folded: ``relu(conv(x) * scale + shift)`` in one kernel."""
+    return _conv.folded_forward(x, weight, scale, shift, stride, dilation, groups)
+
+
+@conv_scale_shift_relu.register_fake
+def _(x, weight, scale, shift, stride, dilation, groups):
+    return _conv.conv_output(x, weight, stride, dilation)
+
+
+def _folded_setup(ctx, inputs, output):
+    x, weight, scale, shift, stride, dilation, groups = inputs
+    ctx.save_for_backward(x, weight, scale, shift)
+    ctx.args = (stride, dilation, groups)
+
+
+def _folded_backward(ctx, dz):
+    x, weight, scale, shift = ctx.saved_tensors
+    stride, dilation, groups = ctx.args
+    need = ctx.needs_input_grad
+    # The fused forward keeps no y; recomputing it costs one read of x and one write of y.
+    y = grouped_conv(x, weight, stride, dilation, groups)
+    dx, dw, dparams = conv_bn_relu_backward(
+        dz, x, weight, y, scale, shift, None, None, 0.0, stride, dilation, groups, need[0], need[1]
+    )
+    return (dx if need[0] else None, dw if need[1] else None,
+            dparams[0].to(scale.dtype) if need[2] else None, dparams[1].to(shift.dtype) if need[3] else None,
+            None, None, None)
+
+
+conv_scale_shift_relu.register_autograd(_folded_backward, setup_context=_folded_setup)
+
+
+@torch.library.custom_op("resnext_kernels::triton_grouped_conv", mutates_args=())
+def grouped_conv(x: Tensor, weight: Tensor, stride: int, dilation: int, groups: int) -> Tensor:
+    """``conv2d(x, weight, None, stride, padding=dilation, dilation, groups)``; no autograd (used by
+    backward)."""
+    return _conv.conv(x, weight, stride, dilation, groups)
+
+
+@grouped_conv.register_fake
+def _(x, weight, stride, dilation, groups):
+    return _conv.conv_output(x, weight, stride, dilation)
+
+
+@torch.library.custom_op("resnext_kernels::triton_conv_bn_relu_backward", mutates_args=())
+def conv_bn_relu_backward(
+    dz: Tensor, x: Tensor, weight: Tensor, y: Tensor, scale: Tensor, shift: Tensor,
+    mean: Optional[Tensor], var: Optional[Tensor], eps: float, stride: int, dilation: int, groups: int,
+    need_dx: bool, need_dw: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dw, dparams)`` of relu(bn(conv(x))); see backward.backward. No autograd (no double backward)."""
+    return _backward.backward(dz, x, weight, y, scale, shift, mean, var, eps, stride, dilation, groups,
+                              need_dx, need_dw)
+
+
+@conv_bn_relu_backward.register_fake
+def _(dz, x, weight, y, scale, shift, mean, var, eps, stride, dilation, groups, need_dx, need_dw):
+    return _backward.gradient_buffers(x, weight, need_dx, need_dw)

@@ -1,0 +1,390 @@
+"""impl="triton" on its own terms: group packing, tile and split boundaries, strides, low-precision
+gradients, non-finite values, determinism and the torch.library ops, all against float64.
+
+Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so
+shapes stay small; they are chosen to cross the kernels' tile boundaries all the same. Every buffer
+the backend allocates is poisoned with NaN, so an element a kernel forgets to write shows up.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+import resnext_kernels  # noqa: E402
+from conftest import DEVICE, KERNEL_IMPLS  # noqa: E402
+from helpers import Shape, assert_close_to_reference, layout_as, make_case, max_error  # noqa: E402
+from resnext_kernels.triton import backward as triton_backward  # noqa: E402
+from resnext_kernels.triton import config, ops  # noqa: E402
+from resnext_kernels.triton import conv as triton_conv  # noqa: E402
+
+pytestmark = pytest.mark.skipif("triton" not in KERNEL_IMPLS, reason=f"impl='triton' cannot run on {DEVICE} here")
+
+# Channel widths of ResNeXt's grouped 3x3 layers at a small batch and spatial size.
+RESNEXT_SHAPES = [
+    Shape(2, 128, 128, 4, 4, groups=32),            # 32x4d: four groups of 4 packed per tile
+    Shape(2, 256, 256, 3, 3, groups=64),            # 64x4d
+    Shape(2, 256, 256, 3, 3, groups=32),            # 32x8d: two groups of 8 per tile
+    Shape(2, 128, 128, 7, 7, groups=32, stride=2),  # a stage entry on an odd size
+    Shape(1, 256, 256, 5, 5, groups=32, stride=2),  # 32x8d stage entry, N = 1
+]
+AWKWARD_SHAPES = [
+    Shape(3, 16, 16, 1, 1, groups=4),                          # 1x1 spatial: only the centre tap
+    Shape(1, 8, 8, 7, 13, groups=8),                           # depthwise, N = 1, two row tiles
+    Shape(2, 12, 12, 5, 5, groups=4),                          # 3 channels per group
+    Shape(2, 32, 32, 5, 5, groups=2),                          # 16 per group: one group per tile
+    Shape(2, 64, 64, 3, 3, groups=2),                          # 32 per group
+    Shape(2, 64, 64, 3, 3, groups=1),                          # dense, 64 channels
+    Shape(1, 128, 16, 3, 4, groups=1),                         # K = 128: two K chunks per tap
+    Shape(2, 6, 48, 5, 5, groups=2),                           # 3 in / 24 out: tiles straddle groups
+    Shape(2, 16, 16, 9, 9, groups=4),                          # 162 pixels: a partial last row tile
+    Shape(2, 16, 16, 7, 6, groups=4, dilation=2),
+    Shape(2, 16, 16, 9, 7, groups=4, stride=2, dilation=2),
+]
+LAYOUTS = ["nchw", "channels_last", "strided"]
+# Each shape runs in one input layout (cycling), and the gradient arrives in another, non-contiguous one.
+MATRIX = [(shape, LAYOUTS[i % 3]) for i, shape in enumerate(RESNEXT_SHAPES + AWKWARD_SHAPES)]
+GRAD_LAYOUTS = {"nchw": "strided", "channels_last": "nchw-transposed", "strided": "channels_last"}
+
+
+@pytest.fixture(autouse=True)
+def _poison_allocations(monkeypatch):
+    """torch.empty and torch.empty_like hand out NaN-filled memory while the backend runs."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poisoned(factory):
+        def allocate(*args, **kwargs):
+            t = factory(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+        return allocate
+
+    monkeypatch.setattr(torch, "empty", poisoned(empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(empty_like))
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    # fp32 is checked tightly against float64, so cuDNN's TF32 default (which the kernels follow on a
+    # GPU) is turned off; test_fp32_dot_precision_follows_cudnn covers the policy itself.
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
+
+
+def grad_like(z, layout):
+    """A random gradient for ``z`` in a layout other than z's own."""
+    g = torch.randn(z.shape, dtype=z.dtype, device=z.device)
+    if layout == "nchw-transposed":  # a permuted view: contiguous along H instead of W
+        return g.transpose(2, 3).contiguous().transpose(2, 3)
+    return layout_as(g, layout)
+
+
+def evaluate(case, impl, training, dz=None, momentum=0.3, dtype=None):
+    """z, the updated running stats and, given dz, the four gradients, computed by ``impl`` in
+    ``dtype`` (default: the case's) on copies of the case's tensors."""
+    s = case.shape
+    x, weight, bn_weight, bn_bias = (
+        t.detach().to(dtype or t.dtype).clone(memory_format=torch.preserve_format).requires_grad_()
+        for t in case.tensors()[:4]
+    )
+    running_mean, running_var = (t.detach().to(bn_weight.dtype).clone() for t in case.tensors()[4:])
+    z = resnext_kernels.grouped_conv_bn_relu(
+        x, weight, bn_weight, bn_bias, running_mean, running_var, stride=s.stride, dilation=s.dilation,
+        groups=s.groups, training=training, momentum=momentum, impl=impl)
+    out = {"z": z, "running_mean": running_mean, "running_var": running_var}
+    if dz is not None:
+        grads = torch.autograd.grad(z, (x, weight, bn_weight, bn_bias), dz.to(z.dtype))
+        out.update(zip(("grad x", "grad weight", "grad bn_weight", "grad bn_bias"), grads))
+    return out
+
+
+def kink_free_grad(case, training, layout, margin):
+    """A random dz that is zero where the float64 pre-activation lies within ``margin`` of ReLU's kink,
+    where the gradient jumps and any rounding of y may legitimately flip the mask."""
+    s = case.shape
+    x, weight, bn_weight, bn_bias, running_mean, running_var = (t.detach().double().clone() for t in case.tensors())
+    y = F.conv2d(x, weight, None, s.stride, s.dilation, s.dilation, s.groups)
+    pre = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, 0.0, 1e-5)
+    dz = grad_like(pre.to(case.x.dtype), layout)
+    dz[pre.abs() < margin] = 0
+    return dz
+
+
+def assert_matches(out, expected, dtype, baseline=None):
+    for name, want in expected.items():
+        assert_close_to_reference(out[name], want, dtype, baseline=None if baseline is None else baseline[name],
+                                  what=name)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape,layout", MATRIX, ids=[f"{s}-{layout}" for s, layout in MATRIX])
+def test_forward_running_stats_and_gradients_match_float64(shape, layout, training):
+    case = make_case(shape, layout=layout)
+    dz = kink_free_grad(case, training, GRAD_LAYOUTS[layout], margin=1e-4)
+    out = evaluate(case, "triton", training, dz)
+    expected = evaluate(case, "torch", training, dz, dtype=torch.float64)
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert out["z"].is_contiguous(memory_format=memory_format)
+    for name in ("grad x", "grad weight", "grad bn_weight", "grad bn_bias"):
+        assert out[name].dtype == torch.float32, name
+    assert_matches(out, expected, torch.float32)
+
+
+LOW_PRECISION_SHAPES = [RESNEXT_SHAPES[0], RESNEXT_SHAPES[3], AWKWARD_SHAPES[2], AWKWARD_SHAPES[5]]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", LOW_PRECISION_SHAPES, ids=str)
+def test_low_precision_within_pytorchs_own_error(shape, dtype, training):
+    # BN parameters in x's dtype for half of the cases, fp32 for the other half.
+    bn_dtype = dtype if LOW_PRECISION_SHAPES.index(shape) % 2 else torch.float32
+    case = make_case(shape, dtype=dtype, layout="channels_last", bn_dtype=bn_dtype)
+    dz = kink_free_grad(case, training, "strided", margin=0.05)
+    out = evaluate(case, "triton", training, dz)
+    baseline = evaluate(case, "torch", training, dz)
+    expected = evaluate(case, "torch", training, dz, dtype=torch.float64)
+    assert out["grad x"].dtype == out["grad weight"].dtype == dtype
+    assert out["grad bn_weight"].dtype == out["grad bn_bias"].dtype == bn_dtype
+    assert_matches(out, expected, dtype, baseline=baseline)
+
+
+@pytest.mark.parametrize("segments", [False, True], ids=["one-merge", "merge-of-segments"])
+def test_variance_stays_accurate_when_the_mean_dwarfs_the_spread(segments, monkeypatch):
+    # Only the centre tap is non-zero, so every output pixel (borders included) sees the same shift:
+    # |mean| / std of y is about 1000 over three row tiles. A naive fp32 E[y^2] - E[y]^2 gets no digit
+    # of the variance right here; merged per-tile deviations leave only the effect of rounding y.
+    if segments:  # what a large batch does: tiles merged in two segments, then the segments
+        monkeypatch.setattr(triton_conv, "_STATS_MIN_TILES_PER_PROGRAM", 1)
+        monkeypatch.setattr(triton_conv, "_STATS_SEGMENTS", 2)
+    shape = Shape(2, 16, 16, 9, 9, groups=4)
+    case = make_case(shape, mean_shift=1000.0)
+    with torch.no_grad():
+        case.weight[:, :, [0, 0, 0, 1, 1, 2, 2, 2], [0, 1, 2, 0, 2, 0, 1, 2]] = 0
+        case.weight[:, :, 1, 1] = torch.rand(16, 4) + 0.5
+    x, weight = case.x, case.weight
+    _, mean, var = resnext_kernels.triton.batch_stats_forward(x, weight, case.bn_weight, case.bn_bias, 1e-5, 1, 1, 4)
+    y = F.conv2d(x.double(), weight.double(), None, 1, 1, 1, 4)
+    want_var, want_mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
+    assert (want_mean.abs() / want_var.sqrt()).min() > 300
+    torch.testing.assert_close(mean.double(), want_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), want_var, rtol=1e-4, atol=0)
+    # z and the gradients inherit fp32's rounding of y ~ 1000: within a small multiple of PyTorch's.
+    dz = kink_free_grad(case, True, "nchw", margin=1e-3)
+    out, baseline = evaluate(case, "triton", True, dz), evaluate(case, "torch", True, dz)
+    for name, want in evaluate(case, "torch", True, dz, dtype=torch.float64).items():
+        error, base_error = max_error(out[name], want), max_error(baseline[name], want)
+        assert error <= 3 * base_error + 1e-6 * want.abs().max(), f"{name}: {error:.3g} vs PyTorch's {base_error:.3g}"
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [Shape(2, 8, 8, 5, 5, groups=4), Shape(2, 32, 32, 5, 5, groups=2)],
+                         ids=["packed", "one-group-per-tile"])
+def test_non_finite_values_propagate_as_in_pytorch(shape, training):
+    # NaN and Inf in x, and NaN in dz: packed tiles must not leak inf * 0 = nan into other groups. The
+    # NaNs in dz sit where no tap reaches into the padding: whether NaN times a padding zero reaches dw
+    # is implementation-defined (PyTorch's CPU convolution leaves those products out, these kernels
+    # and a literal reading of zero padding do not).
+    case = make_case(shape)
+    case.x[0, 1, 2, 3] = float("nan")
+    case.x[1, 5, 0, 0] = float("inf")
+    dz = torch.randn(2, shape.c_out, 5, 5, device=DEVICE)
+    dz[0, 2, 1, 1] = float("nan")
+    dz[1, 6, 3, 2] = float("nan")
+    out = evaluate(case, "triton", training, dz)
+    expected = evaluate(case, "torch", training, dz)
+    for name, want in expected.items():
+        assert torch.equal(out[name].isnan(), want.isnan()), name
+        assert torch.equal(out[name].isinf(), want.isinf()), name
+    assert out["z"].isnan().any() and out["grad weight"].isnan().any()
+
+
+def test_split_counts_only_change_rounding(monkeypatch):
+    # wgrad and the backward reduction split N*H*W over programs by the device's size: one split,
+    # several, and more splits than pixel tiles (empty splits) must all give the same gradients.
+    case = make_case(Shape(2, 16, 16, 9, 9, groups=4))
+    dz = kink_free_grad(case, True, "nchw", margin=1e-4)
+    expected = evaluate(case, "torch", True, dz, dtype=torch.float64)
+    monkeypatch.setattr(triton_backward, "_WGRAD_MIN_SPLIT_PIXELS", 1)
+    for programs in (1, 3, 64):
+        monkeypatch.setattr(config, "parallel_programs", lambda device, programs=programs: programs)
+        out = evaluate(case, "triton", True, dz)
+        for name, want in expected.items():
+            assert_close_to_reference(out[name], want, torch.float32, what=f"{name}, {programs} programs")
+
+
+def test_only_requested_gradients_are_computed():
+    case = make_case(Shape(2, 16, 16, 5, 5, groups=4, stride=2))
+    weight = case.weight.detach().requires_grad_()
+    z = resnext_kernels.grouped_conv_bn_relu(case.x, weight, case.bn_weight, case.bn_bias, None, None,
+                                             stride=2, groups=4, training=True, impl="triton")
+    dz = torch.randn_like(z)
+    (got,) = torch.autograd.grad(z, weight, dz)
+    x64, w64 = case.x.double(), weight.detach().double().requires_grad_()
+    y = F.conv2d(x64, w64, None, 2, 1, 1, 4)
+    z64 = torch.relu(F.batch_norm(y, None, None, case.bn_weight.double(), case.bn_bias.double(), True))
+    (want,) = torch.autograd.grad(z64, w64, dz.double())
+    assert_close_to_reference(got, want, torch.float32)
+
+
+def test_two_runs_are_bitwise_identical():
+    case = make_case(Shape(2, 32, 32, 9, 9, groups=8, stride=2), layout="channels_last")
+    dz = grad_like(evaluate(case, "triton", True)["z"], "strided")
+    first, second = (evaluate(case, "triton", True, dz) for _ in range(2))
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["batch-stats", "folded"])
+def test_gradcheck_of_the_backend_float64(training):
+    # Called directly, so that the folded path's scale and shift are float64 leaves too.
+    shape = Shape(2, 6, 6, 3, 4, groups=3, stride=2, dilation=2)
+    case = make_case(shape, dtype=torch.float64)
+    per_channel = (case.bn_weight, case.bn_bias) if training else (
+        case.bn_weight * case.running_var.rsqrt(), case.bn_bias - case.running_mean * case.bn_weight)
+    inputs = [t.detach().requires_grad_() for t in (case.x, case.weight, *per_channel)]
+    if training:
+        def fn(x, weight, gamma, beta):
+            return resnext_kernels.triton.batch_stats_forward(x, weight, gamma, beta, 1e-5, 2, 2, 3)[0]
+    else:
+        def fn(x, weight, scale, shift):
+            return resnext_kernels.triton.folded_forward(x, weight, scale, shift, 2, 2, 3)
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+
+
+def test_custom_ops_pass_opcheck():
+    shape = Shape(2, 16, 16, 5, 6, groups=4, stride=2)
+    case = make_case(shape, layout="channels_last")
+    x, weight = case.x.detach().requires_grad_(), case.weight.detach().requires_grad_()
+    gamma, beta = case.bn_weight.detach().requires_grad_(), case.bn_bias.detach().requires_grad_()
+    torch.library.opcheck(ops.conv_bn_relu_train, (x, weight, gamma, beta, 1e-5, 2, 1, 4))
+    torch.library.opcheck(ops.conv_bn_relu_train, (x, weight, None, None, 1e-5, 2, 1, 4))
+    torch.library.opcheck(ops.conv_scale_shift_relu, (x, weight, gamma, beta, 2, 1, 4))
+    y = ops.grouped_conv(case.x, case.weight, 2, 1, 4)
+    torch.library.opcheck(ops.grouped_conv, (case.x, case.weight, 2, 1, 4))
+    _, _, stats = ops.conv_bn_relu_train(case.x, case.weight, case.bn_weight, case.bn_bias, 1e-5, 2, 1, 4)
+    dz = grad_like(y, "strided")
+    for mean, var in ((stats[0], stats[1]), (None, None)):
+        torch.library.opcheck(ops.conv_bn_relu_backward,
+                              (dz, case.x, case.weight, y, stats[2], stats[3], mean, var, 1e-5, 2, 1, 4, True, True))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager"])
+def test_compiled_block_has_no_graph_breaks(backend):
+    block = resnext_kernels.ResNeXtBlock(64, 16, groups=4, base_width=16, impl="triton").to(DEVICE)
+    x = torch.randn(2, 64, 5, 5, device=DEVICE, requires_grad=True)
+    compiled = torch.compile(block, fullgraph=True, backend=backend)
+    for training in (True, False):
+        block.train(training)
+        z = compiled(x)
+        (grad,) = torch.autograd.grad(z.sum(), x)
+        assert z.isfinite().all() and grad.isfinite().all()
+
+
+def test_fp32_dot_precision_follows_cudnn():
+    assert config.dot_precision(torch.float32) == "ieee"  # turned off by the _ieee_fp32 fixture
+    torch.backends.cudnn.allow_tf32 = True
+    assert config.dot_precision(torch.float32) == "tf32"
+    assert config.dot_precision(torch.float64) == config.dot_precision(torch.bfloat16) == "ieee"
+
+
+# Compiles the kernels for an H100 (sm_90) without one: what the interpreter cannot check -- that the
+# code lowers (tl.dot shapes, dtypes, control flow) and that the unpipelined config every autotune list
+# ends with fits in shared memory at the largest channel tiles, so autotuning always has a config.
+_SM90_SCRIPT = r"""
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from resnext_kernels.triton import backward, config, conv
+
+MAX_SHARED = 232448  # bytes of shared memory one H100 block may use
+PER_CHANNEL = {"scale_ptr", "shift_ptr", "mean_ptr", "coef_ptr", "part_ptr", "gamma_ptr", "beta_ptr", "stats_ptr"}
+DTYPES = [("bf16", tl.bfloat16, "fp32", tl.float32, "ieee"), ("fp32", tl.float32, "fp32", tl.float32, "tf32"),
+          ("fp64", tl.float64, "fp64", tl.float64, "ieee")]
+
+
+def compile_for_sm90(kernel, data, acc, constexprs, config=None):
+    fn = getattr(kernel, "fn", kernel) if config is not None else kernel
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + (acc if name in PER_CHANNEL else data)
+        else:
+            signature[name] = "fp32" if name == "eps" else "i32"
+    options = dict(num_warps=4, num_stages=1)
+    if config is not None:
+        constexprs = {**constexprs, **config.kwargs}
+        options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32), options=options)
+    shared = compiled.metadata.shared
+    print(fn.__name__, data, {k: v for k, v in constexprs.items() if isinstance(v, (int, str))}, shared)
+    assert shared <= MAX_SHARED, f"{fn.__name__} ({data}) needs {shared} bytes of shared memory"
+
+
+for data, data_tl, acc, acc_tl, precision in DTYPES:
+    dot = dict(ACC=acc_tl, DOT_IN=data_tl, PRECISION=precision)
+    widest = dict(BLOCK_N=config.MAX_CHANNEL_TILE, BLOCK_K=config.MAX_CHANNEL_TILE, K_ALIGN=16, EVEN_K=True)
+    compile_for_sm90(conv._conv_kernel, data, acc, dict(STRIDE=2, DIL=1, FOLD_BN=False, STATS=True, **widest, **dot),
+                     conv._CONV_CONFIGS[-1])
+    compile_for_sm90(backward._dgrad_kernel, data, acc, dict(STRIDE=2, DIL=2, TRAIN=True, **widest, **dot),
+                     backward._DGRAD_CONFIGS[-1])
+    compile_for_sm90(backward._wgrad_kernel, data, acc,
+                     dict(STRIDE=1, DIL=2, TRAIN=True, BLOCK_CO=backward.WGRAD_MAX_TILE,
+                          BLOCK_CI=backward.WGRAD_MAX_TILE, K_ALIGN=16, EVEN_K=True, **dot),
+                     backward._WGRAD_CONFIGS[-1])
+    for final in (False, True):
+        compile_for_sm90(conv._stats_kernel, acc, acc, dict(FINAL=final, HAS_GAMMA=True, HAS_BETA=False,
+                                                            ACC=acc_tl, BLOCK_T=32, BLOCK_C=32))
+    compile_for_sm90(conv._bn_relu_kernel, data, acc, dict(ACC=acc_tl, BLOCK_P=64, BLOCK_C=64))
+    compile_for_sm90(backward._reduce_kernel, data, acc, dict(TRAIN=True, ACC=acc_tl, BLOCK_M=128, BLOCK_C=32))
+    compile_for_sm90(backward._finalize_kernel, acc, acc, dict(TRAIN=True, ACC=acc_tl, BLOCK_T=32, BLOCK_C=32))
+    compile_for_sm90(backward._sum_splits_kernel, data, acc, dict(ACC=acc_tl, BLOCK=1024))
+# The inference epilogue and the folded backward, with the first (pipelined) configs, ResNeXt's tiles and
+# masked K ranges.
+dot = dict(ACC=tl.float32, DOT_IN=tl.bfloat16, PRECISION="ieee", K_ALIGN=1, EVEN_K=False)
+compile_for_sm90(conv._conv_kernel, "bf16", "fp32", dict(STRIDE=1, DIL=1, FOLD_BN=True, STATS=False, BLOCK_N=16,
+                                                         BLOCK_K=16, **dot), conv._CONV_CONFIGS[0])
+compile_for_sm90(backward._dgrad_kernel, "bf16", "fp32", dict(STRIDE=1, DIL=1, TRAIN=False, BLOCK_N=16, BLOCK_K=16,
+                                                              **dot), backward._DGRAD_CONFIGS[0])
+compile_for_sm90(backward._wgrad_kernel, "bf16", "fp32", dict(STRIDE=2, DIL=1, TRAIN=False, BLOCK_CO=16,
+                                                              BLOCK_CI=16, **dot), backward._WGRAD_CONFIGS[0])
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU run compiles the kernels for real")
+def test_kernels_compile_for_sm90_within_shared_memory():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_tile_layout_facts_hold_for_every_tile():
+    # K_ALIGN and EVEN_K are promises to the compiler that the interpreter cannot check (it ignores
+    # them), and groups_spanned sizes wgrad's grid: verify all three against every tile.
+    for groups in (1, 2, 3, 8, 32):
+        for n_per_group in (1, 2, 3, 4, 8, 16, 24, 32, 64, 128):
+            for k_per_group in (1, 3, 4, 8, 16, 64):
+                for max_tile in (config.MAX_CHANNEL_TILE, triton_backward.WGRAD_MAX_TILE):
+                    n_channels = groups * n_per_group
+                    block_n, block_k = config.gemm_channel_tiles(n_per_group, k_per_group, groups, max_tile)
+                    k_align, even_k = config.k_range_layout(n_per_group, k_per_group, n_channels, block_n, block_k)
+                    spanned = config.groups_spanned(block_n, n_per_group, groups)
+                    for n0 in range(0, n_channels, block_n):
+                        first, last = n0 // n_per_group, (min(n0 + block_n, n_channels) - 1) // n_per_group
+                        k_lo, k_hi = first * k_per_group, (last + 1) * k_per_group
+                        where = (groups, n_per_group, k_per_group, block_n, block_k, n0)
+                        assert k_lo % k_align == 0, where
+                        if even_k:  # unmasked loads: whole chunks, and wgrad's grid covers exactly the range
+                            assert (k_hi - k_lo) % block_k == 0, where
+                            assert spanned * k_per_group == k_hi - k_lo, where
+                        assert last - first + 1 <= spanned, where
