@@ -348,14 +348,9 @@ __global__ void __launch_bounds__(kMmaThreads) conv_bn_relu_folded_mma(const Con
           for (int r = 0; r < 4; ++r) {
             const int col = 2 * t + 8 * (r / 2);
             const uint16_t* src = x_tile + (base[r % 2] + offset) * row + kr + col;
-            a[r] = uint32_t(col < valid ? src[0] : 0) | uint32_t(col + 1 < valid ? src[1] : 0) << 16;
+            a[r] = fragment_pair(src, col, valid);
           }
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const int k = 2 * t + 8 * r;
-            const uint16_t* src = w_tile + (tap * kChannels + 8 * j + g) * row + kr + k;
-            b[r] = uint32_t(k < valid ? src[0] : 0) | uint32_t(k + 1 < valid ? src[1] : 0) << 16;
-          }
+          load_b_fragment(b, w_tile + (tap * kChannels + 8 * j + g) * row + kr, t, valid);
           mma_m16n8k16<T>(acc[j], a, b);
         }
       }

@@ -78,6 +78,19 @@ __device__ __forceinline__ void merge_moments(Acc& count, Acc& mean, Acc& m2, Ac
 
 namespace resnext_kernels {
 
+// Two consecutive 16-bit values, src[0] and src[1] (matrix columns `col` and `col + 1`), as one
+// fragment register; columns at or past `valid` read as zero, whatever shared memory holds there.
+__device__ __forceinline__ uint32_t fragment_pair(const uint16_t* src, int col, int valid) {
+  return uint32_t(col < valid ? src[0] : 0) | uint32_t(col + 1 < valid ? src[1] : 0) << 16;
+}
+
+// The B fragment of mma.m16n8k16 for this lane (t = lane % 4) from its n-row of a K-contiguous
+// weight tile: registers hold k = 2t, 2t+1 and 2t+8, 2t+9.
+__device__ __forceinline__ void load_b_fragment(uint32_t b[2], const uint16_t* n_row, int t, int valid) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) b[r] = fragment_pair(n_row + 2 * t + 8 * r, 2 * t + 8 * r, valid);
+}
+
 // d += a * b for one warp: mma.m16n8k16, 16-bit A (row-major) and B (column-major), fp32 C/D, with
 // the fragment layouts of the PTX ISA (the host test build computes from the same layouts).
 template <typename T>
