@@ -186,6 +186,34 @@ __device__ __forceinline__ int small_quotient(int a, int b, float inverse_b) {
   return int((float(a) + 0.5f) * inverse_b);
 }
 
+// Where a dgrad block works: its image and input tile, the first output row and column that reach
+// the tile (oh_lo, ow_lo) and the tile's offset from them (eh, ew >= 2d), its input channels and
+// the output channels (whole groups) they receive from. 32-bit arithmetic (spatial sizes and the
+// grid fit in int); 64-bit only in addresses.
+struct DgradBlock {
+  int64_t n;
+  int ih0, iw0, oh_lo, ow_lo, eh, ew, ci0, ci_end, co_begin, co_stop;
+};
+
+__device__ __forceinline__ DgradBlock locate_dgrad_block(const P& p, const DgradTiling& tiling, int cin_pg, int cout_pg) {
+  const int s = p.stride, d = p.dilation;
+  const unsigned tiles = unsigned(tiling.tiles_h) * unsigned(tiling.tiles_w);
+  const int tile = int(blockIdx.x % tiles);
+  DgradBlock b;
+  b.n = blockIdx.x / tiles;
+  b.ih0 = (tile / tiling.tiles_w) * tiling.tile_h;
+  b.iw0 = (tile % tiling.tiles_w) * tiling.tile_w;
+  b.oh_lo = floor_div(b.ih0 - d, s);
+  b.ow_lo = floor_div(b.iw0 - d, s);
+  b.eh = b.ih0 + d - b.oh_lo * s;
+  b.ew = b.iw0 + d - b.ow_lo * s;
+  b.ci0 = int(blockIdx.y) * kChannels;
+  b.ci_end = int(b.ci0 + kChannels < p.c_in ? b.ci0 + kChannels : p.c_in);
+  b.co_begin = (b.ci0 / cin_pg) * cout_pg;
+  b.co_stop = ((b.ci_end - 1) / cin_pg + 1) * cout_pg;
+  return b;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) dgrad(const P p, const DgradTiling tiling) {
   using Acc = typename Numeric<T>::Acc;
@@ -199,16 +227,10 @@ __global__ void __launch_bounds__(kThreads, 1) dgrad(const P p, const DgradTilin
   const int s = p.stride, d = p.dilation;
   const int cin_pg = int(p.c_in / p.groups), cout_pg = int(p.c_out / p.groups);
 
-  // 32-bit block arithmetic (spatial sizes and the grid fit in int); 64-bit only in addresses.
-  const unsigned tiles = unsigned(tiling.tiles_h) * unsigned(tiling.tiles_w);
-  const int tile = int(blockIdx.x % tiles);
-  const int64_t n = blockIdx.x / tiles;
-  const int ih0 = (tile / tiling.tiles_w) * tiling.tile_h, iw0 = (tile % tiling.tiles_w) * tile_w;
-  const int oh_lo = floor_div(ih0 - d, s), ow_lo = floor_div(iw0 - d, s);
-  const int eh = ih0 + d - oh_lo * s, ew = iw0 + d - ow_lo * s;  // >= 2d
-  const int ci0 = int(blockIdx.y) * kChannels;
-  const int ci_end = int(ci0 + kChannels < p.c_in ? ci0 + kChannels : p.c_in);
-  const int co_begin = (ci0 / cin_pg) * cout_pg, co_stop = ((ci_end - 1) / cin_pg + 1) * cout_pg;
+  const DgradBlock block = locate_dgrad_block(p, tiling, cin_pg, cout_pg);
+  const int64_t n = block.n;
+  const int ih0 = block.ih0, iw0 = block.iw0, oh_lo = block.oh_lo, ow_lo = block.ow_lo, eh = block.eh, ew = block.ew;
+  const int ci0 = block.ci0, ci_end = block.ci_end, co_begin = block.co_begin, co_stop = block.co_stop;
 
   const int c_local = int(threadIdx.x) % kChannels, ci = ci0 + c_local, pixel_lane = int(threadIdx.x) / kChannels;
   const float inverse_s = tiling.inverse_stride;
@@ -355,15 +377,10 @@ __global__ void __launch_bounds__(kMmaThreads, 1) dgrad_mma(const P p, const Dgr
   const float inverse_s = tiling.inverse_stride;
   const int cin_pg = int(p.c_in / p.groups), cout_pg = int(p.c_out / p.groups);
 
-  const unsigned tiles = unsigned(tiling.tiles_h) * unsigned(tiling.tiles_w);
-  const int tile = int(blockIdx.x % tiles);
-  const int64_t n = blockIdx.x / tiles;
-  const int ih0 = (tile / tiling.tiles_w) * tiling.tile_h, iw0 = (tile % tiling.tiles_w) * tile_w;
-  const int oh_lo = floor_div(ih0 - d, s), ow_lo = floor_div(iw0 - d, s);
-  const int eh = ih0 + d - oh_lo * s, ew = iw0 + d - ow_lo * s;
-  const int ci0 = int(blockIdx.y) * kChannels;
-  const int ci_end = int(ci0 + kChannels < p.c_in ? ci0 + kChannels : p.c_in);
-  const int co_begin = (ci0 / cin_pg) * cout_pg, co_stop = ((ci_end - 1) / cin_pg + 1) * cout_pg;
+  const DgradBlock block = locate_dgrad_block(p, tiling, cin_pg, cout_pg);
+  const int64_t n = block.n;
+  const int ih0 = block.ih0, iw0 = block.iw0, oh_lo = block.oh_lo, ow_lo = block.ow_lo, eh = block.eh, ew = block.ew;
+  const int ci0 = block.ci0, ci_end = block.ci_end, co_begin = block.co_begin, co_stop = block.co_stop;
 
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
   int pixel[2], ph[2], pw[2];  // this lane's two fragment rows; ph = -1 beyond the tile
@@ -374,12 +391,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) dgrad_mma(const P p, const Dgr
     pw[r] = pixel[r] % tile_w;
   }
   int k_begin[kNTiles], k_end[kNTiles];
-#pragma unroll
-  for (int j = 0; j < kNTiles; ++j) {
-    const int first = ci0 + 8 * j, last = (first + 7 < ci_end ? first + 7 : ci_end - 1);
-    k_begin[j] = first < ci_end ? (first / cin_pg) * cout_pg : 0;
-    k_end[j] = first < ci_end ? (last / cin_pg + 1) * cout_pg : 0;
-  }
+  ntile_k_ranges(ci0, ci_end, cin_pg, cout_pg, k_begin, k_end);
   float acc[kNTiles][4];
 #pragma unroll
   for (int j = 0; j < kNTiles; ++j)

@@ -272,12 +272,7 @@ __global__ void __launch_bounds__(kMmaThreads) conv_bn_relu_folded_mma(const Con
     base[r] = (q / tile_w) * s * halo_w + (q % tile_w) * s;
   }
   int k_begin[kNTiles], k_end[kNTiles];
-#pragma unroll
-  for (int j = 0; j < kNTiles; ++j) {
-    const int first = co0 + 8 * j, last = (first + 7 < co_end ? first + 7 : co_end - 1);
-    k_begin[j] = first < co_end ? (first / cout_pg) * cin_pg : 0;
-    k_end[j] = first < co_end ? (last / cout_pg + 1) * cin_pg : 0;
-  }
+  ntile_k_ranges(co0, co_end, cout_pg, cin_pg, k_begin, k_end);
   float acc[kNTiles][4];
 #pragma unroll
   for (int j = 0; j < kNTiles; ++j)

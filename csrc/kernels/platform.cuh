@@ -91,6 +91,20 @@ __device__ __forceinline__ void load_b_fragment(uint32_t b[2], const uint16_t* n
   for (int r = 0; r < 2; ++r) b[r] = fragment_pair(n_row + 2 * t + 8 * r, 2 * t + 8 * r, valid);
 }
 
+// For an MMA tile whose n columns [n0, n_end) come in 8-wide n-tiles, where each group maps
+// n_per_group columns to k_per_group rows of K: the K range (whole groups) each n-tile reads. No
+// n-tile reads another group's rows beyond what its own columns span.
+template <int NTiles>
+__device__ __forceinline__ void ntile_k_ranges(int n0, int n_end, int n_per_group, int k_per_group,
+                                               int (&k_begin)[NTiles], int (&k_end)[NTiles]) {
+#pragma unroll
+  for (int j = 0; j < NTiles; ++j) {
+    const int first = n0 + 8 * j, last = (first + 7 < n_end ? first + 7 : n_end - 1);
+    k_begin[j] = first < n_end ? (first / n_per_group) * k_per_group : 0;
+    k_end[j] = first < n_end ? (last / n_per_group + 1) * k_per_group : 0;
+  }
+}
+
 // d += a * b for one warp: mma.m16n8k16, 16-bit A (row-major) and B (column-major), fp32 C/D, with
 // the fragment layouts of the PTX ISA (the host test build computes from the same layouts).
 template <typename T>
