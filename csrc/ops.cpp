@@ -13,6 +13,7 @@
 #define RK_DISPATCH_KEY CPU
 #define RK_DEVICE_NAME "CPU (host test build)"
 #else
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #define RK_NAMESPACE resnext_kernels
@@ -111,6 +112,9 @@ ConvBnReluParams conv_params(const at::Tensor& x, const at::Tensor& weight_c, co
   p.stride = int(stride);
   p.dilation = int(dilation);
   p.groups = int(groups);
+#ifndef RESNEXT_KERNELS_EMULATE
+  p.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+#endif
   return p;
 }
 

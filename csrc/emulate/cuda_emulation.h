@@ -373,3 +373,24 @@ inline void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], c
   for (int i = 0; i < 4; ++i) d[i] = result[i];
 }
 }  // namespace emu
+
+namespace emu {
+// ldmatrix.m8n8.xN.shared.b16: lanes 0 .. 8N-1 each name one 16-byte row in shared memory (checked:
+// the GPU faults on anything else); every lane then reads its pair of each matrix from the row that
+// lane 8m + lane / 4 named.
+template <int N>
+inline void ldmatrix(uint32_t (&r)[N], const uint16_t* row) {
+  const int lane = lane_id();
+  if (lane < 8 * N) {
+    const auto address = reinterpret_cast<uintptr_t>(row);
+    const auto shared = reinterpret_cast<uintptr_t>(dynamic_shared_memory.data());
+    if (address % 16 != 0) throw std::runtime_error("ldmatrix: row address not 16-byte aligned");
+    if (address < shared || address + 16 > shared + dynamic_shared_memory.size() - 16)
+      throw std::runtime_error("ldmatrix: row outside the block's dynamic shared memory");
+  }
+  for (int m = 0; m < N; ++m) {
+    const uint16_t* source = warp_exchange(row, [m](int l) { return 8 * m + l / 4; });
+    std::memcpy(&r[m], source + 2 * (lane % 4), 4);
+  }
+}
+}  // namespace emu

@@ -23,28 +23,30 @@ constexpr int kMaxChunk = 64;                          // input channels per sha
 constexpr int kSharedBytes = 48 * 1024;                // without opting in to larger carve-outs
 
 struct Tiling {
-  int tile_h, tile_w;  // output pixels per block
-  int halo_h, halo_w;  // the input rows and columns the tile reads
-  int chunk;           // input channels per shared-memory stage
+  int tile_h, tile_w;   // output pixels per tile
+  int halo_h, halo_w;   // the input rows and columns the tile reads
+  int chunk;            // input channels per shared-memory stage
+  int row;              // shared-memory values per staged halo position or weight row (>= chunk)
   int tiles_h, tiles_w;
+  int tiles_per_block;  // consecutive tiles of one channel tile that a block computes in turn
 };
 
-// Where a block works: its image, output tile and channel tile, and the input channels (whole
-// groups) those channels read.
+// Where a block works on tile `tile` (counted over the batch): its image, output tile and channel
+// tile, and the input channels (whole groups) those channels read.
 struct BlockTile {
   int64_t n, oh0, ow0, ih0, iw0;
   int co0, co_end, ci_begin, ci_end, cin_pg, cout_pg;
 };
 
-__device__ __forceinline__ BlockTile locate_block(const ConvBnReluParams& p, const Tiling& tiling) {
+__device__ __forceinline__ BlockTile locate_block(const ConvBnReluParams& p, const Tiling& tiling, int64_t tile) {
   BlockTile b;
   b.cin_pg = int(p.c_in / p.groups);
   b.cout_pg = int(p.c_out / p.groups);
   const int64_t tiles = int64_t(tiling.tiles_h) * tiling.tiles_w;
-  const int tile = int(blockIdx.x % tiles);
-  b.n = blockIdx.x / tiles;
-  b.oh0 = int64_t(tile / tiling.tiles_w) * tiling.tile_h;
-  b.ow0 = int64_t(tile % tiling.tiles_w) * tiling.tile_w;
+  const int in_image = int(tile % tiles);
+  b.n = tile / tiles;
+  b.oh0 = int64_t(in_image / tiling.tiles_w) * tiling.tile_h;
+  b.ow0 = int64_t(in_image % tiling.tiles_w) * tiling.tile_w;
   b.ih0 = b.oh0 * p.stride - p.dilation;
   b.iw0 = b.ow0 * p.stride - p.dilation;
   b.co0 = int(blockIdx.y) * kChannels;
@@ -68,9 +70,11 @@ __device__ __forceinline__ bool pixel_in_image(const ConvBnReluParams& p, const 
 // through `scratch` ([2][lanes][kChannels] of Acc, not overlapping `stage`), each summed by lane 0
 // in lane order: the channel's count and sum, giving the block mean; then the squared deviations
 // from it. Contains barriers: call from all threads.
+// The partials of tile `tile` of `tiles` (the batch's tiles) are written for the block's channels.
 template <typename Acc, typename Staged>
 __device__ __forceinline__ void block_statistics(const ConvBnReluParams& p, const BlockTile& b, const Staged* stage,
-                                                 Acc* scratch, int lanes, int tile_pixels, int tile_w) {
+                                                 Acc* scratch, int lanes, int tile_pixels, int tile_w, int64_t tile,
+                                                 int64_t tiles) {
   const int c = int(threadIdx.x) % kChannels, lane = int(threadIdx.x) / kChannels, co = b.co0 + c;
   Acc count = Acc(0), sum = Acc(0);
   for (int q = lane; q < tile_pixels; q += lanes)
@@ -101,10 +105,10 @@ __device__ __forceinline__ void block_statistics(const ConvBnReluParams& p, cons
   if (p.partials == nullptr || lane != 0 || co >= b.co_end) return;
   for (int l = 1; l < lanes; ++l) m2 += scratch[l * kChannels + c];
   Acc* partials = static_cast<Acc*>(p.partials);
-  const int64_t blocks = gridDim.x, at = int64_t(blockIdx.x) * p.c_out + co;
+  const int64_t at = tile * p.c_out + co;
   partials[at] = count;
-  partials[blocks * p.c_out + at] = mean;
-  partials[2 * blocks * p.c_out + at] = m2;
+  partials[tiles * p.c_out + at] = mean;
+  partials[2 * tiles * p.c_out + at] = m2;
 }
 
 template <typename T, bool kTrain>
@@ -119,7 +123,7 @@ __global__ void __launch_bounds__(kThreads) conv_bn_relu_folded_fma(const ConvBn
   const T* x = static_cast<const T*>(p.x);
   const T* weight = static_cast<const T*>(p.weight);
   const int s = p.stride, d = p.dilation;
-  const BlockTile b = locate_block(p, tiling);
+  const BlockTile b = locate_block(p, tiling, blockIdx.x);  // one tile per block
   const int cin_pg = b.cin_pg, cout_pg = b.cout_pg, co0 = b.co0, co_end = b.co_end;
   const int64_t n = b.n, oh0 = b.oh0, ow0 = b.ow0, ih0 = b.ih0, iw0 = b.iw0;
 
@@ -186,7 +190,8 @@ __global__ void __launch_bounds__(kThreads) conv_bn_relu_folded_fma(const ConvBn
       stage[pixel * kChannels + c_local] = Numeric<T>::load(v);
     }
     __syncthreads();
-    block_statistics<Acc>(p, b, stage, stage + kMaxPixels * kChannels, kPixelLanes, tile_pixels, tile_w);
+    block_statistics<Acc>(p, b, stage, stage + kMaxPixels * kChannels, kPixelLanes, tile_pixels, tile_w, blockIdx.x,
+                          gridDim.x);
     return;
   }
   if (!active) return;
@@ -202,41 +207,32 @@ __global__ void __launch_bounds__(kThreads) conv_bn_relu_folded_fma(const ConvBn
 
 // Tensor-core variant for 16-bit inputs: the tile is a (pixels x channels) matrix product per tap,
 // computed with mma.m16n8k16 (fp32 accumulate). Each warp owns 16 pixels and all kChannels channels
-// (four 8-channel n-tiles). An n-tile's K range is only the input channels of its own groups, with
-// A and B zeroed outside it, so packing small groups costs at most a 2x padding of K.
+// (four 8-channel n-tiles); fragments come from shared memory with ldmatrix, one A fragment per
+// (tap, 16 input channels) serving every n-tile whose groups touch those channels. Staged weights
+// are zero outside each output channel's group and past the chunk, so packing small groups costs
+// at most a 2x padding of K; the halo's spare columns are zeroed too.
 //
-// A packed product multiplies every input channel of the n-tile by every column's weight, zero or
-// not, and Inf * 0 is NaN: a non-finite input would leak into the other groups of its n-tile. So a
-// block whose staged inputs hold any Inf or NaN (one vote per chunk) computes that chunk with exact
+// A packed product multiplies every input channel of a 16-wide K step by every column's weight, zero
+// or not, and Inf * 0 is NaN: a non-finite input would leak into other groups' outputs. So a tile
+// whose staged inputs hold any Inf or NaN (one vote per chunk) computes that chunk with exact
 // per-group scalar sums instead, into the same accumulators. Finite inputs never pay for it.
+//
+// A block computes tiling.tiles_per_block consecutive tiles for one channel tile; when the channel
+// tile's input channels fit in one chunk, its weights are staged once for all of them.
 constexpr int kMmaThreads = 128;
 constexpr int kMmaK = 16;
 constexpr int kNTiles = kChannels / 8;
+constexpr int kMaxTilesPerBlock = 8;
+// The training epilogue's y tile and the lanes' statistics, over the staged halo ([kMaxPixels]
+// [kChannels] + [2][lanes][kChannels] floats).
+constexpr int kMmaStatsBytes = (kMaxPixels * kChannels + 2 * (kMmaThreads / kChannels) * kChannels) * 4;
 
-// The exact partial sums of one chunk for every (pixel, channel) of the tile, each output channel
-// summed over its own group's input channels only, into exact[pixel * kChannels + channel].
-template <typename T>
-__device__ __forceinline__ void exact_chunk_sums(float* exact, const uint16_t* x_tile, const uint16_t* w_tile,
-                                                 int row, int k0, int count, int tile_pixels, int tile_w,
-                                                 int halo_w, int s, int d, int co0, int co_end, int cin_pg,
-                                                 int cout_pg) {
-  for (int e = int(threadIdx.x); e < kMaxPixels * kChannels; e += kMmaThreads) {
-    const int q = e / kChannels, c = e % kChannels, co = co0 + c;
-    float sum = 0.0f;
-    if (q < tile_pixels && co < co_end) {
-      const int base = (q / tile_w) * s * halo_w + (q % tile_w) * s;
-      const int group_begin = (co / cout_pg) * cin_pg;
-      const int lo = group_begin > k0 ? group_begin : k0;
-      const int hi = group_begin + cin_pg < k0 + count ? group_begin + cin_pg : k0 + count;
-      for (int tap = 0; tap < 9; ++tap) {
-        const int offset = (tap / 3) * d * halo_w + (tap % 3) * d;
-        for (int k = lo; k < hi; ++k)
-          sum += Numeric<T>::from_bits(x_tile[(base + offset) * row + k - k0]) *
-                 Numeric<T>::from_bits(w_tile[(tap * kChannels + c) * row + k - k0]);
-      }
-    }
-    exact[e] = sum;
-  }
+// Values per shared row: the chunk in whole 16-byte vectors and at least kMmaK zero columns beyond
+// it, so a 16-wide K step that starts inside the chunk stays in its row; and row % 16 == 8, so the
+// eight 16-byte rows one ldmatrix reads from consecutive halo positions hit distinct banks.
+__host__ __device__ inline int mma_row(int chunk) {
+  const int vectors = (chunk + 7) / 8 * 8;
+  return vectors + (vectors % 16 ? kMmaK : kMmaK + 8);
 }
 
 // Whether either 16-bit value packed in `word` is Inf or NaN.
@@ -245,25 +241,87 @@ __device__ __forceinline__ int has_non_finite(uint32_t word) {
   return (word & 0x7fffu) >= Numeric<T>::kNonFinite || ((word >> 16) & 0x7fffu) >= Numeric<T>::kNonFinite;
 }
 
-template <typename T, bool kTrain>
-__global__ void __launch_bounds__(kMmaThreads) conv_bn_relu_folded_mma(const ConvBnReluParams p, const Tiling tiling) {
-  RK_DYNAMIC_SHARED(uint16_t, shared);  // raw 16-bit values: zero bits are +0.0 in fp16 and bf16
-  const int chunk = tiling.chunk, row = chunk + kMmaK, halo_w = tiling.halo_w, tile_w = tiling.tile_w;
-  const int halo = tiling.halo_h * halo_w, tile_pixels = tiling.tile_h * tile_w;
-  uint16_t* x_tile = shared;                // [halo][row]
-  uint16_t* w_tile = shared + halo * row;   // [9][kChannels][row]
-  const int staged = (halo + 9 * kChannels) * row;
-  float* exact = reinterpret_cast<float*>(shared + staged + staged % 2);  // [kMaxPixels][kChannels]
+// The exact partial sum of one chunk for output channel `co` at the halo position `base`: over its
+// own group's input channels only.
+template <typename T>
+__device__ __forceinline__ float exact_chunk_sum(const uint16_t* x_tile, const uint16_t* w_tile, int row, int base,
+                                                 int c, int co, int k0, int count, int halo_w, int d, int cin_pg,
+                                                 int cout_pg) {
+  const int group_begin = (co / cout_pg) * cin_pg;
+  const int lo = group_begin > k0 ? group_begin : k0;
+  const int hi = group_begin + cin_pg < k0 + count ? group_begin + cin_pg : k0 + count;
+  float sum = 0.0f;
+  for (int tap = 0; tap < 9; ++tap) {
+    const int offset = (tap / 3) * d * halo_w + (tap % 3) * d;
+    for (int k = lo; k < hi; ++k)
+      sum += Numeric<T>::from_bits(x_tile[(base + offset) * row + k - k0]) *
+             Numeric<T>::from_bits(w_tile[(tap * kChannels + c) * row + k - k0]);
+  }
+  return sum;
+}
 
+// w_tile[tap][c][k] = weight of output channel co0 + c, input channel k0 + k, or zero where that
+// input channel is outside the output channel's group or past the chunk.
+__device__ __forceinline__ void stage_weights(uint16_t* w_tile, const uint16_t* weight, int row, int k0, int count,
+                                              const BlockTile& b) {
+  for (int i = int(threadIdx.x); i < kChannels * row; i += kMmaThreads) {
+    const int c = i / row, k = i % row, oc = b.co0 + c, ic = k0 + k;
+    const int group_begin = (oc / b.cout_pg) * b.cin_pg;
+    const bool in_group = k < count && oc < b.co_end && ic >= group_begin && ic < group_begin + b.cin_pg;
+    const uint16_t* source = weight + (int64_t(oc) * b.cin_pg + (ic - group_begin)) * 9;
+#pragma unroll
+    for (int tap = 0; tap < 9; ++tap) w_tile[(tap * kChannels + c) * row + k] = in_group ? source[tap] : uint16_t(0);
+  }
+}
+
+// x_tile[pos][k] = x at halo position pos, channel k0 + k (zero outside the image and past the
+// chunk); returns whether this thread staged an Inf or NaN.
+template <typename T>
+__device__ __forceinline__ int stage_halo(uint16_t* x_tile, const ConvBnReluParams& p, const Tiling& tiling,
+                                          const BlockTile& b, int k0, int count, bool vectorized) {
   const uint16_t* x = static_cast<const uint16_t*>(p.x);
+  const int row = tiling.row, halo_w = tiling.halo_w, halo = tiling.halo_h * halo_w;
+  int non_finite = 0;
+  if (vectorized && count % 8 == 0 && k0 % 8 == 0) {
+    // Channels-last input: 8 channels of a pixel are 16 contiguous, aligned bytes.
+    const int vectors = row / 8;
+    for (int i = int(threadIdx.x); i < halo * vectors; i += kMmaThreads) {
+      const int k = (i % vectors) * 8, pos = i / vectors;
+      const int64_t ih = b.ih0 + pos / halo_w, iw = b.iw0 + pos % halo_w;
+      uint4 v = {0u, 0u, 0u, 0u};
+      if (k < count && ih >= 0 && ih < p.h && iw >= 0 && iw < p.w)
+        v = *reinterpret_cast<const uint4*>(x + b.n * p.x_stride[0] + (k0 + k) + ih * p.x_stride[2] +
+                                            iw * p.x_stride[3]);
+      non_finite |= has_non_finite<T>(v.x) | has_non_finite<T>(v.y) | has_non_finite<T>(v.z) | has_non_finite<T>(v.w);
+      *reinterpret_cast<uint4*>(x_tile + pos * row + k) = v;
+    }
+    return non_finite;
+  }
+  for (int i = int(threadIdx.x); i < halo * row; i += kMmaThreads) {
+    const int k = i % row, pos = i / row;
+    const int64_t ih = b.ih0 + pos / halo_w, iw = b.iw0 + pos % halo_w;
+    uint16_t v = 0;
+    if (k < count && ih >= 0 && ih < p.h && iw >= 0 && iw < p.w)
+      v = x[b.n * p.x_stride[0] + (k0 + k) * p.x_stride[1] + ih * p.x_stride[2] + iw * p.x_stride[3]];
+    non_finite |= (v & 0x7fff) >= Numeric<T>::kNonFinite;
+    x_tile[pos * row + k] = v;
+  }
+  return non_finite;
+}
+
+template <typename T, bool kTrain>
+__global__ void __launch_bounds__(kMmaThreads, 4) conv_bn_relu_folded_mma(const ConvBnReluParams p, const Tiling tiling) {
+  RK_DYNAMIC_SHARED(uint16_t, shared);  // raw 16-bit values: zero bits are +0.0 in fp16 and bf16
+  const int chunk = tiling.chunk, row = tiling.row, halo_w = tiling.halo_w, tile_w = tiling.tile_w;
+  const int tile_pixels = tiling.tile_h * tile_w;
+  uint16_t* w_tile = shared;                     // [9][kChannels][row]
+  uint16_t* x_tile = shared + 9 * kChannels * row;  // [halo][row], then (kTrain) the tile's y and statistics
   const uint16_t* weight = static_cast<const uint16_t*>(p.weight);
   const int s = p.stride, d = p.dilation;
-  const BlockTile b = locate_block(p, tiling);
-  const int cin_pg = b.cin_pg, cout_pg = b.cout_pg, co0 = b.co0, co_end = b.co_end;
-  const int64_t n = b.n, oh0 = b.oh0, ow0 = b.ow0, ih0 = b.ih0, iw0 = b.iw0;
 
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
-  // The two fragment rows of this lane: pixels warp*16 + g and + 8, as positions in the halo.
+  // The halo positions of this lane's two fragment rows (pixels warp*16 + g and + 8), and of the
+  // row it names to ldmatrix (pixel warp*16 + lane % 16, columns from 8 * (lane / 16)).
   int pixel[2], base[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -271,171 +329,186 @@ __global__ void __launch_bounds__(kMmaThreads) conv_bn_relu_folded_mma(const Con
     const int q = pixel[r] < tile_pixels ? pixel[r] : 0;
     base[r] = (q / tile_w) * s * halo_w + (q % tile_w) * s;
   }
-  int k_begin[kNTiles], k_end[kNTiles];
-  ntile_k_ranges(co0, co_end, cout_pg, cin_pg, k_begin, k_end);
-  float acc[kNTiles][4];
-#pragma unroll
-  for (int j = 0; j < kNTiles; ++j)
-    for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
-  // 16-byte loads of the halo need unit channel stride, 16-byte aligned pixels and shared rows.
-  const bool vectorized = p.x_stride[1] == 1 && (p.x_stride[0] % 8 | p.x_stride[2] % 8 | p.x_stride[3] % 8) == 0 &&
-                          reinterpret_cast<uintptr_t>(x) % 16 == 0 && row % 8 == 0;
+  const int a_pixel = warp * 16 + lane % 16 < tile_pixels ? warp * 16 + lane % 16 : 0;
+  const int a_base = (a_pixel / tile_w) * s * halo_w + (a_pixel % tile_w) * s, a_column = 8 * (lane / 16);
+  const int b_row = lane % 8, b_column = 8 * ((lane / 8) % 2);  // ldmatrix.x2 of an n-tile's B
 
-  for (int k0 = b.ci_begin; k0 < b.ci_end; k0 += chunk) {
-    const int count = chunk < b.ci_end - k0 ? chunk : b.ci_end - k0;
-    __syncthreads();
-    int non_finite = 0;
-    if (vectorized && count % 8 == 0 && k0 % 8 == 0) {
-      // Channels-last input: 8 channels of a pixel are 16 contiguous, aligned bytes.
-      const int vectors = count / 8;
-      for (int i = int(threadIdx.x); i < halo * vectors; i += kMmaThreads) {
-        const int k = (i % vectors) * 8, pos = i / vectors;
-        const int64_t ih = ih0 + pos / halo_w, iw = iw0 + pos % halo_w;
-        uint4 v = {0u, 0u, 0u, 0u};
-        if (ih >= 0 && ih < p.h && iw >= 0 && iw < p.w)
-          v = *reinterpret_cast<const uint4*>(x + n * p.x_stride[0] + (k0 + k) + ih * p.x_stride[2] + iw * p.x_stride[3]);
-        non_finite |= has_non_finite<T>(v.x) | has_non_finite<T>(v.y) | has_non_finite<T>(v.z) | has_non_finite<T>(v.w);
-        *reinterpret_cast<uint4*>(x_tile + pos * row + k) = v;
+  T* out = static_cast<T*>(p.out);
+  // 16-byte loads of the halo need unit channel stride and 16-byte aligned pixels; 4-byte stores of
+  // channel pairs likewise.
+  const bool vectorized = p.x_stride[1] == 1 && (p.x_stride[0] % 8 | p.x_stride[2] % 8 | p.x_stride[3] % 8) == 0 &&
+                          reinterpret_cast<uintptr_t>(p.x) % 16 == 0;
+  const bool paired_stores = p.out_stride[1] == 1 && (p.out_stride[0] % 2 | p.out_stride[2] % 2 | p.out_stride[3] % 2) == 0 &&
+                             reinterpret_cast<uintptr_t>(out) % 4 == 0;
+
+  const int64_t tiles = p.n * tiling.tiles_h * tiling.tiles_w;
+  const int64_t first = int64_t(blockIdx.x) * tiling.tiles_per_block;
+  const int64_t last = first + tiling.tiles_per_block < tiles ? first + tiling.tiles_per_block : tiles;
+  for (int64_t tile = first; tile < last; ++tile) {
+    const BlockTile b = locate_block(p, tiling, tile);
+    const int cin_pg = b.cin_pg, cout_pg = b.cout_pg, co0 = b.co0, co_end = b.co_end;
+    const bool weights_resident = b.ci_end - b.ci_begin <= chunk && tile != first;
+    int k_begin[kNTiles], k_end[kNTiles];
+    ntile_k_ranges(co0, co_end, cout_pg, cin_pg, k_begin, k_end);
+    float acc[kNTiles][4];
+#pragma unroll
+    for (int j = 0; j < kNTiles; ++j)
+      for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
+
+    for (int k0 = b.ci_begin; k0 < b.ci_end; k0 += chunk) {
+      const int count = chunk < b.ci_end - k0 ? chunk : b.ci_end - k0;
+      __syncthreads();  // everyone is done with the previous chunk's (or tile's) shared memory
+      if (!weights_resident) stage_weights(w_tile, weight, row, k0, count, b);
+      const int non_finite = stage_halo<T>(x_tile, p, tiling, b, k0, count, vectorized);
+      if (__syncthreads_or(non_finite)) {
+        // A rolled loop over the lane's accumulators: one copy of the rare path's code.
+#pragma unroll 1
+        for (int e = 0; e < kNTiles * 4; ++e) {
+          const int i = e % 4, c = 8 * (e / 4) + 2 * t + i % 2, r = i / 2;
+          const float sum = (r ? pixel[1] : pixel[0]) < tile_pixels && co0 + c < co_end
+                                ? exact_chunk_sum<T>(x_tile, w_tile, row, r ? base[1] : base[0], c, co0 + c, k0,
+                                                     count, halo_w, d, cin_pg, cout_pg)
+                                : 0.0f;
+#pragma unroll
+          for (int j = 0; j < kNTiles; ++j)
+            for (int i2 = 0; i2 < 4; ++i2)
+              if (4 * j + i2 == e) acc[j][i2] += sum;
+        }
+        continue;
       }
-    } else {
-      for (int i = int(threadIdx.x); i < halo * count; i += kMmaThreads) {
-        const int k = i % count, pos = i / count;
-        const int64_t ih = ih0 + pos / halo_w, iw = iw0 + pos % halo_w;
-        uint16_t v = 0;
-        if (ih >= 0 && ih < p.h && iw >= 0 && iw < p.w)
-          v = x[n * p.x_stride[0] + (k0 + k) * p.x_stride[1] + ih * p.x_stride[2] + iw * p.x_stride[3]];
-        non_finite |= (v & 0x7fff) >= Numeric<T>::kNonFinite;
-        x_tile[pos * row + k] = v;
+      // Each n-tile's K range within this chunk; a 16-wide step feeds the n-tiles it overlaps.
+      int lo[kNTiles], hi[kNTiles];
+#pragma unroll
+      for (int j = 0; j < kNTiles; ++j) {
+        lo[j] = (k_begin[j] > k0 ? k_begin[j] : k0) - k0;
+        hi[j] = (k_end[j] < k0 + count ? k_end[j] : k0 + count) - k0;
       }
-    }
-    for (int i = int(threadIdx.x); i < 9 * kChannels * count; i += kMmaThreads) {
-      const int k = i % count, c = (i / count) % kChannels, tap = i / (count * kChannels);
-      const int oc = co0 + c, ic = k0 + k;
-      uint16_t v = 0;
-      if (oc < co_end) {
-        const int oc_group_begin = (oc / cout_pg) * cin_pg;
-        if (ic >= oc_group_begin && ic < oc_group_begin + cin_pg)
-          v = weight[(int64_t(oc) * cin_pg + (ic - oc_group_begin)) * 9 + tap];
-      }
-      w_tile[(tap * kChannels + c) * row + k] = v;
-    }
-    if (__syncthreads_or(non_finite)) {
-      exact_chunk_sums<T>(exact, x_tile, w_tile, row, k0, count, tile_pixels, tile_w, halo_w, s, d, co0, co_end,
-                          cin_pg, cout_pg);
-      __syncthreads();
+      for (int tap = 0; tap < 9; ++tap) {
+        const int offset = (tap / 3) * d * halo_w + (tap % 3) * d;
+        for (int kr = 0; kr < count; kr += kMmaK) {
+          uint32_t a[4];
+          ldmatrix(a, x_tile + (a_base + offset) * row + kr + a_column);
 #pragma unroll
-      for (int j = 0; j < kNTiles; ++j)
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-          if (pixel[i / 2] < kMaxPixels) acc[j][i] += exact[pixel[i / 2] * kChannels + 8 * j + 2 * t + i % 2];
-      continue;  // the loop's first barrier keeps `exact` until everyone has read it
-    }
-#pragma unroll
-    for (int j = 0; j < kNTiles; ++j) {
-      const int lo = k_begin[j] > k0 ? k_begin[j] : k0;
-      const int hi = k_end[j] < k0 + count ? k_end[j] : k0 + count;
-      for (int ks = lo; ks < hi; ks += kMmaK) {
-        const int kr = ks - k0, valid = hi - ks;  // fragment columns >= valid are zero
-        for (int tap = 0; tap < 9; ++tap) {
-          const int offset = (tap / 3) * d * halo_w + (tap % 3) * d;
-          uint32_t a[4], b[2];
-#pragma unroll
-          for (int r = 0; r < 4; ++r) {
-            const int col = 2 * t + 8 * (r / 2);
-            const uint16_t* src = x_tile + (base[r % 2] + offset) * row + kr + col;
-            a[r] = fragment_pair(src, col, valid);
+          for (int j = 0; j < kNTiles; ++j) {
+            if (kr >= hi[j] || kr + kMmaK <= lo[j]) continue;
+            uint32_t bf[2];
+            ldmatrix(bf, w_tile + (tap * kChannels + 8 * j + b_row) * row + kr + b_column);
+            mma_m16n8k16<T>(acc[j], a, bf);
           }
-          load_b_fragment(b, w_tile + (tap * kChannels + 8 * j + g) * row + kr, t, valid);
-          mma_m16n8k16<T>(acc[j], a, b);
         }
       }
     }
-  }
 
-  T* out = static_cast<T*>(p.out);
-  if constexpr (kTrain) {
-    __syncthreads();  // `exact` may still be read by a straggler of the last chunk
-#pragma unroll
-    for (int j = 0; j < kNTiles; ++j)
-      for (int i = 0; i < 4; ++i) {
-        const int q = pixel[i / 2], c = 8 * j + 2 * t + i % 2, co = co0 + c;
-        if (co >= co_end || !pixel_in_image(p, b, q, tile_pixels, tile_w)) continue;
-        const int64_t oh = oh0 + q / tile_w, ow = ow0 + q % tile_w;
-        const T v = Numeric<T>::store(acc[j][i]);
-        out[n * p.out_stride[0] + co * p.out_stride[1] + oh * p.out_stride[2] + ow * p.out_stride[3]] = v;
-        exact[q * kChannels + c] = Numeric<T>::load(v);
-      }
-    __syncthreads();
-    // The staged inputs are consumed: their space holds the lanes' partial statistics.
-    block_statistics<float>(p, b, exact, reinterpret_cast<float*>(shared), kMmaThreads / kChannels, tile_pixels,
-                            tile_w);
-    return;
-  }
-  const float* scale = static_cast<const float*>(p.scale);
-  const float* shift = static_cast<const float*>(p.shift);
-#pragma unroll
-  for (int j = 0; j < kNTiles; ++j)
-    for (int i = 0; i < 4; ++i) {
-      const int q = pixel[i / 2], co = co0 + 8 * j + 2 * t + i % 2;
-      const int64_t oh = oh0 + q / tile_w, ow = ow0 + q % tile_w;
-      if (q < tile_pixels && co < co_end && oh < p.h_out && ow < p.w_out)
-        out[n * p.out_stride[0] + co * p.out_stride[1] + oh * p.out_stride[2] + ow * p.out_stride[3]] =
-            Numeric<T>::store(relu(acc[j][i] * scale[co] + shift[co]));
+    // Epilogue: this lane holds channels co, co + 1 (co = co0 + 8j + 2t) of pixels pixel[0..1].
+    if constexpr (kTrain) {
+      if (p.partials != nullptr) __syncthreads();  // the last chunk's tiles are free for the statistics
     }
+    float* stage = reinterpret_cast<float*>(x_tile);  // [kMaxPixels][kChannels]
+#pragma unroll
+    for (int j = 0; j < kNTiles; ++j) {
+      const int c = 8 * j + 2 * t, co = co0 + c;
+      float scale[2] = {1.0f, 1.0f}, shift[2] = {0.0f, 0.0f};
+      if constexpr (!kTrain) {
+        for (int e = 0; e < 2; ++e)
+          if (co + e < co_end) {
+            scale[e] = static_cast<const float*>(p.scale)[co + e];
+            shift[e] = static_cast<const float*>(p.shift)[co + e];
+          }
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int q = pixel[r];
+        if (co >= co_end || !pixel_in_image(p, b, q, tile_pixels, tile_w)) continue;
+        T v[2];
+        for (int e = 0; e < 2; ++e)
+          v[e] = Numeric<T>::store(kTrain ? acc[j][2 * r + e] : relu(acc[j][2 * r + e] * scale[e] + shift[e]));
+        T* at = out + b.n * p.out_stride[0] + co * p.out_stride[1] + (b.oh0 + q / tile_w) * p.out_stride[2] +
+                (b.ow0 + q % tile_w) * p.out_stride[3];
+        if (paired_stores && co + 1 < co_end) {
+          uint16_t bits[2];
+          memcpy(bits, v, sizeof bits);
+          *reinterpret_cast<uint32_t*>(at) = uint32_t(bits[0]) | uint32_t(bits[1]) << 16;
+        } else {
+          at[0] = v[0];
+          if (co + 1 < co_end) at[p.out_stride[1]] = v[1];
+        }
+        if (kTrain && p.partials != nullptr)
+          for (int e = 0; e < 2; ++e) stage[q * kChannels + c + e] = Numeric<T>::load(v[e]);
+      }
+    }
+    if constexpr (kTrain) {
+      if (p.partials == nullptr) continue;
+      __syncthreads();
+      block_statistics<float>(p, b, stage, stage + kMaxPixels * kChannels, kMmaThreads / kChannels, tile_pixels,
+                              tile_w, tile, tiles);
+    }
+  }
 }
 
-// The largest tile (up to kMaxPixels) whose input halo leaves room in shared memory for a chunk of
-// at least one input channel: per channel, the halo and kChannels x 9 weights, each `value_bytes`
-// wide, plus `pad` spare channels per row and `reserve` bytes besides.
-inline bool choose_tiling(const ConvBnReluParams& p, int value_bytes, int pad, int reserve, Tiling* t) {
-  const int budget = (kSharedBytes - reserve) / value_bytes;
+// Shared memory of one block for a tiling (row and tile set) of element type T.
+template <typename T, bool kTrain>
+size_t shared_bytes(const Tiling& t) {
+  const size_t halo = size_t(t.halo_h) * t.halo_w;
+  if constexpr (sizeof(T) == 2) {
+    const size_t x_bytes = halo * t.row * 2, stats = kTrain ? kMmaStatsBytes : 0;
+    return size_t(9) * kChannels * t.row * 2 + (x_bytes > stats ? x_bytes : stats);
+  } else {
+    using Acc = typename Numeric<T>::Acc;
+    // The training epilogue stages the tile's y over the (finished) input tiles, the lanes' partial
+    // statistics after it.
+    const size_t tiles = (halo + kChannels * 9) * t.chunk * sizeof(Acc);
+    const size_t stats = kTrain ? (size_t(kMaxPixels) * kChannels + 2 * kPixelLanes * kChannels) * sizeof(Acc) : 0;
+    return tiles > stats ? tiles : stats;
+  }
+}
+
+// The largest tile (up to kMaxPixels) whose halo and weights fit in shared memory for a chunk of at
+// least one input channel, with the widest chunk that fits (whole 8-channel vectors for 16-bit
+// types above 8, keeping staged rows 16-byte aligned); then how many tiles a block takes.
+template <typename T, bool kTrain>
+bool choose_tiling(const ConvBnReluParams& p, Tiling* t) {
+  constexpr bool kTensorCores = sizeof(T) == 2;
   int tile_w = int(p.w_out < 8 ? p.w_out : 8);
   int tile_h = int(p.h_out < kMaxPixels / tile_w ? p.h_out : kMaxPixels / tile_w);
-  while (true) {
+  t->chunk = 0;
+  while (t->chunk == 0) {
     t->tile_h = tile_h;
     t->tile_w = tile_w;
     t->halo_h = (tile_h - 1) * p.stride + 2 * p.dilation + 1;
     t->halo_w = (tile_w - 1) * p.stride + 2 * p.dilation + 1;
-    const int64_t per_channel = int64_t(t->halo_h) * t->halo_w + kChannels * 9;
-    const int64_t chunk = budget / per_channel - pad;
-    if (chunk >= 1) {
-      t->chunk = int(chunk < kMaxChunk ? chunk : kMaxChunk);
-      // 16-bit chunks in whole 8-channel vectors keep shared rows 16-byte aligned (vectorised loads).
-      if (value_bytes == 2 && t->chunk >= 8) t->chunk -= t->chunk % 8;
-      t->tiles_h = int((p.h_out + tile_h - 1) / tile_h);
-      t->tiles_w = int((p.w_out + tile_w - 1) / tile_w);
-      return true;
+    for (int chunk = kMaxChunk; chunk >= 1 && t->chunk == 0; --chunk) {
+      if (kTensorCores && chunk > 8 && chunk % 8 != 0) continue;
+      t->chunk = chunk;
+      t->row = kTensorCores ? mma_row(chunk) : chunk;
+      if (shared_bytes<T, kTrain>(*t) > size_t(kSharedBytes)) t->chunk = 0;
     }
+    if (t->chunk != 0) break;
     if (tile_h == 1 && tile_w == 1) return false;
     if (tile_h >= tile_w) tile_h = (tile_h + 1) / 2; else tile_w = (tile_w + 1) / 2;
   }
-}
-
-inline size_t shared_bytes(const Tiling& t, int value_bytes, int pad, int reserve) {
-  return size_t(int64_t(t.halo_h) * t.halo_w + kChannels * 9) * (t.chunk + pad) * value_bytes + reserve;
+  t->tiles_h = int((p.h_out + tile_h - 1) / tile_h);
+  t->tiles_w = int((p.w_out + tile_w - 1) / tile_w);
+  t->tiles_per_block = 1;
+  if (kTensorCores) {
+    // Enough blocks for about four waves of four blocks per multiprocessor, sharing staged weights
+    // among as many tiles as that leaves; the host test build (sm_count 0) packs the most.
+    const int64_t work = p.n * t->tiles_h * t->tiles_w * ((p.c_out + kChannels - 1) / kChannels);
+    const int64_t per_block = p.sm_count > 0 ? work / (int64_t(p.sm_count) * 16) : kMaxTilesPerBlock;
+    t->tiles_per_block = int(per_block < 1 ? 1 : per_block > kMaxTilesPerBlock ? kMaxTilesPerBlock : per_block);
+  }
+  return true;
 }
 
 template <typename T, bool kTrain = false>
 const char* launch(const ConvBnReluParams& p, void* stream) {
-  using Acc = typename Numeric<T>::Acc;
-  // 16-bit inputs run on tensor cores; fp32 and fp64 on FMA units.
-  constexpr bool kTensorCores = sizeof(T) == 2;
-  constexpr int value_bytes = kTensorCores ? 2 : int(sizeof(Acc));
-  constexpr int pad = kTensorCores ? kMmaK : 0;
-  // The tensor-core kernel keeps room for one chunk's exact sums (and 4 bytes to align them).
-  constexpr int reserve = kTensorCores ? kMaxPixels * kChannels * 4 + 4 : 0;
   Tiling tiling;
-  if (!choose_tiling(p, value_bytes, pad, reserve, &tiling))
+  if (!choose_tiling<T, kTrain>(p, &tiling))
     return "dilation and stride too large: one output pixel's input halo does not fit in shared memory";
-  const dim3 grid(unsigned(p.n * tiling.tiles_h * tiling.tiles_w), unsigned((p.c_out + kChannels - 1) / kChannels));
-  size_t bytes = shared_bytes(tiling, value_bytes, pad, reserve);
-  // The FMA kernel's training epilogue stages the tile's y over the (finished) input tiles, and the
-  // lanes' partial statistics after it. (The tensor-core kernel stages y in `exact` and keeps the
-  // lanes' statistics over its tiles, at least 9 * kChannels * (1 + kMmaK) 16-bit values.)
-  const size_t stage_bytes =
-      kTrain && !kTensorCores ? (size_t(kMaxPixels) * kChannels + 2 * kPixelLanes * kChannels) * sizeof(Acc) : 0;
-  bytes = bytes > stage_bytes ? bytes : stage_bytes;
-  if constexpr (kTensorCores) {
+  const int64_t tiles = p.n * tiling.tiles_h * tiling.tiles_w;
+  const dim3 grid(unsigned((tiles + tiling.tiles_per_block - 1) / tiling.tiles_per_block),
+                  unsigned((p.c_out + kChannels - 1) / kChannels));
+  const size_t bytes = shared_bytes<T, kTrain>(tiling);
+  if constexpr (sizeof(T) == 2) {  // 16-bit inputs run on tensor cores; fp32 and fp64 on FMA units
     auto kernel = conv_bn_relu_folded_mma<T, kTrain>;
     RK_LAUNCH(kernel, grid, dim3(kMmaThreads), bytes, static_cast<cudaStream_t>(stream), p, tiling);
   } else {
@@ -458,13 +531,15 @@ const char* launch_conv_bn_relu_folded(const ConvBnReluParams& p, void* stream) 
 }
 
 int64_t conv_stats_blocks(const ConvBnReluParams& p) {
-  const bool tensor_cores = p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16;
-  const int value_bytes = tensor_cores ? 2 : p.dtype == DType::kFloat64 ? 8 : 4;
   folded::Tiling tiling;
-  if (!folded::choose_tiling(p, value_bytes, tensor_cores ? folded::kMmaK : 0,
-                             tensor_cores ? folded::kMaxPixels * folded::kChannels * 4 + 4 : 0, &tiling))
-    return 0;
-  return p.n * tiling.tiles_h * tiling.tiles_w;
+  bool fits = false;
+  switch (p.dtype) {
+    case DType::kFloat32: fits = folded::choose_tiling<float, true>(p, &tiling); break;
+    case DType::kFloat64: fits = folded::choose_tiling<double, true>(p, &tiling); break;
+    case DType::kFloat16: fits = folded::choose_tiling<__half, true>(p, &tiling); break;
+    case DType::kBFloat16: fits = folded::choose_tiling<__nv_bfloat16, true>(p, &tiling); break;
+  }
+  return fits ? p.n * tiling.tiles_h * tiling.tiles_w : 0;
 }
 
 const char* launch_conv_stats(const ConvBnReluParams& p, void* stream) {

@@ -22,6 +22,7 @@ struct ConvBnReluParams {
   int64_t x_stride[4];    // in elements, for (n, c, h, w)
   int64_t out_stride[4];
   int stride, dilation, groups;
+  int sm_count;  // the device's multiprocessors, to size blocks; 0 in the host test build
   // Training pass 1 only (launch_conv_stats): per (pixel block, channel) partial statistics of y,
   // [3][blocks][c_out] in the accumulation type: count, block mean, sum of squares around the block
   // mean. May be null: then the kernel only writes y.

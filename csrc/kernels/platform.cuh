@@ -105,6 +105,33 @@ __device__ __forceinline__ void ntile_k_ranges(int n0, int n_end, int n_per_grou
   }
 }
 
+// ldmatrix.sync.aligned.m8n8.xN.shared.b16: N 8x8 matrices of 16-bit values from shared memory, one
+// register each. Lane l gives the address of row l % 8 of matrix l / 8 (16 contiguous, 16-byte
+// aligned bytes); lane l receives, of every matrix, the pair in row l / 4 at columns 2 * (l % 4) and
+// 2 * (l % 4) + 1: exactly the A/B fragment registers of mma.m16n8k16. Call from the whole warp.
+template <int N>
+__device__ __forceinline__ void ldmatrix(uint32_t (&r)[N], const uint16_t* row);
+
+#ifdef RESNEXT_KERNELS_EMULATE
+template <int N>
+inline void ldmatrix(uint32_t (&r)[N], const uint16_t* row) {
+  emu::ldmatrix<N>(r, row);
+}
+#else
+template <>
+__device__ __forceinline__ void ldmatrix<2>(uint32_t (&r)[2], const uint16_t* row) {
+  const unsigned address = unsigned(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(address));
+}
+template <>
+__device__ __forceinline__ void ldmatrix<4>(uint32_t (&r)[4], const uint16_t* row) {
+  const unsigned address = unsigned(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+#endif
+
 // d += a * b for one warp: mma.m16n8k16, 16-bit A (row-major) and B (column-major), fp32 C/D, with
 // the fragment layouts of the PTX ISA (the host test build computes from the same layouts).
 template <typename T>
