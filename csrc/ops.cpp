@@ -83,6 +83,15 @@ at::Tensor empty_like_format(const at::Tensor& x, at::IntArrayRef sizes) {
                                                                          : at::MemoryFormat::Contiguous));
 }
 
+// The current device's multiprocessors (kernels size their blocks by it); 0 in the host test build.
+int sm_count() {
+#ifdef RESNEXT_KERNELS_EMULATE
+  return 0;
+#else
+  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+#endif
+}
+
 void guard_device(const at::Tensor& x) {
 #ifndef RESNEXT_KERNELS_EMULATE
   TORCH_CHECK(x.is_cuda(), "resnext_kernels: x must be a CUDA tensor, got one on ", x.device());
@@ -112,9 +121,7 @@ ConvBnReluParams conv_params(const at::Tensor& x, const at::Tensor& weight_c, co
   p.stride = int(stride);
   p.dilation = int(dilation);
   p.groups = int(groups);
-#ifndef RESNEXT_KERNELS_EMULATE
-  p.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-#endif
+  p.sm_count = sm_count();
   return p;
 }
 
@@ -281,6 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_backward(
   p.stride = int(stride);
   p.dilation = int(dilation);
   p.groups = int(groups);
+  p.sm_count = sm_count();
   at::Tensor workspace = at::empty({backward_workspace_elements(p)}, x.options().dtype(acc));
   p.workspace = workspace.data_ptr();
   const char* error = launch_conv_bn_relu_backward(p, stream_of(x));

@@ -170,10 +170,12 @@ __global__ void __launch_bounds__(kThreads) finalize(const P p, int64_t blocks) 
 // only, so packed small groups never mix. Input pixel ih receives from output row oh through tap kh
 // when ih + d - kh * d = oh * s.
 struct DgradTiling {
-  int tile_h, tile_w;  // input pixels per block
+  int tile_h, tile_w;  // input pixels per tile
   int halo_h, halo_w;  // output rows and columns they receive from
   int chunk;
+  int row;             // shared-memory values per staged halo position or weight row (>= chunk)
   int tiles_h, tiles_w;
+  int tiles_per_block;
   float inverse_stride;  // 1 / stride, computed on the host (a division in the kernel is a call)
 };
 
@@ -195,14 +197,15 @@ struct DgradBlock {
   int ih0, iw0, oh_lo, ow_lo, eh, ew, ci0, ci_end, co_begin, co_stop;
 };
 
-__device__ __forceinline__ DgradBlock locate_dgrad_block(const P& p, const DgradTiling& tiling, int cin_pg, int cout_pg) {
+__device__ __forceinline__ DgradBlock locate_dgrad_block(const P& p, const DgradTiling& tiling, int cin_pg, int cout_pg,
+                                                        int64_t tile) {
   const int s = p.stride, d = p.dilation;
-  const unsigned tiles = unsigned(tiling.tiles_h) * unsigned(tiling.tiles_w);
-  const int tile = int(blockIdx.x % tiles);
+  const int64_t tiles = int64_t(tiling.tiles_h) * tiling.tiles_w;
+  const int in_image = int(tile % tiles);
   DgradBlock b;
-  b.n = blockIdx.x / tiles;
-  b.ih0 = (tile / tiling.tiles_w) * tiling.tile_h;
-  b.iw0 = (tile % tiling.tiles_w) * tiling.tile_w;
+  b.n = tile / tiles;
+  b.ih0 = (in_image / tiling.tiles_w) * tiling.tile_h;
+  b.iw0 = (in_image % tiling.tiles_w) * tiling.tile_w;
   b.oh_lo = floor_div(b.ih0 - d, s);
   b.ow_lo = floor_div(b.iw0 - d, s);
   b.eh = b.ih0 + d - b.oh_lo * s;
@@ -227,7 +230,7 @@ __global__ void __launch_bounds__(kThreads, 1) dgrad(const P p, const DgradTilin
   const int s = p.stride, d = p.dilation;
   const int cin_pg = int(p.c_in / p.groups), cout_pg = int(p.c_out / p.groups);
 
-  const DgradBlock block = locate_dgrad_block(p, tiling, cin_pg, cout_pg);
+  const DgradBlock block = locate_dgrad_block(p, tiling, cin_pg, cout_pg, blockIdx.x);  // one tile per block
   const int64_t n = block.n;
   const int ih0 = block.ih0, iw0 = block.iw0, oh_lo = block.oh_lo, ow_lo = block.ow_lo, eh = block.eh, ew = block.ew;
   const int ci0 = block.ci0, ci_end = block.ci_end, co_begin = block.co_begin, co_stop = block.co_stop;
@@ -298,173 +301,204 @@ __global__ void __launch_bounds__(kThreads, 1) dgrad(const P p, const DgradTilin
   }
 }
 
+// Shared memory of a dgrad block. FMA: the dy halo and the weights, `chunk` values per channel, in
+// the accumulation type. Tensor cores: a zero row, the weights and the dy halo, `row` 16-bit values
+// each.
+template <typename T>
+size_t dgrad_shared_bytes(const DgradTiling& t) {
+  const size_t halo = size_t(t.halo_h) * t.halo_w;
+  if constexpr (sizeof(T) == 2) return (1 + size_t(9) * kChannels + halo) * t.row * 2;
+  return (halo + size_t(kChannels) * 9) * t.chunk * sizeof(typename Numeric<T>::Acc);
+}
+
 // The largest input tile (up to kMaxPixels) whose output halo leaves room for a chunk of at least
-// one output channel.
-// `pad` spare channels per row and `reserve` bytes besides, as the forward's chooser.
-inline bool choose_dgrad_tiling(const P& p, int value_bytes, int pad, int reserve, DgradTiling* t) {
-  const int budget = (kSharedBytes - reserve) / value_bytes;
+// one output channel, with the widest chunk that fits (as the forward's chooser); then how many
+// tiles a tensor-core block takes.
+template <typename T>
+bool choose_dgrad_tiling(const P& p, DgradTiling* t) {
+  constexpr bool kTensorCores = sizeof(T) == 2;
   int tile_w = int(p.w < 8 ? p.w : 8);
   int tile_h = int(p.h < kMaxPixels / tile_w ? p.h : kMaxPixels / tile_w);
   const int extra = p.stride == 1 ? 1 : 2;
-  while (true) {
+  t->chunk = 0;
+  while (t->chunk == 0) {
     t->tile_h = tile_h;
     t->tile_w = tile_w;
     t->halo_h = (tile_h - 1 + 2 * p.dilation) / p.stride + extra;
     t->halo_w = (tile_w - 1 + 2 * p.dilation) / p.stride + extra;
-    const int64_t per_channel = int64_t(t->halo_h) * t->halo_w + kChannels * 9;
-    const int64_t chunk = budget / per_channel - pad;
-    if (chunk >= 1) {
-      t->chunk = int(chunk < kMaxChunk ? chunk : kMaxChunk);
-      t->tiles_h = int(ceil_div(p.h, tile_h));
-      t->tiles_w = int(ceil_div(p.w, tile_w));
-      t->inverse_stride = 1.0f / float(p.stride);
-      return true;
+    for (int chunk = kMaxChunk; chunk >= 1 && t->chunk == 0; --chunk) {
+      if (kTensorCores && chunk > 8 && chunk % 8 != 0) continue;
+      t->chunk = chunk;
+      t->row = kTensorCores ? mma_row(chunk) : chunk;
+      if (dgrad_shared_bytes<T>(*t) > size_t(kSharedBytes)) t->chunk = 0;
     }
+    if (t->chunk != 0) break;
     if (tile_h == 1 && tile_w == 1) return false;
     if (tile_h >= tile_w) tile_h = (tile_h + 1) / 2; else tile_w = (tile_w + 1) / 2;
   }
+  t->tiles_h = int(ceil_div(p.h, tile_h));
+  t->tiles_w = int(ceil_div(p.w, tile_w));
+  t->inverse_stride = 1.0f / float(p.stride);
+  t->tiles_per_block = 1;
+  if (kTensorCores) t->tiles_per_block = tiles_per_block(p.n * t->tiles_h * t->tiles_w * ceil_div(p.c_in, kChannels),
+                                                         p.sm_count);
+  return true;
 }
 
 // Tensor-core dgrad for 16-bit inputs: per tap, (input pixels x output channels) dy times (output
-// channels x input channels) weights with mma.m16n8k16, fp32 accumulate. Each warp owns 16 input
-// pixels and all kChannels input channels (four 8-channel n-tiles); an n-tile's K range is the
-// output channels of its own groups only. dy is computed in fp32 and rounded to T as it is staged
-// (as PyTorch's own low-precision backward stores dy in T). A pixel that does not receive from a tap
-// (stride > 1) has a zero A row for it. As in the forward, a chunk whose staged dy holds any Inf or
-// NaN is summed exactly per group instead, so that Inf * 0 never leaks across packed groups.
+// channels x input channels) weights with mma.m16n8k16, fp32 accumulate, fragments loaded with
+// ldmatrix as in the forward (csrc/kernels/conv_bn_relu_folded.cuh): each warp owns 16 input pixels
+// and all kChannels input channels (four 8-channel n-tiles); staged weights are zero outside each
+// input channel's group and past the chunk, staged dy rows zero past the chunk, and one 16-wide A
+// step serves every n-tile it overlaps. dy is computed in fp32 and rounded to T as it is staged (as
+// PyTorch's own low-precision backward stores dy in T). A pixel that does not receive from a tap
+// (stride > 1) names an all-zero shared row as its A row. As in the forward, a chunk whose staged dy
+// holds any Inf or NaN is summed exactly per group instead, so that Inf * 0 never leaks across
+// packed groups; and a block computes up to kMaxTilesPerBlock tiles of one channel tile, staging
+// the weights once when one chunk covers them.
 constexpr int kMmaThreads = 128;
-constexpr int kMmaK = 16;
 constexpr int kNTiles = kChannels / 8;
-constexpr int kMmaReserve = kMaxPixels * kChannels * 4 + 4;
 
+// The exact sum of one chunk for input channel ci (local c) at tile pixel (qh, qw).
 template <typename T>
-__device__ __forceinline__ void dgrad_exact_sums(float* exact, const uint16_t* dy_tile, const uint16_t* w_tile, int row,
-                                                 int k0, int count, int tile_pixels, int tile_w, int halo_w, int s,
-                                                 float inverse_s, int d, int eh, int ew, int ci0, int ci_end,
-                                                 int cin_pg, int cout_pg) {
-  for (int e = int(threadIdx.x); e < kMaxPixels * kChannels; e += kMmaThreads) {
-    const int q = e / kChannels, c = e % kChannels, ci = ci0 + c;
-    float sum = 0.0f;
-    if (q < tile_pixels && ci < ci_end) {
-      const int group_begin = (ci / cin_pg) * cout_pg;
-      const int lo = group_begin > k0 ? group_begin : k0;
-      const int hi = group_begin + cout_pg < k0 + count ? group_begin + cout_pg : k0 + count;
-      for (int tap = 0; tap < 9; ++tap) {
-        const int nh = eh - (tap / 3) * d + q / tile_w, nw = ew - (tap % 3) * d + q % tile_w;
-        const int qh = small_quotient(nh, s, inverse_s), qw = small_quotient(nw, s, inverse_s);
-        if (qh * s != nh || qw * s != nw) continue;
-        for (int k = lo; k < hi; ++k)
-          sum += Numeric<T>::from_bits(dy_tile[(qh * halo_w + qw) * row + k - k0]) *
-                 Numeric<T>::from_bits(w_tile[(tap * kChannels + c) * row + k - k0]);
-      }
-    }
-    exact[e] = sum;
+__device__ __forceinline__ float dgrad_exact_sum(const uint16_t* dy_tile, const uint16_t* w_tile, int row, int k0,
+                                                 int count, int qh_tile, int qw_tile, int c, int ci, int halo_w, int s,
+                                                 float inverse_s, int d, int eh, int ew, int cin_pg, int cout_pg) {
+  const int group_begin = (ci / cin_pg) * cout_pg;
+  const int lo = group_begin > k0 ? group_begin : k0;
+  const int hi = group_begin + cout_pg < k0 + count ? group_begin + cout_pg : k0 + count;
+  float sum = 0.0f;
+  for (int tap = 0; tap < 9; ++tap) {
+    const int nh = eh - (tap / 3) * d + qh_tile, nw = ew - (tap % 3) * d + qw_tile;
+    const int qh = small_quotient(nh, s, inverse_s), qw = small_quotient(nw, s, inverse_s);
+    if (qh * s != nh || qw * s != nw) continue;
+    for (int k = lo; k < hi; ++k)
+      sum += Numeric<T>::from_bits(dy_tile[(qh * halo_w + qw) * row + k - k0]) *
+             Numeric<T>::from_bits(w_tile[(tap * kChannels + c) * row + k - k0]);
   }
+  return sum;
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kMmaThreads, 1) dgrad_mma(const P p, const DgradTiling tiling) {
+__global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const DgradTiling tiling) {
   RK_DYNAMIC_SHARED(uint16_t, shared);  // raw 16-bit values: zero bits are +0.0 in fp16 and bf16
-  const int chunk = tiling.chunk, row = chunk + kMmaK, halo_w = tiling.halo_w, tile_w = tiling.tile_w;
+  const int chunk = tiling.chunk, row = tiling.row, halo_w = tiling.halo_w, tile_w = tiling.tile_w;
   const int halo = tiling.halo_h * halo_w, tile_pixels = tiling.tile_h * tile_w;
-  uint16_t* dy_tile = shared;               // [halo][row]
-  uint16_t* w_tile = shared + halo * row;   // [9][kChannels][row]: (tap, input channel, output channel)
-  const int staged = (halo + 9 * kChannels) * row;
-  float* exact = reinterpret_cast<float*>(shared + staged + staged % 2);  // [kMaxPixels][kChannels]
+  uint16_t* zero_row = shared;                   // [row]
+  uint16_t* w_tile = shared + row;               // [9][kChannels][row]: (tap, input channel, output channel)
+  uint16_t* dy_tile = w_tile + 9 * kChannels * row;  // [halo][row]
   const float* coef = workspace_of<float>(p).coef;
   const uint16_t* weight = static_cast<const uint16_t*>(p.weight);
   const int s = p.stride, d = p.dilation;
   const float inverse_s = tiling.inverse_stride;
   const int cin_pg = int(p.c_in / p.groups), cout_pg = int(p.c_out / p.groups);
 
-  const DgradBlock block = locate_dgrad_block(p, tiling, cin_pg, cout_pg);
-  const int64_t n = block.n;
-  const int ih0 = block.ih0, iw0 = block.iw0, oh_lo = block.oh_lo, ow_lo = block.ow_lo, eh = block.eh, ew = block.ew;
-  const int ci0 = block.ci0, ci_end = block.ci_end, co_begin = block.co_begin, co_stop = block.co_stop;
-
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
-  int pixel[2], ph[2], pw[2];  // this lane's two fragment rows; ph = -1 beyond the tile
+  int pixel[2], ph[2], pw[2];  // this lane's two fragment rows
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     pixel[r] = warp * 16 + g + 8 * r;
-    ph[r] = pixel[r] < tile_pixels ? pixel[r] / tile_w : -1;
+    ph[r] = pixel[r] / tile_w;
     pw[r] = pixel[r] % tile_w;
   }
-  int k_begin[kNTiles], k_end[kNTiles];
-  ntile_k_ranges(ci0, ci_end, cin_pg, cout_pg, k_begin, k_end);
-  float acc[kNTiles][4];
-#pragma unroll
-  for (int j = 0; j < kNTiles; ++j)
-    for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
+  // The pixel whose A row this lane names to ldmatrix (-1: beyond the tile), and its column offset.
+  const int a_pixel = warp * 16 + lane % 16 < tile_pixels ? warp * 16 + lane % 16 : -1;
+  const int a_ph = a_pixel / tile_w, a_pw = a_pixel % tile_w, a_column = 8 * (lane / 16);
+  const int b_row = lane % 8, b_column = 8 * ((lane / 8) % 2);
+  for (int i = int(threadIdx.x); i < row; i += kMmaThreads) zero_row[i] = 0;
+  T* dx = static_cast<T*>(p.dx);
 
-  for (int k0 = co_begin; k0 < co_stop; k0 += chunk) {
-    const int count = chunk < co_stop - k0 ? chunk : co_stop - k0;
-    __syncthreads();
-    int non_finite = 0;
-    for (int i = int(threadIdx.x); i < halo * count; i += kMmaThreads) {
-      const int k = i % count, pos = i / count;
-      const int oh = oh_lo + pos / halo_w, ow = ow_lo + pos % halo_w;
-      T v = Numeric<T>::store(0.0f);
-      if (oh >= 0 && oh < p.h_out && ow >= 0 && ow < p.w_out) v = Numeric<T>::store(dy_at<T>(p, coef, n, k0 + k, oh, ow));
-      reinterpret_cast<T*>(dy_tile)[pos * row + k] = v;
-      non_finite |= (dy_tile[pos * row + k] & 0x7fff) >= Numeric<T>::kNonFinite;
-    }
-    for (int i = int(threadIdx.x); i < 9 * kChannels * count; i += kMmaThreads) {
-      const int k = i % count, c = (i / count) % kChannels, tap = i / (count * kChannels);
-      const int ic = ci0 + c, oc = k0 + k;
-      uint16_t v = 0;
-      if (ic < ci_end && oc / cout_pg == ic / cin_pg) v = weight[(int64_t(oc) * cin_pg + ic % cin_pg) * 9 + tap];
-      w_tile[(tap * kChannels + c) * row + k] = v;
-    }
-    if (__syncthreads_or(non_finite)) {
-      dgrad_exact_sums<T>(exact, dy_tile, w_tile, row, k0, count, tile_pixels, tile_w, halo_w, s, inverse_s, d, eh, ew,
-                          ci0, ci_end, cin_pg, cout_pg);
-      __syncthreads();
+  const int64_t tiles = p.n * tiling.tiles_h * tiling.tiles_w;
+  const int64_t first = int64_t(blockIdx.x) * tiling.tiles_per_block;
+  const int64_t last = first + tiling.tiles_per_block < tiles ? first + tiling.tiles_per_block : tiles;
+  for (int64_t tile = first; tile < last; ++tile) {
+    const DgradBlock block = locate_dgrad_block(p, tiling, cin_pg, cout_pg, tile);
+    const int64_t n = block.n;
+    const int ih0 = block.ih0, iw0 = block.iw0, oh_lo = block.oh_lo, ow_lo = block.ow_lo, eh = block.eh, ew = block.ew;
+    const int ci0 = block.ci0, ci_end = block.ci_end, co_begin = block.co_begin, co_stop = block.co_stop;
+    const bool weights_resident = co_stop - co_begin <= chunk && tile != first;
+    int k_begin[kNTiles], k_end[kNTiles];
+    ntile_k_ranges(ci0, ci_end, cin_pg, cout_pg, k_begin, k_end);
+    float acc[kNTiles][4];
 #pragma unroll
-      for (int j = 0; j < kNTiles; ++j)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[j][i] += exact[pixel[i / 2] * kChannels + 8 * j + 2 * t + i % 2];
-      continue;  // the loop's first barrier keeps `exact` until everyone has read it
-    }
-    for (int tap = 0; tap < 9; ++tap) {
-      const int rh = eh - (tap / 3) * d, rw = ew - (tap % 3) * d;
-      int source[2];  // the halo position row r receives from through this tap, or -1
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int nh = rh + ph[r], nw = rw + pw[r];
-        const int qh = small_quotient(nh, s, inverse_s), qw = small_quotient(nw, s, inverse_s);
-        source[r] = ph[r] >= 0 && qh * s == nh && qw * s == nw ? (qh * halo_w + qw) * row : -1;
+    for (int j = 0; j < kNTiles; ++j)
+      for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
+
+    for (int k0 = co_begin; k0 < co_stop; k0 += chunk) {
+      const int count = chunk < co_stop - k0 ? chunk : co_stop - k0;
+      __syncthreads();  // everyone is done with the previous chunk's (or tile's) shared memory
+      int non_finite = 0;
+      for (int i = int(threadIdx.x); i < halo * row; i += kMmaThreads) {
+        const int k = i % row, pos = i / row;
+        const int oh = oh_lo + pos / halo_w, ow = ow_lo + pos % halo_w;
+        T v = Numeric<T>::store(0.0f);
+        if (k < count && oh >= 0 && oh < p.h_out && ow >= 0 && ow < p.w_out)
+          v = Numeric<T>::store(dy_at<T>(p, coef, n, k0 + k, oh, ow));
+        reinterpret_cast<T*>(dy_tile)[pos * row + k] = v;
+        non_finite |= (dy_tile[pos * row + k] & 0x7fff) >= Numeric<T>::kNonFinite;
       }
+      if (!weights_resident)
+        for (int i = int(threadIdx.x); i < kChannels * row; i += kMmaThreads) {
+          const int c = i / row, k = i % row, ic = ci0 + c, oc = k0 + k;
+          const bool in_group = k < count && ic < ci_end && oc / cout_pg == ic / cin_pg;
+          const uint16_t* source = weight + (int64_t(oc) * cin_pg + ic % cin_pg) * 9;
+#pragma unroll
+          for (int tap = 0; tap < 9; ++tap) w_tile[(tap * kChannels + c) * row + k] = in_group ? source[tap] : uint16_t(0);
+        }
+      if (__syncthreads_or(non_finite)) {
+        // A rolled loop over the lane's accumulators: one copy of the rare path's code.
+#pragma unroll 1
+        for (int e = 0; e < kNTiles * 4; ++e) {
+          const int i = e % 4, c = 8 * (e / 4) + 2 * t + i % 2, r = i / 2;
+          const float sum = (r ? pixel[1] : pixel[0]) < tile_pixels && ci0 + c < ci_end
+                                ? dgrad_exact_sum<T>(dy_tile, w_tile, row, k0, count, r ? ph[1] : ph[0],
+                                                     r ? pw[1] : pw[0], c, ci0 + c, halo_w, s, inverse_s, d, eh, ew,
+                                                     cin_pg, cout_pg)
+                                : 0.0f;
+#pragma unroll
+          for (int j = 0; j < kNTiles; ++j)
+            for (int i2 = 0; i2 < 4; ++i2)
+              if (4 * j + i2 == e) acc[j][i2] += sum;
+        }
+        continue;
+      }
+      int lo[kNTiles], hi[kNTiles];  // each n-tile's K range within this chunk
 #pragma unroll
       for (int j = 0; j < kNTiles; ++j) {
-        const int lo = k_begin[j] > k0 ? k_begin[j] : k0;
-        const int hi = k_end[j] < k0 + count ? k_end[j] : k0 + count;
-        for (int ks = lo; ks < hi; ks += kMmaK) {
-          const int kr = ks - k0, valid = hi - ks;  // fragment columns >= valid are zero
-          uint32_t a[4], b[2];
+        lo[j] = (k_begin[j] > k0 ? k_begin[j] : k0) - k0;
+        hi[j] = (k_end[j] < k0 + count ? k_end[j] : k0 + count) - k0;
+      }
+      for (int tap = 0; tap < 9; ++tap) {
+        // The halo row this lane's ldmatrix row receives from through this tap, or the zero row.
+        const int nh = eh - (tap / 3) * d + a_ph, nw = ew - (tap % 3) * d + a_pw;
+        const int qh = small_quotient(nh, s, inverse_s), qw = small_quotient(nw, s, inverse_s);
+        const uint16_t* a_row =
+            a_pixel >= 0 && qh * s == nh && qw * s == nw ? dy_tile + (qh * halo_w + qw) * row : zero_row;
+        for (int kr = 0; kr < count; kr += kMmaK) {
+          uint32_t a[4];
+          // The zero row is only `row` wide: it is always read at its start.
+          ldmatrix(a, a_row == zero_row ? zero_row + a_column : a_row + kr + a_column);
 #pragma unroll
-          for (int r = 0; r < 4; ++r) {
-            const int col = 2 * t + 8 * (r / 2), at = source[r % 2];
-            const uint16_t* src = dy_tile + (at < 0 ? 0 : at) + kr + col;
-            a[r] = at < 0 ? 0u : fragment_pair(src, col, valid);
+          for (int j = 0; j < kNTiles; ++j) {
+            if (kr >= hi[j] || kr + kMmaK <= lo[j]) continue;
+            uint32_t bf[2];
+            ldmatrix(bf, w_tile + (tap * kChannels + 8 * j + b_row) * row + kr + b_column);
+            mma_m16n8k16<T>(acc[j], a, bf);
           }
-          load_b_fragment(b, w_tile + (tap * kChannels + 8 * j + g) * row + kr, t, valid);
-          mma_m16n8k16<T>(acc[j], a, b);
         }
       }
     }
-  }
 
-  T* dx = static_cast<T*>(p.dx);
 #pragma unroll
-  for (int j = 0; j < kNTiles; ++j)
-    for (int i = 0; i < 4; ++i) {
-      const int q = pixel[i / 2], ci = ci0 + 8 * j + 2 * t + i % 2;
-      const int ih = ih0 + q / tile_w, iw = iw0 + q % tile_w;
-      if (q < tile_pixels && ci < ci_end && ih < p.h && iw < p.w)
-        dx[n * p.dx_stride[0] + ci * p.dx_stride[1] + ih * p.dx_stride[2] + iw * p.dx_stride[3]] =
-            Numeric<T>::store(acc[j][i]);
-    }
+    for (int j = 0; j < kNTiles; ++j)
+      for (int i = 0; i < 4; ++i) {
+        const int q = pixel[i / 2], ci = ci0 + 8 * j + 2 * t + i % 2;
+        const int ih = ih0 + q / tile_w, iw = iw0 + q % tile_w;
+        if (q < tile_pixels && ci < ci_end && ih < p.h && iw < p.w)
+          dx[n * p.dx_stride[0] + ci * p.dx_stride[1] + ih * p.dx_stride[2] + iw * p.dx_stride[3]] =
+              Numeric<T>::store(acc[j][i]);
+      }
+  }
 }
 
 // 4. wgrad. Block (split, output-channel tile, input-channel tile): thread (co, ci_l) accumulates
@@ -726,18 +760,13 @@ const char* launch(const P& p, void* stream) {
   RK_LAUNCH(finalize_kernel, dim3(unsigned(ceil_div(p.c_out, kFinalChannels))), dim3(kThreads), 0, s, p, blocks);
   if (const char* error = RK_LAUNCH_ERROR()) return error;
   if (p.dx != nullptr) {
-    // 16-bit inputs run on tensor cores; fp32 and fp64 on FMA units.
-    constexpr bool kTensorCores = sizeof(T) == 2;
-    constexpr int value_bytes = kTensorCores ? 2 : int(sizeof(Acc));
-    constexpr int pad = kTensorCores ? kMmaK : 0;
-    constexpr int reserve = kTensorCores ? kMmaReserve : 0;
     DgradTiling tiling;
-    if (!choose_dgrad_tiling(p, value_bytes, pad, reserve, &tiling))
+    if (!choose_dgrad_tiling<T>(p, &tiling))
       return "dilation and stride too large: one input pixel's output halo does not fit in shared memory";
-    const size_t bytes =
-        (size_t(tiling.halo_h) * tiling.halo_w + kChannels * 9) * (tiling.chunk + pad) * value_bytes + reserve;
-    const dim3 grid(unsigned(p.n * tiling.tiles_h * tiling.tiles_w), unsigned(ceil_div(p.c_in, kChannels)));
-    if constexpr (kTensorCores) {
+    const size_t bytes = dgrad_shared_bytes<T>(tiling);
+    const dim3 grid(unsigned(ceil_div(p.n * tiling.tiles_h * tiling.tiles_w, tiling.tiles_per_block)),
+                    unsigned(ceil_div(p.c_in, kChannels)));
+    if constexpr (sizeof(T) == 2) {  // 16-bit inputs run on tensor cores; fp32 and fp64 on FMA units
       auto dgrad_kernel = dgrad_mma<T>;
       RK_LAUNCH(dgrad_kernel, grid, dim3(kMmaThreads), bytes, s, p, tiling);
     } else {

@@ -220,20 +220,10 @@ __global__ void __launch_bounds__(kThreads) conv_bn_relu_folded_fma(const ConvBn
 // A block computes tiling.tiles_per_block consecutive tiles for one channel tile; when the channel
 // tile's input channels fit in one chunk, its weights are staged once for all of them.
 constexpr int kMmaThreads = 128;
-constexpr int kMmaK = 16;
 constexpr int kNTiles = kChannels / 8;
-constexpr int kMaxTilesPerBlock = 8;
 // The training epilogue's y tile and the lanes' statistics, over the staged halo ([kMaxPixels]
 // [kChannels] + [2][lanes][kChannels] floats).
 constexpr int kMmaStatsBytes = (kMaxPixels * kChannels + 2 * (kMmaThreads / kChannels) * kChannels) * 4;
-
-// Values per shared row: the chunk in whole 16-byte vectors and at least kMmaK zero columns beyond
-// it, so a 16-wide K step that starts inside the chunk stays in its row; and row % 16 == 8, so the
-// eight 16-byte rows one ldmatrix reads from consecutive halo positions hit distinct banks.
-__host__ __device__ inline int mma_row(int chunk) {
-  const int vectors = (chunk + 7) / 8 * 8;
-  return vectors + (vectors % 16 ? kMmaK : kMmaK + 8);
-}
 
 // Whether either 16-bit value packed in `word` is Inf or NaN.
 template <typename T>
@@ -489,13 +479,9 @@ bool choose_tiling(const ConvBnReluParams& p, Tiling* t) {
   t->tiles_h = int((p.h_out + tile_h - 1) / tile_h);
   t->tiles_w = int((p.w_out + tile_w - 1) / tile_w);
   t->tiles_per_block = 1;
-  if (kTensorCores) {
-    // Enough blocks for about four waves of four blocks per multiprocessor, sharing staged weights
-    // among as many tiles as that leaves; the host test build (sm_count 0) packs the most.
-    const int64_t work = p.n * t->tiles_h * t->tiles_w * ((p.c_out + kChannels - 1) / kChannels);
-    const int64_t per_block = p.sm_count > 0 ? work / (int64_t(p.sm_count) * 16) : kMaxTilesPerBlock;
-    t->tiles_per_block = int(per_block < 1 ? 1 : per_block > kMaxTilesPerBlock ? kMaxTilesPerBlock : per_block);
-  }
+  if (kTensorCores)
+    t->tiles_per_block = tiles_per_block(p.n * t->tiles_h * t->tiles_w * ((p.c_out + kChannels - 1) / kChannels),
+                                         p.sm_count);
   return true;
 }
 

@@ -84,6 +84,7 @@ struct ConvBnReluBackwardParams {
   int64_t c_out, h_out, w_out;
   int64_t x_stride[4], y_stride[4], dz_stride[4], dx_stride[4];
   int stride, dilation, groups;
+  int sm_count;  // as ConvBnReluParams::sm_count
 };
 int64_t backward_workspace_elements(const ConvBnReluBackwardParams& params);
 const char* launch_conv_bn_relu_backward(const ConvBnReluBackwardParams& params, void* stream);

@@ -78,19 +78,6 @@ __device__ __forceinline__ void merge_moments(Acc& count, Acc& mean, Acc& m2, Ac
 
 namespace resnext_kernels {
 
-// Two consecutive 16-bit values, src[0] and src[1] (matrix columns `col` and `col + 1`), as one
-// fragment register; columns at or past `valid` read as zero, whatever shared memory holds there.
-__device__ __forceinline__ uint32_t fragment_pair(const uint16_t* src, int col, int valid) {
-  return uint32_t(col < valid ? src[0] : 0) | uint32_t(col + 1 < valid ? src[1] : 0) << 16;
-}
-
-// The B fragment of mma.m16n8k16 for this lane (t = lane % 4) from its n-row of a K-contiguous
-// weight tile: registers hold k = 2t, 2t+1 and 2t+8, 2t+9.
-__device__ __forceinline__ void load_b_fragment(uint32_t b[2], const uint16_t* n_row, int t, int valid) {
-#pragma unroll
-  for (int r = 0; r < 2; ++r) b[r] = fragment_pair(n_row + 2 * t + 8 * r, 2 * t + 8 * r, valid);
-}
-
 // For an MMA tile whose n columns [n0, n_end) come in 8-wide n-tiles, where each group maps
 // n_per_group columns to k_per_group rows of K: the K range (whole groups) each n-tile reads. No
 // n-tile reads another group's rows beyond what its own columns span.
@@ -131,6 +118,27 @@ __device__ __forceinline__ void ldmatrix<4>(uint32_t (&r)[4], const uint16_t* ro
                : "r"(address));
 }
 #endif
+
+// K of one mma.m16n8k16 step.
+constexpr int kMmaK = 16;
+constexpr int kMaxTilesPerBlock = 8;
+
+// Values per staged shared row of the tensor-core kernels: `chunk` channels in whole 16-byte
+// vectors and at least kMmaK zero columns beyond, so a 16-wide K step that starts inside the chunk
+// stays in its row; and row % 16 == 8, so the eight 16-byte rows one ldmatrix reads from
+// consecutive positions hit distinct banks.
+__host__ __device__ inline int mma_row(int chunk) {
+  const int vectors = (chunk + 7) / 8 * 8;
+  return vectors + (vectors % 16 ? kMmaK : kMmaK + 8);
+}
+
+// How many tiles (of `work` tiles x channel tiles) a persistent tensor-core block computes in turn:
+// enough blocks remain for about four waves of four blocks per multiprocessor. The host test build
+// (sm_count 0) takes the most, so its tests run the multi-tile path.
+inline int tiles_per_block(int64_t work, int sm_count) {
+  const int64_t per_block = sm_count > 0 ? work / (int64_t(sm_count) * 16) : kMaxTilesPerBlock;
+  return int(per_block < 1 ? 1 : per_block > kMaxTilesPerBlock ? kMaxTilesPerBlock : per_block);
+}
 
 // d += a * b for one warp: mma.m16n8k16, 16-bit A (row-major) and B (column-major), fp32 C/D, with
 // the fragment layouts of the PTX ISA (the host test build computes from the same layouts).
