@@ -123,6 +123,35 @@ def test_gradcheck_float64(impl, training, affine):
     assert torch.autograd.gradcheck(fn, inputs)
 
 
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_non_finite_input_gives_the_references_non_finite_pattern(impl, dtype):
+    require(impl, grad=True)
+    # An Inf in x: z is +-Inf (or 0 after ReLU) where it is read, dw Inf or NaN (0 * Inf where ReLU
+    # stops the gradient) in its group's taps. Tiles overhang the 5x5 image, and the pixels beyond
+    # it must contribute nothing, not 0 * Inf. A large BN shift keeps every finite z > 0, so the
+    # patterns do not depend on rounding.
+    shape = Shape(2, 16, 16, 5, 5, groups=4)
+    case = make_case(shape, dtype=dtype, layout="channels_last", bn_dtype=torch.float32)
+    with torch.no_grad():
+        case.x[0, 5, 2, 2] = float("inf")
+        case.bn_bias.fill_(10.0)
+    grad = torch.randn(2, 16, 5, 5, device=DEVICE, dtype=torch.float64)
+
+    def evaluate(impl, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (case.x, case.weight)]
+        z = resnext_kernels.grouped_conv_bn_relu(*leaves, case.bn_weight.to(dtype), case.bn_bias.to(dtype),
+                                                 case.running_mean.to(dtype), case.running_var.to(dtype),
+                                                 groups=shape.groups, training=False, impl=impl)
+        z.backward(grad.to(dtype))
+        return z, *(t.grad for t in leaves)
+
+    for name, ours, ref in zip(("z", "dx", "dw"), evaluate(impl, dtype), evaluate("torch", torch.float64)):
+        assert torch.equal(ours.isnan(), ref.isnan()), name
+        assert torch.equal(ours.isinf(), ref.isinf()), name
+    assert evaluate("torch", torch.float64)[2].isinf().any()
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_batch_statistics_without_running_buffers(impl):
     require(impl, batch_stats=True)

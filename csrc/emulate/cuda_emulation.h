@@ -375,10 +375,11 @@ inline void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], c
 }  // namespace emu
 
 namespace emu {
-// ldmatrix.m8n8.xN.shared.b16: lanes 0 .. 8N-1 each name one 16-byte row in shared memory (checked:
-// the GPU faults on anything else); every lane then reads its pair of each matrix from the row that
-// lane 8m + lane / 4 named.
-template <int N>
+// ldmatrix.m8n8.xN[.trans].shared.b16: lanes 0 .. 8N-1 each name one 16-byte row in shared memory
+// (checked: the GPU faults on anything else). Lane l then reads, of matrix m, the pair at columns
+// 2 (l % 4), +1 of the row that lane 8m + l / 4 named; transposed, the value at column l / 4 of the
+// rows lanes 8m + 2 (l % 4) and 8m + 2 (l % 4) + 1 named.
+template <int N, bool Trans>
 inline void ldmatrix(uint32_t (&r)[N], const uint16_t* row) {
   const int lane = lane_id();
   if (lane < 8 * N) {
@@ -389,8 +390,14 @@ inline void ldmatrix(uint32_t (&r)[N], const uint16_t* row) {
       throw std::runtime_error("ldmatrix: row outside the block's dynamic shared memory");
   }
   for (int m = 0; m < N; ++m) {
-    const uint16_t* source = warp_exchange(row, [m](int l) { return 8 * m + l / 4; });
-    std::memcpy(&r[m], source + 2 * (lane % 4), 4);
+    if (!Trans) {
+      const uint16_t* source = warp_exchange(row, [m](int l) { return 8 * m + l / 4; });
+      std::memcpy(&r[m], source + 2 * (lane % 4), 4);
+    } else {
+      const uint16_t* first = warp_exchange(row, [m](int l) { return 8 * m + 2 * (l % 4); });
+      const uint16_t* second = warp_exchange(row, [m](int l) { return 8 * m + 2 * (l % 4) + 1; });
+      r[m] = uint32_t(first[lane / 4]) | uint32_t(second[lane / 4]) << 16;
+    }
   }
 }
 }  // namespace emu

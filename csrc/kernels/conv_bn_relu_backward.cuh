@@ -80,7 +80,9 @@ __device__ __forceinline__ typename Numeric<T>::Acc dy_at(const P& p, const type
       static_cast<const T*>(p.dz)[n * p.dz_stride[0] + co * p.dz_stride[1] + oh * p.dz_stride[2] + ow * p.dz_stride[3]]);
   const Acc scale = coef[kScale * p.c_out + co];
   const Acc g = yv * scale + coef[kShift * p.c_out + co] > Acc(0) ? dz : Acc(0);
-  return scale * g + coef[kB * p.c_out + co] * (yv - coef[kCenter * p.c_out + co]) + coef[kC * p.c_out + co];
+  // A zero B (always, folded) contributes nothing, even where y is infinite (0 * Inf would be NaN).
+  const Acc b = coef[kB * p.c_out + co];
+  return scale * g + (b == Acc(0) ? Acc(0) : b * (yv - coef[kCenter * p.c_out + co])) + coef[kC * p.c_out + co];
 }
 
 // 1. Partial sums over a block's pixel range. Channel-fast thread order when y is channels-last,
@@ -505,7 +507,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
 // the 9 taps of dw[co, ci_l] over the split's pixels, kWgradPixels at a time: dy staged in shared
 // memory (computed on the fly), x read through the cache (threads of one group read the same x).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) wgrad(const P p, int64_t pixels_per_split, bool channel_fast) {
+__global__ void __launch_bounds__(kThreads, 2) wgrad(const P p, int64_t pixels_per_split, bool channel_fast) {
   using Acc = typename Numeric<T>::Acc;
   __shared__ Acc dy_tile[kWgradPixels][kChannels];
   __shared__ int image[kWgradPixels], out_h[kWgradPixels], out_w[kWgradPixels];
@@ -571,18 +573,22 @@ __global__ void __launch_bounds__(kThreads) wgrad(const P p, int64_t pixels_per_
 
 // Tensor-core wgrad for 16-bit inputs. Per block (split, kChannels output channels, up to
 // kWmmaInputs input channels of the contiguous range the block's groups read), over the split's
-// (image, output tile) units in order: D[co][(ci, tap)] += sum over the tile's pixels of
-// dy[pixel][co] * x[pixel, ci, tap] with mma.m16n8k16 (A = dy^T, two 16-row m-tiles; B read from the
+// (image, output tile) units in order: D[co][(tap, ci)] += sum over the tile's pixels of
+// dy[pixel][co] * x[pixel, ci, tap] with mma.m16n8k16 (A = dy^T, two 16-row m-tiles; B from the
 // tile's input halo staged once per unit, so x is loaded once per tile rather than once per tap;
-// fp32 accumulate). Small groups are packed densely: D also holds products of channels of
-// different groups, which are simply not written out (real products, no masking zeros, so
-// non-finite values cannot leak). Pixels outside the image or the tile have zero A and B.
-// Warp w owns the 9 n-tiles of input channels 8w .. 8w + 7.
+// fp32 accumulate). Fragments come with ldmatrix: A from dy_tile's pixel-contiguous rows, B
+// transposed from the halo, where 8 consecutive input channels of one tap are 16 contiguous bytes;
+// a pixel outside the image or the tile names a zero row. Small groups are packed densely: D also
+// holds products of channels of different groups, which are simply not written out (real products,
+// no masking zeros, so non-finite values cannot leak), and an (m-tile, n-tile) pair with no
+// channel pair of one group is skipped. Warp w owns the 9 n-tiles 9w .. 9w + 8, n-tile
+// nt = 4 * tap + (8-channel slice of the inputs).
 constexpr int kWmmaInputs = 32;
 constexpr int kWmmaRow = kWgradPixels + 8;   // dy_tile row: pixels (padded against bank conflicts)
 constexpr int kWmmaHaloRow = kWmmaInputs + 8;  // x halo row: input channels (padded)
 constexpr int kWmmaNTiles = kWmmaInputs * 9 / 8 / 4;  // per warp
 constexpr int kWmmaDyBytes = kChannels * kWmmaRow * 2;
+constexpr int kWmmaZeroBytes = 16;  // the zero row
 
 struct WgradTiling {
   int tile_h, tile_w;  // output pixels per unit (at most kWgradPixels)
@@ -593,7 +599,7 @@ struct WgradTiling {
 
 // The largest output tile whose input halo fits beside dy_tile; false when not even one pixel's.
 inline bool choose_wgrad_tiling(const P& p, WgradTiling* t) {
-  const int budget = (kSharedBytes - kWmmaDyBytes) / (kWmmaHaloRow * 2);
+  const int budget = (kSharedBytes - kWmmaDyBytes - kWmmaZeroBytes) / (kWmmaHaloRow * 2);
   int tile_w = int(p.w_out < 8 ? p.w_out : 8);
   int tile_h = int(p.h_out < kWgradPixels / tile_w ? p.h_out : kWgradPixels / tile_w);
   while (true) {
@@ -616,7 +622,7 @@ inline int64_t wgrad_mma_splits(const P& p, const WgradTiling& t) {
   return ceil_div(p.n * t.tiles_h * t.tiles_w, t.units_per_split);
 }
 inline size_t wgrad_mma_shared_bytes(const WgradTiling& t) {
-  return size_t(kWmmaDyBytes) + size_t(t.halo_h) * t.halo_w * kWmmaHaloRow * 2;
+  return size_t(kWmmaDyBytes) + size_t(t.halo_h) * t.halo_w * kWmmaHaloRow * 2 + kWmmaZeroBytes;
 }
 
 __host__ __device__ inline int wgrad_mma_input_begin(const P& p, int co0) {
@@ -628,7 +634,7 @@ __host__ __device__ inline int wgrad_mma_input_stop(const P& p, int co0) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kMmaThreads, 1) wgrad_mma(const P p, const WgradTiling tiling) {
+__global__ void __launch_bounds__(kMmaThreads, 3) wgrad_mma(const P p, const WgradTiling tiling) {
   RK_DYNAMIC_SHARED(uint16_t, shared);
   uint16_t* dy_tile = shared;                        // [kChannels][kWmmaRow]: (co, pixel)
   uint16_t* x_halo = shared + kChannels * kWmmaRow;  // [halo][kWmmaHaloRow]: (position, ci)
@@ -643,6 +649,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) wgrad_mma(const P p, const Wgr
   const int ci_count = ci_stop - ci_begin < kWmmaInputs ? ci_stop - ci_begin : kWmmaInputs;
   const int tile_w = tiling.tile_w, tile_pixels = tiling.tile_h * tile_w, halo_w = tiling.halo_w;
   const int halo = tiling.halo_h * halo_w;
+  uint16_t* zero_row = x_halo + halo * kWmmaHaloRow;  // [8]
   const unsigned tiles = unsigned(tiling.tiles_h) * unsigned(tiling.tiles_w);
   const int64_t units = p.n * tiles, u0 = int64_t(blockIdx.x) * tiling.units_per_split;
   const int64_t u1 = u0 + tiling.units_per_split < units ? u0 + tiling.units_per_split : units;
@@ -650,13 +657,20 @@ __global__ void __launch_bounds__(kMmaThreads, 1) wgrad_mma(const P p, const Wgr
   int tile = int(u0 % tiles);
 
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
-  // This lane's B column of each n-tile: input channel and the tap's offset in the halo.
-  int column_ci[kWmmaNTiles], column_offset[kWmmaNTiles];
+  // N-tile nt's tap and first input channel; bit 2j + mt of `needed`: m-tile mt holds an output
+  // channel of the same group as one of the input channels of the warp's n-tile j.
+  auto tap_of = [&](int j) { return (warp * kWmmaNTiles + j) / 4; };
+  auto slice_of = [&](int j) { return (warp * kWmmaNTiles + j) % 4 * 8; };
+  int needed = 0;
 #pragma unroll
   for (int j = 0; j < kWmmaNTiles; ++j) {
-    const int column = (warp * kWmmaNTiles + j) * 8 + g, tap = column % 9;
-    column_ci[j] = column / 9;
-    column_offset[j] = (tap / 3) * d * halo_w + (tap % 3) * d;
+    const int slice = slice_of(j), ci_lo = ci_begin + slice;
+    const int ci_hi = ci_begin + (slice + 7 < ci_count ? slice + 7 : ci_count - 1);
+    for (int mt = 0; mt < 2; ++mt) {
+      const int co_lo = co0 + 16 * mt, co_hi = co_lo + 15 < p.c_out ? co_lo + 15 : int(p.c_out) - 1;
+      if (slice < ci_count && co_lo < p.c_out && ci_lo / cin_pg <= co_hi / cout_pg && co_lo / cout_pg <= ci_hi / cin_pg)
+        needed |= 1 << (2 * j + mt);
+    }
   }
   float acc[2][kWmmaNTiles][4];
 #pragma unroll
@@ -664,6 +678,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) wgrad_mma(const P p, const Wgr
 #pragma unroll
     for (int j = 0; j < kWmmaNTiles; ++j)
       for (int i = 0; i < 4; ++i) acc[mt][j][i] = 0.0f;
+  if (threadIdx.x < kWmmaZeroBytes / 2) zero_row[threadIdx.x] = 0;
 
   for (int64_t u = u0; u < u1; ++u) {
     const int oh0 = (tile / tiling.tiles_w) * tiling.tile_h, ow0 = (tile % tiling.tiles_w) * tile_w;
@@ -691,29 +706,20 @@ __global__ void __launch_bounds__(kMmaThreads, 1) wgrad_mma(const P p, const Wgr
     }
     __syncthreads();
     for (int ks = 0; ks < tile_pixels; ks += kMmaK) {
+      // A (m-tile mt): lane l names row co = 16 mt + l % 16 at pixels ks + 8 (l / 16).
       uint32_t a[2][4];
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const uint16_t* src = dy_tile + (mt * 16 + g + 8 * (r % 2)) * kWmmaRow + ks + 2 * t + 8 * (r / 2);
-          a[mt][r] = uint32_t(src[0]) | uint32_t(src[1]) << 16;
-        }
-      int base[4];  // the lane's four B rows (pixels ks + 2t + {0, 1, 8, 9})
-#pragma unroll
-      for (int e = 0; e < 4; ++e) base[e] = pixel_base[ks + 2 * t + 8 * (e / 2) + e % 2];
+      for (int mt = 0; mt < 2; ++mt) ldmatrix(a[mt], dy_tile + (16 * mt + lane % 16) * kWmmaRow + ks + 8 * (lane / 16));
+      // B, transposed: lane l (< 16) names pixel ks + l's 8 input channels of the n-tile's tap.
+      const int base = pixel_base[ks + lane % 16];
 #pragma unroll
       for (int j = 0; j < kWmmaNTiles; ++j) {
+        if ((needed >> 2 * j & 3) == 0) continue;
+        const int tap = tap_of(j), offset = (tap / 3) * d * halo_w + (tap % 3) * d;
         uint32_t b[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int lo = base[2 * r], hi = base[2 * r + 1];
-          const uint32_t v0 = lo < 0 ? 0u : x_halo[(lo + column_offset[j]) * kWmmaHaloRow + column_ci[j]];
-          const uint32_t v1 = hi < 0 ? 0u : x_halo[(hi + column_offset[j]) * kWmmaHaloRow + column_ci[j]];
-          b[r] = v0 | v1 << 16;
-        }
-        mma_m16n8k16<T>(acc[0][j], a[0], b);
-        mma_m16n8k16<T>(acc[1][j], a[1], b);
+        ldmatrix_trans(b, base < 0 ? zero_row : x_halo + (base + offset) * kWmmaHaloRow + slice_of(j));
+        if (needed >> 2 * j & 1) mma_m16n8k16<T>(acc[0][j], a[0], b);
+        if (needed >> 2 * j & 2) mma_m16n8k16<T>(acc[1][j], a[1], b);
       }
     }
     if (++tile == int(tiles)) tile = 0, ++n;
@@ -726,8 +732,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) wgrad_mma(const P p, const Wgr
     for (int j = 0; j < kWmmaNTiles; ++j)
       for (int i = 0; i < 4; ++i) {
         const int co = co0 + mt * 16 + g + 8 * (i / 2);
-        const int column = (warp * kWmmaNTiles + j) * 8 + 2 * t + i % 2;
-        const int c = column / 9, tap = column % 9, ci = ci_begin + c;
+        const int tap = tap_of(j), c = slice_of(j) + 2 * t + i % 2, ci = ci_begin + c;
         if (co >= p.c_out || c >= ci_count || ci / cin_pg != co / cout_pg) continue;
         out[int64_t(co) * (cin_pg * 9) + (ci % cin_pg) * 9 + tap] = acc[mt][j][i];
       }

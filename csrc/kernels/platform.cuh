@@ -96,15 +96,30 @@ __device__ __forceinline__ void ntile_k_ranges(int n0, int n_end, int n_per_grou
 // register each. Lane l gives the address of row l % 8 of matrix l / 8 (16 contiguous, 16-byte
 // aligned bytes); lane l receives, of every matrix, the pair in row l / 4 at columns 2 * (l % 4) and
 // 2 * (l % 4) + 1: exactly the A/B fragment registers of mma.m16n8k16. Call from the whole warp.
+// ldmatrix_trans (.trans): the same rows, each matrix transposed: lane l receives the pair in
+// column l / 4 at rows 2 * (l % 4) and 2 * (l % 4) + 1 (the B fragment of a k-major tile).
 template <int N>
 __device__ __forceinline__ void ldmatrix(uint32_t (&r)[N], const uint16_t* row);
+template <int N>
+__device__ __forceinline__ void ldmatrix_trans(uint32_t (&r)[N], const uint16_t* row);
 
 #ifdef RESNEXT_KERNELS_EMULATE
 template <int N>
 inline void ldmatrix(uint32_t (&r)[N], const uint16_t* row) {
-  emu::ldmatrix<N>(r, row);
+  emu::ldmatrix<N, false>(r, row);
+}
+template <int N>
+inline void ldmatrix_trans(uint32_t (&r)[N], const uint16_t* row) {
+  emu::ldmatrix<N, true>(r, row);
 }
 #else
+template <>
+__device__ __forceinline__ void ldmatrix_trans<2>(uint32_t (&r)[2], const uint16_t* row) {
+  const unsigned address = unsigned(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(address));
+}
 template <>
 __device__ __forceinline__ void ldmatrix<2>(uint32_t (&r)[2], const uint16_t* row) {
   const unsigned address = unsigned(__cvta_generic_to_shared(row));
