@@ -56,6 +56,9 @@ struct alignas(16) int4 {
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
 
 // ---- 16-bit floating point types -----------------------------------------------------------------
 

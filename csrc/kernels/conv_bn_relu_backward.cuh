@@ -69,20 +69,67 @@ __device__ __forceinline__ Workspace<Acc> workspace_of(const P& p) {
   return {base, base + kRows * p.c_out};
 }
 
+// dy of one element from its y and dz and its channel's coefficients: the one formula of every
+// kernel. A zero B (always, folded) contributes nothing, even where y is infinite (0 * Inf = NaN).
+template <typename Acc>
+__device__ __forceinline__ Acc dy_of(Acc yv, Acc dz, Acc scale, Acc shift, Acc b, Acc center, Acc c) {
+  const Acc g = yv * scale + shift > Acc(0) ? dz : Acc(0);
+  return scale * g + (b == Acc(0) ? Acc(0) : b * (yv - center)) + c;
+}
+
 // dy at (n, co, oh, ow), from dz and y and the coefficients.
 template <typename T>
 __device__ __forceinline__ typename Numeric<T>::Acc dy_at(const P& p, const typename Numeric<T>::Acc* coef, int64_t n,
                                                            int64_t co, int64_t oh, int64_t ow) {
-  using Acc = typename Numeric<T>::Acc;
-  const Acc yv = Numeric<T>::load(
-      static_cast<const T*>(p.y)[n * p.y_stride[0] + co * p.y_stride[1] + oh * p.y_stride[2] + ow * p.y_stride[3]]);
-  const Acc dz = Numeric<T>::load(
-      static_cast<const T*>(p.dz)[n * p.dz_stride[0] + co * p.dz_stride[1] + oh * p.dz_stride[2] + ow * p.dz_stride[3]]);
-  const Acc scale = coef[kScale * p.c_out + co];
-  const Acc g = yv * scale + coef[kShift * p.c_out + co] > Acc(0) ? dz : Acc(0);
-  // A zero B (always, folded) contributes nothing, even where y is infinite (0 * Inf would be NaN).
-  const Acc b = coef[kB * p.c_out + co];
-  return scale * g + (b == Acc(0) ? Acc(0) : b * (yv - coef[kCenter * p.c_out + co])) + coef[kC * p.c_out + co];
+  const T* y = static_cast<const T*>(p.y);
+  const T* dz = static_cast<const T*>(p.dz);
+  const int64_t c_out = p.c_out;
+  return dy_of(Numeric<T>::load(y[n * p.y_stride[0] + co * p.y_stride[1] + oh * p.y_stride[2] + ow * p.y_stride[3]]),
+               Numeric<T>::load(dz[n * p.dz_stride[0] + co * p.dz_stride[1] + oh * p.dz_stride[2] + ow * p.dz_stride[3]]),
+               coef[kScale * c_out + co], coef[kShift * c_out + co], coef[kB * c_out + co],
+               coef[kCenter * c_out + co], coef[kC * c_out + co]);
+}
+
+// Whether dy_vector may serve 16-bit y and dz: both channels-last with 16-byte aligned pixels, and
+// 16-byte aligned coefficient rows.
+__device__ __forceinline__ bool dy_vectorizable(const P& p) {
+  const bool y_ok = p.y_stride[1] == 1 && (p.y_stride[0] % 8 | p.y_stride[2] % 8 | p.y_stride[3] % 8) == 0 &&
+                    reinterpret_cast<uintptr_t>(p.y) % 16 == 0;
+  const bool dz_ok = p.dz_stride[1] == 1 && (p.dz_stride[0] % 8 | p.dz_stride[2] % 8 | p.dz_stride[3] % 8) == 0 &&
+                     reinterpret_cast<uintptr_t>(p.dz) % 16 == 0;
+  return y_ok && dz_ok && p.c_out % 4 == 0;
+}
+
+// dy of the 8 channels co .. co + 7 (co % 8 == 0, co + 8 <= c_out) at one pixel, rounded to the
+// 16-bit T and packed: 16-byte loads of y and dz, the coefficients four channels at a time.
+template <typename T>
+__device__ __forceinline__ uint4 dy_vector(const P& p, const float* coef, int64_t n, int co, int64_t oh, int64_t ow) {
+  const uint16_t* y = static_cast<const uint16_t*>(p.y);
+  const uint16_t* dz = static_cast<const uint16_t*>(p.dz);
+  const uint4 y8 = *reinterpret_cast<const uint4*>(y + n * p.y_stride[0] + co + oh * p.y_stride[2] + ow * p.y_stride[3]);
+  const uint4 dz8 =
+      *reinterpret_cast<const uint4*>(dz + n * p.dz_stride[0] + co + oh * p.dz_stride[2] + ow * p.dz_stride[3]);
+  const uint32_t y_words[4] = {y8.x, y8.y, y8.z, y8.w}, dz_words[4] = {dz8.x, dz8.y, dz8.z, dz8.w};
+  uint32_t out[4];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {  // four channels at a time: fewer coefficients live at once
+    float4 rows[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) rows[r] = *reinterpret_cast<const float4*>(coef + r * p.c_out + co + 4 * h);
+#pragma unroll
+    for (int e = 4 * h; e < 4 * h + 4; ++e) {
+      auto at = [&](int r) { return e % 4 == 0 ? rows[r].x : e % 4 == 1 ? rows[r].y : e % 4 == 2 ? rows[r].z : rows[r].w; };
+      const int shift = 16 * (e % 2);
+      const float value = dy_of(Numeric<T>::from_bits(uint16_t(y_words[e / 2] >> shift)),
+                                Numeric<T>::from_bits(uint16_t(dz_words[e / 2] >> shift)), at(kScale), at(kShift),
+                                at(kB), at(kCenter), at(kC));
+      const T rounded = Numeric<T>::store(value);
+      uint16_t bits;
+      memcpy(&bits, &rounded, 2);
+      out[e / 2] = e % 2 ? out[e / 2] | uint32_t(bits) << 16 : uint32_t(bits);
+    }
+  }
+  return {out[0], out[1], out[2], out[3]};
 }
 
 // 1. Partial sums over a block's pixel range. Channel-fast thread order when y is channels-last,
@@ -409,6 +456,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
   const int b_row = lane % 8, b_column = 8 * ((lane / 8) % 2);
   for (int i = int(threadIdx.x); i < row; i += kMmaThreads) zero_row[i] = 0;
   T* dx = static_cast<T*>(p.dx);
+  const bool vector_dy = dy_vectorizable(p);
 
   const int64_t tiles = p.n * tiling.tiles_h * tiling.tiles_w;
   const int64_t first = int64_t(blockIdx.x) * tiling.tiles_per_block;
@@ -430,14 +478,26 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
       const int count = chunk < co_stop - k0 ? chunk : co_stop - k0;
       __syncthreads();  // everyone is done with the previous chunk's (or tile's) shared memory
       int non_finite = 0;
-      for (int i = int(threadIdx.x); i < halo * row; i += kMmaThreads) {
-        const int k = i % row, pos = i / row;
-        const int oh = oh_lo + pos / halo_w, ow = ow_lo + pos % halo_w;
-        T v = Numeric<T>::store(0.0f);
-        if (k < count && oh >= 0 && oh < p.h_out && ow >= 0 && ow < p.w_out)
-          v = Numeric<T>::store(dy_at<T>(p, coef, n, k0 + k, oh, ow));
-        reinterpret_cast<T*>(dy_tile)[pos * row + k] = v;
-        non_finite |= (dy_tile[pos * row + k] & 0x7fff) >= Numeric<T>::kNonFinite;
+      if (vector_dy && k0 % 8 == 0 && count % 8 == 0) {
+        const int vectors = row / 8;
+        for (int i = int(threadIdx.x); i < halo * vectors; i += kMmaThreads) {
+          const int k = (i % vectors) * 8, pos = i / vectors;
+          const int oh = oh_lo + pos / halo_w, ow = ow_lo + pos % halo_w;
+          uint4 v = {0u, 0u, 0u, 0u};
+          if (k < count && oh >= 0 && oh < p.h_out && ow >= 0 && ow < p.w_out) v = dy_vector<T>(p, coef, n, k0 + k, oh, ow);
+          non_finite |= has_non_finite<T>(v.x) | has_non_finite<T>(v.y) | has_non_finite<T>(v.z) | has_non_finite<T>(v.w);
+          *reinterpret_cast<uint4*>(dy_tile + pos * row + k) = v;
+        }
+      } else {
+        for (int i = int(threadIdx.x); i < halo * row; i += kMmaThreads) {
+          const int k = i % row, pos = i / row;
+          const int oh = oh_lo + pos / halo_w, ow = ow_lo + pos % halo_w;
+          T v = Numeric<T>::store(0.0f);
+          if (k < count && oh >= 0 && oh < p.h_out && ow >= 0 && ow < p.w_out)
+            v = Numeric<T>::store(dy_at<T>(p, coef, n, k0 + k, oh, ow));
+          reinterpret_cast<T*>(dy_tile)[pos * row + k] = v;
+          non_finite |= (dy_tile[pos * row + k] & 0x7fff) >= Numeric<T>::kNonFinite;
+        }
       }
       if (!weights_resident)
         for (int i = int(threadIdx.x); i < kChannels * row; i += kMmaThreads) {
@@ -634,7 +694,7 @@ __host__ __device__ inline int wgrad_mma_input_stop(const P& p, int co0) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kMmaThreads, 3) wgrad_mma(const P p, const WgradTiling tiling) {
+__global__ void __launch_bounds__(kMmaThreads, 2) wgrad_mma(const P p, const WgradTiling tiling) {
   RK_DYNAMIC_SHARED(uint16_t, shared);
   uint16_t* dy_tile = shared;                        // [kChannels][kWmmaRow]: (co, pixel)
   uint16_t* x_halo = shared + kChannels * kWmmaRow;  // [halo][kWmmaHaloRow]: (position, ci)
@@ -679,6 +739,7 @@ __global__ void __launch_bounds__(kMmaThreads, 3) wgrad_mma(const P p, const Wgr
     for (int j = 0; j < kWmmaNTiles; ++j)
       for (int i = 0; i < 4; ++i) acc[mt][j][i] = 0.0f;
   if (threadIdx.x < kWmmaZeroBytes / 2) zero_row[threadIdx.x] = 0;
+  const bool vector_dy = dy_vectorizable(p);
 
   for (int64_t u = u0; u < u1; ++u) {
     const int oh0 = (tile / tiling.tiles_w) * tiling.tile_h, ow0 = (tile % tiling.tiles_w) * tile_w;
@@ -688,13 +749,23 @@ __global__ void __launch_bounds__(kMmaThreads, 3) wgrad_mma(const P p, const Wgr
       const int ph = q / tile_w, pw = q % tile_w;
       pixel_base[q] = q < tile_pixels && oh0 + ph < p.h_out && ow0 + pw < p.w_out ? ph * s * halo_w + pw * s : -1;
     }
-    for (int i = int(threadIdx.x); i < kChannels * kWgradPixels; i += kMmaThreads) {
-      const int c = i % kChannels, q = i / kChannels;
+    // dy, 8 channels of a pixel at a time: one vector where they are all there, else one by one.
+    for (int i = int(threadIdx.x); i < kChannels / 8 * kWgradPixels; i += kMmaThreads) {
+      const int c = (i % (kChannels / 8)) * 8, q = i / (kChannels / 8);
       const int oh = oh0 + q / tile_w, ow = ow0 + q % tile_w;
-      T v = Numeric<T>::store(0.0f);
-      if (q < tile_pixels && oh < p.h_out && ow < p.w_out && co0 + c < p.c_out)
-        v = Numeric<T>::store(dy_at<T>(p, ws.coef, n, co0 + c, oh, ow));
-      reinterpret_cast<T*>(dy_tile)[c * kWmmaRow + q] = v;
+      const bool in_tile = q < tile_pixels && oh < p.h_out && ow < p.w_out;
+      if (vector_dy && in_tile && co0 + c + 8 <= p.c_out) {
+        const uint4 v = dy_vector<T>(p, ws.coef, n, co0 + c, oh, ow);
+        const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dy_tile[(c + e) * kWmmaRow + q] = uint16_t(words[e / 2] >> (16 * (e % 2)));
+        continue;
+      }
+      for (int e = 0; e < 8; ++e) {
+        T v = Numeric<T>::store(0.0f);
+        if (in_tile && co0 + c + e < p.c_out) v = Numeric<T>::store(dy_at<T>(p, ws.coef, n, co0 + c + e, oh, ow));
+        reinterpret_cast<T*>(dy_tile)[(c + e) * kWmmaRow + q] = v;
+      }
     }
     for (int i = int(threadIdx.x); i < halo * kWmmaInputs; i += kMmaThreads) {
       const int c = i % kWmmaInputs, pos = i / kWmmaInputs;

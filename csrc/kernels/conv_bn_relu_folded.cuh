@@ -225,12 +225,6 @@ constexpr int kNTiles = kChannels / 8;
 // [kChannels] + [2][lanes][kChannels] floats).
 constexpr int kMmaStatsBytes = (kMaxPixels * kChannels + 2 * (kMmaThreads / kChannels) * kChannels) * 4;
 
-// Whether either 16-bit value packed in `word` is Inf or NaN.
-template <typename T>
-__device__ __forceinline__ int has_non_finite(uint32_t word) {
-  return (word & 0x7fffu) >= Numeric<T>::kNonFinite || ((word >> 16) & 0x7fffu) >= Numeric<T>::kNonFinite;
-}
-
 // The exact partial sum of one chunk for output channel `co` at the halo position `base`: over its
 // own group's input channels only.
 template <typename T>

@@ -53,6 +53,12 @@ struct Numeric<__nv_bfloat16> {
   __device__ __forceinline__ static __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
 };
 
+// Whether either 16-bit value packed in `word` is Inf or NaN (T: __half or __nv_bfloat16).
+template <typename T>
+__device__ __forceinline__ int has_non_finite(uint32_t word) {
+  return (word & 0x7fffu) >= Numeric<T>::kNonFinite || ((word >> 16) & 0x7fffu) >= Numeric<T>::kNonFinite;
+}
+
 // ReLU that keeps NaN, as torch.relu does (fmaxf(NaN, 0) would give 0).
 template <typename Acc>
 __device__ __forceinline__ Acc relu(Acc v) {
