@@ -78,6 +78,37 @@ __global__ void __launch_bounds__(kThreads) normalize_relu(const BatchNormTrainP
   }
 }
 
+// The same for 16-bit channels-last y and z with c % 8 == 0, 16 bytes at a time: thread t always
+// takes the 8 channels (t % (c / 8)) * 8 .. + 7, of pixels t / (c / 8), + stride / (c / 8), ... (the
+// stride, in 8-value vectors, is a multiple of c / 8), so its scales and shifts stay in registers
+// and no element needs a division.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) normalize_relu_vectors(const BatchNormTrainParams p, int64_t stride) {
+  const int64_t first = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (first >= stride) return;
+  const float* stats = static_cast<const float*>(p.stats);
+  const int c0 = int(first % (p.c / 8)) * 8;
+  float scale[8], shift[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) scale[e] = stats[2 * p.c + c0 + e], shift[e] = stats[3 * p.c + c0 + e];
+  const uint4* y = static_cast<const uint4*>(p.y);
+  uint4* z = static_cast<uint4*>(p.z);
+  for (int64_t v = first; v < p.numel / 8; v += stride) {
+    const uint4 in = y[v];
+    const uint32_t words[4] = {in.x, in.y, in.z, in.w};
+    uint32_t out[4];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const T value = Numeric<T>::store(relu(Numeric<T>::from_bits(uint16_t(words[e / 2] >> (16 * (e % 2)))) * scale[e] +
+                                             shift[e]));
+      uint16_t bits;
+      memcpy(&bits, &value, 2);
+      out[e / 2] = e % 2 ? out[e / 2] | uint32_t(bits) << 16 : uint32_t(bits);
+    }
+    z[v] = {out[0], out[1], out[2], out[3]};
+  }
+}
+
 template <typename T>
 const char* launch(const BatchNormTrainParams& p, void* stream) {
   using Acc = typename Numeric<T>::Acc;
@@ -96,6 +127,16 @@ const char* launch(const BatchNormTrainParams& p, void* stream) {
     RK_LAUNCH(merge_kernel, dim3(channel_tiles), dim3(kThreads), 0, s, p, partials, p.blocks, p.blocks, nullptr, true);
   }
   if (const char* error = RK_LAUNCH_ERROR()) return error;
+  if constexpr (sizeof(T) == 2) {
+    if (p.channels_last && p.c % 8 == 0 && reinterpret_cast<uintptr_t>(p.y) % 16 == 0 &&
+        reinterpret_cast<uintptr_t>(p.z) % 16 == 0) {
+      const int64_t vectors = p.numel / 8, most = int64_t(65536) * kThreads;
+      const int64_t threads = vectors < most ? vectors : most, stride = threads / (p.c / 8) * (p.c / 8);
+      auto normalize_kernel = normalize_relu_vectors<T>;
+      RK_LAUNCH(normalize_kernel, dim3(unsigned((stride + kThreads - 1) / kThreads)), dim3(kThreads), 0, s, p, stride);
+      return RK_LAUNCH_ERROR();
+    }
+  }
   const int64_t blocks = (p.numel + kThreads - 1) / kThreads;
   auto normalize_kernel = normalize_relu<T>;
   RK_LAUNCH(normalize_kernel, dim3(unsigned(blocks < 65536 ? blocks : 65536)), dim3(kThreads), 0, s, p);
