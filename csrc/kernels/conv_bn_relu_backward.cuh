@@ -146,13 +146,16 @@ __global__ void __launch_bounds__(kThreads) reduce_partials(const P p, int64_t p
   const int64_t m1 = m0 + pixels_per_block < total ? m0 + pixels_per_block : total;
   const int64_t hw = p.h_out * p.w_out;
   Acc sum_g = Acc(0), sum_gy = Acc(0);
-  if (co < p.c_out) {
+  if (co < p.c_out && m0 + lane < m1) {
     const Acc scale = static_cast<const Acc*>(p.scale)[co], shift = static_cast<const Acc*>(p.shift)[co];
     const Acc center = p.mean != nullptr ? static_cast<const Acc*>(p.mean)[co] : Acc(0);
     const T* y = static_cast<const T*>(p.y);
     const T* dz = static_cast<const T*>(p.dz);
+    // The lane's pixel as (n, oh, ow), advanced by kLanes pixels without divisions.
+    int64_t n = (m0 + lane) / hw;
+    int oh = int((m0 + lane) % hw / p.w_out), ow = int((m0 + lane) % p.w_out);
+    const int h_out = int(p.h_out), w_out = int(p.w_out);
     for (int64_t m = m0 + lane; m < m1; m += kLanes) {
-      const int64_t n = m / hw, oh = (m % hw) / p.w_out, ow = m % p.w_out;
       const Acc yv = Numeric<T>::load(y[n * p.y_stride[0] + co * p.y_stride[1] + oh * p.y_stride[2] + ow * p.y_stride[3]]);
       if (yv * scale + shift > Acc(0)) {
         const Acc g =
@@ -160,6 +163,9 @@ __global__ void __launch_bounds__(kThreads) reduce_partials(const P p, int64_t p
         sum_g += g;
         sum_gy += g * (yv - center);
       }
+      ow += kLanes;
+      while (ow >= w_out) ow -= w_out, ++oh;
+      while (oh >= h_out) oh -= h_out, ++n;
     }
   }
   shared[0][lane][c_local] = sum_g;
