@@ -655,6 +655,7 @@ constexpr int kWmmaHaloRow = kWmmaInputs + 8;  // x halo row: input channels (pa
 constexpr int kWmmaNTiles = kWmmaInputs * 9 / 8 / 4;  // per warp
 constexpr int kWmmaDyBytes = kChannels * kWmmaRow * 2;
 constexpr int kWmmaZeroBytes = 16;  // the zero row
+constexpr int kWmmaPixelBytes = kWgradPixels * 4;  // pixel_base
 
 struct WgradTiling {
   int tile_h, tile_w;  // output pixels per unit (at most kWgradPixels)
@@ -665,7 +666,7 @@ struct WgradTiling {
 
 // The largest output tile whose input halo fits beside dy_tile; false when not even one pixel's.
 inline bool choose_wgrad_tiling(const P& p, WgradTiling* t) {
-  const int budget = (kSharedBytes - kWmmaDyBytes - kWmmaZeroBytes) / (kWmmaHaloRow * 2);
+  const int budget = (kSharedBytes - kWmmaDyBytes - kWmmaZeroBytes - kWmmaPixelBytes) / (kWmmaHaloRow * 2);
   int tile_w = int(p.w_out < 8 ? p.w_out : 8);
   int tile_h = int(p.h_out < kWgradPixels / tile_w ? p.h_out : kWgradPixels / tile_w);
   while (true) {
@@ -688,7 +689,7 @@ inline int64_t wgrad_mma_splits(const P& p, const WgradTiling& t) {
   return ceil_div(p.n * t.tiles_h * t.tiles_w, t.units_per_split);
 }
 inline size_t wgrad_mma_shared_bytes(const WgradTiling& t) {
-  return size_t(kWmmaDyBytes) + size_t(t.halo_h) * t.halo_w * kWmmaHaloRow * 2 + kWmmaZeroBytes;
+  return size_t(kWmmaDyBytes) + size_t(t.halo_h) * t.halo_w * kWmmaHaloRow * 2 + kWmmaZeroBytes + kWmmaPixelBytes;
 }
 
 __host__ __device__ inline int wgrad_mma_input_begin(const P& p, int co0) {
@@ -704,7 +705,6 @@ __global__ void __launch_bounds__(kMmaThreads, 2) wgrad_mma(const P p, const Wgr
   RK_DYNAMIC_SHARED(uint16_t, shared);
   uint16_t* dy_tile = shared;                        // [kChannels][kWmmaRow]: (co, pixel)
   uint16_t* x_halo = shared + kChannels * kWmmaRow;  // [halo][kWmmaHaloRow]: (position, ci)
-  __shared__ int pixel_base[kWgradPixels];           // halo position of a pixel's first tap, -1: none
   const Workspace<float> ws = workspace_of<float>(p);
   const uint16_t* x = static_cast<const uint16_t*>(p.x);
   const int cin_pg = int(p.c_in / p.groups), cout_pg = int(p.c_out / p.groups), d = p.dilation, s = p.stride;
@@ -716,6 +716,8 @@ __global__ void __launch_bounds__(kMmaThreads, 2) wgrad_mma(const P p, const Wgr
   const int tile_w = tiling.tile_w, tile_pixels = tiling.tile_h * tile_w, halo_w = tiling.halo_w;
   const int halo = tiling.halo_h * halo_w;
   uint16_t* zero_row = x_halo + halo * kWmmaHaloRow;  // [8]
+  // [kWgradPixels]: the halo position of a pixel's first tap, -1: none.
+  int* pixel_base = reinterpret_cast<int*>(zero_row + 8);
   const unsigned tiles = unsigned(tiling.tiles_h) * unsigned(tiling.tiles_w);
   const int64_t units = p.n * tiles, u0 = int64_t(blockIdx.x) * tiling.units_per_split;
   const int64_t u1 = u0 + tiling.units_per_split < units ? u0 + tiling.units_per_split : units;
