@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._autograd import register as register_autograd
 from . import backward as _backward
 from . import conv as _conv
 
@@ -30,30 +31,6 @@ def _(x, weight, bn_weight, bn_bias, eps, stride, dilation, groups):
     return torch.empty_like(y), y, _conv.stats_buffer(x, weight.shape[0])
 
 
-def _train_setup(ctx, inputs, output):
-    x, weight, bn_weight, bn_bias, eps, stride, dilation, groups = inputs
-    _, y, stats = output
-    ctx.mark_non_differentiable(y, stats)
-    ctx.save_for_backward(x, weight, y, stats)
-    ctx.args = (eps, stride, dilation, groups)
-    ctx.param_dtypes = (None if bn_weight is None else bn_weight.dtype, None if bn_bias is None else bn_bias.dtype)
-
-
-def _train_backward(ctx, dz, _dy, _dstats):
-    x, weight, y, stats = ctx.saved_tensors
-    eps, stride, dilation, groups = ctx.args
-    need = ctx.needs_input_grad
-    dx, dw, dparams = conv_bn_relu_backward(
-        dz, x, weight, y, stats[2], stats[3], stats[0], stats[1], eps, stride, dilation, groups, need[0], need[1]
-    )
-    dgamma, dbeta = (d.to(dtype) if dtype is not None and needed else None
-                     for d, dtype, needed in zip(dparams, ctx.param_dtypes, need[2:4]))
-    return dx if need[0] else None, dw if need[1] else None, dgamma, dbeta, None, None, None, None
-
-
-conv_bn_relu_train.register_autograd(_train_backward, setup_context=_train_setup)
-
-
 @torch.library.custom_op("resnext_kernels::triton_conv_scale_shift_relu", mutates_args=())
 def conv_scale_shift_relu(
     x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, stride: int, dilation: int, groups: int,
@@ -65,29 +42,6 @@ def conv_scale_shift_relu(
 @conv_scale_shift_relu.register_fake
 def _(x, weight, scale, shift, stride, dilation, groups):
     return _conv.conv_output(x, weight, stride, dilation)
-
-
-def _folded_setup(ctx, inputs, output):
-    x, weight, scale, shift, stride, dilation, groups = inputs
-    ctx.save_for_backward(x, weight, scale, shift)
-    ctx.args = (stride, dilation, groups)
-
-
-def _folded_backward(ctx, dz):
-    x, weight, scale, shift = ctx.saved_tensors
-    stride, dilation, groups = ctx.args
-    need = ctx.needs_input_grad
-    # The fused forward keeps no y; recomputing it costs one read of x and one write of y.
-    y = grouped_conv(x, weight, stride, dilation, groups)
-    dx, dw, dparams = conv_bn_relu_backward(
-        dz, x, weight, y, scale, shift, None, None, 0.0, stride, dilation, groups, need[0], need[1]
-    )
-    return (dx if need[0] else None, dw if need[1] else None,
-            dparams[0].to(scale.dtype) if need[2] else None, dparams[1].to(shift.dtype) if need[3] else None,
-            None, None, None)
-
-
-conv_scale_shift_relu.register_autograd(_folded_backward, setup_context=_folded_setup)
 
 
 @torch.library.custom_op("resnext_kernels::triton_grouped_conv", mutates_args=())
@@ -108,7 +62,7 @@ def conv_bn_relu_backward(
     mean: Optional[Tensor], var: Optional[Tensor], eps: float, stride: int, dilation: int, groups: int,
     need_dx: bool, need_dw: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dx, dw, dparams)`` of relu(bn(conv(x))); see backward.backward. No autograd (no double backward)."""
+    """``(dx, dw, dparams)`` of relu(bn(conv(x))); see backward.backward."""
     return _backward.backward(dz, x, weight, y, scale, shift, mean, var, eps, stride, dilation, groups,
                               need_dx, need_dw)
 
@@ -116,3 +70,6 @@ def conv_bn_relu_backward(
 @conv_bn_relu_backward.register_fake
 def _(dz, x, weight, y, scale, shift, mean, var, eps, stride, dilation, groups, need_dx, need_dw):
     return _backward.gradient_buffers(x, weight, need_dx, need_dw)
+
+
+register_autograd(conv_bn_relu_train, conv_scale_shift_relu, grouped_conv, conv_bn_relu_backward)

@@ -1,0 +1,49 @@
+"""Autograd of the fused ops, shared by the kernel backends. Each backend declares the same four ops
+(training forward, folded forward, plain convolution, backward) and differs only in the kernels
+behind them; the backward op has no autograd itself (no double backward)."""
+
+import torch
+
+
+def register(train_op, folded_op, grouped_conv, backward_op):
+    """Registers autograd for ``train_op`` (x, weight, bn_weight, bn_bias, eps, stride, dilation,
+    groups) -> (z, y, stats) and ``folded_op`` (x, weight, scale, shift, stride, dilation, groups) -> z,
+    both differentiated by ``backward_op``; ops given by name or as custom-op objects."""
+
+    def train_setup(ctx, inputs, output):
+        x, weight, bn_weight, bn_bias, eps, stride, dilation, groups = inputs
+        _, y, stats = output
+        ctx.mark_non_differentiable(y, stats)
+        ctx.save_for_backward(x, weight, y, stats)
+        ctx.args = (eps, stride, dilation, groups)
+        ctx.param_dtypes = tuple(None if t is None else t.dtype for t in (bn_weight, bn_bias))
+
+    def train_backward(ctx, dz, _dy, _dstats):
+        x, weight, y, stats = ctx.saved_tensors
+        eps, stride, dilation, groups = ctx.args
+        need = ctx.needs_input_grad
+        dx, dw, dparams = backward_op(dz, x, weight, y, stats[2], stats[3], stats[0], stats[1], eps, stride, dilation,
+                                      groups, need[0], need[1])
+        dgamma, dbeta = (d.to(dtype) if dtype is not None and needed else None
+                         for d, dtype, needed in zip(dparams, ctx.param_dtypes, need[2:4]))
+        return dx if need[0] else None, dw if need[1] else None, dgamma, dbeta, None, None, None, None
+
+    def folded_setup(ctx, inputs, output):
+        x, weight, scale, shift, stride, dilation, groups = inputs
+        ctx.save_for_backward(x, weight, scale, shift)
+        ctx.args = (stride, dilation, groups)
+
+    def folded_backward(ctx, dz):
+        x, weight, scale, shift = ctx.saved_tensors
+        stride, dilation, groups = ctx.args
+        need = ctx.needs_input_grad
+        # The fused inference forward keeps no y: recomputing it costs one read of x and one write of y.
+        y = grouped_conv(x, weight, stride, dilation, groups)
+        dx, dw, dparams = backward_op(dz, x, weight, y, scale, shift, None, None, 0.0, stride, dilation, groups,
+                                      need[0], need[1])
+        return (dx if need[0] else None, dw if need[1] else None,
+                dparams[0].to(scale.dtype) if need[2] else None, dparams[1].to(shift.dtype) if need[3] else None,
+                None, None, None)
+
+    torch.library.register_autograd(train_op, train_backward, setup_context=train_setup)
+    torch.library.register_autograd(folded_op, folded_backward, setup_context=folded_setup)
