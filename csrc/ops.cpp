@@ -13,7 +13,7 @@
 #define RK_DISPATCH_KEY CPU
 #define RK_DEVICE_NAME "CPU (host test build)"
 #else
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #define RK_NAMESPACE resnext_kernels
@@ -88,15 +88,32 @@ int sm_count() {
 #ifdef RESNEXT_KERNELS_EMULATE
   return 0;
 #else
-  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int device = 0, count = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
 #endif
 }
 
-void guard_device(const at::Tensor& x) {
-#ifndef RESNEXT_KERNELS_EMULATE
-  TORCH_CHECK(x.is_cuda(), "resnext_kernels: x must be a CUDA tensor, got one on ", x.device());
+// Checks that x is on this build's device and makes that device current for the scope's lifetime.
+class DeviceScope {
+ public:
+#ifdef RESNEXT_KERNELS_EMULATE
+  explicit DeviceScope(const at::Tensor&) {}
+#else
+  explicit DeviceScope(const at::Tensor& x) : guard_(checked_device(x)) {}
+
+ private:
+  static at::Device checked_device(const at::Tensor& x) {
+    TORCH_CHECK(x.is_cuda(), "resnext_kernels: x must be a CUDA tensor, got one on ", x.device());
+    return x.device();
+  }
+  c10::cuda::CUDAGuard guard_;
 #endif
-  (void)x;
+};
+
+void check_launch(const char* error, const char* what) {
+  TORCH_CHECK(error == nullptr, "resnext_kernels: ", what, " launch failed on ", RK_DEVICE_NAME, ": ", error);
 }
 
 // The forward params shared by inference and training pass 1.
@@ -133,16 +150,13 @@ at::Tensor conv_bn_relu_folded(const at::Tensor& x, const at::Tensor& weight, co
   check_per_channel(shift, "shift", x, c_out, true);
   at::Tensor out = empty_like_format(x, {x.size(0), c_out, h_out, w_out});
   if (out.numel() == 0) return out;
-  guard_device(x);
-#ifndef RESNEXT_KERNELS_EMULATE
-  const c10::cuda::CUDAGuard guard(x.device());
-#endif
+  const DeviceScope scope(x);
   const at::Tensor weight_c = weight.contiguous(), scale_c = scale.contiguous(), shift_c = shift.contiguous();
   ConvBnReluParams p = conv_params(x, weight_c, out, stride, dilation, groups);
   p.scale = scale_c.data_ptr();
   p.shift = shift_c.data_ptr();
   const char* error = launch_conv_bn_relu_folded(p, stream_of(x));
-  TORCH_CHECK(error == nullptr, "resnext_kernels: conv_bn_relu_folded launch failed on ", RK_DEVICE_NAME, ": ", error);
+  check_launch(error, "conv_bn_relu_folded");
   return out;
 }
 
@@ -152,7 +166,6 @@ at::Tensor conv_pass1(const at::Tensor& x, const at::Tensor& weight, int64_t str
   const auto [h_out, w_out] = check_conv(x, weight, stride, dilation, groups);
   at::Tensor y = empty_like_format(x, {x.size(0), weight.size(0), h_out, w_out});
   if (y.numel() == 0) return y;
-  guard_device(x);
   const at::Tensor weight_c = weight.contiguous();
   ConvBnReluParams p = conv_params(x, weight_c, y, stride, dilation, groups);
   if (partials != nullptr) {
@@ -161,14 +174,12 @@ at::Tensor conv_pass1(const at::Tensor& x, const at::Tensor& weight, int64_t str
     p.partials = partials->data_ptr();
   }
   const char* error = launch_conv_stats(p, stream_of(x));
-  TORCH_CHECK(error == nullptr, "resnext_kernels: convolution launch failed on ", RK_DEVICE_NAME, ": ", error);
+  check_launch(error, "convolution");
   return y;
 }
 
 at::Tensor grouped_conv(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t dilation, int64_t groups) {
-#ifndef RESNEXT_KERNELS_EMULATE
-  const c10::cuda::CUDAGuard guard(x.device());
-#endif
+  const DeviceScope scope(x);
   return conv_pass1(x, weight, stride, dilation, groups, nullptr);
 }
 
@@ -188,9 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train(const at::Tens
     check_per_channel(*bn_bias, "bn_bias", x, c_out, false);
     beta = bn_bias->to(acc).contiguous();
   }
-#ifndef RESNEXT_KERNELS_EMULATE
-  const c10::cuda::CUDAGuard guard(x.device());
-#endif
+  const DeviceScope scope(x);
   at::Tensor partials;
   at::Tensor y = conv_pass1(x, weight, stride, dilation, groups, &partials);
   at::Tensor z = at::empty_like(y);
@@ -214,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train(const at::Tens
   at::Tensor merged = slabs > 0 ? at::empty({3, slabs, c_out}, stats.options()) : at::Tensor();
   p.slabs = slabs > 0 ? merged.data_ptr() : nullptr;
   const char* error = launch_batch_norm_train(p, stream_of(x));
-  TORCH_CHECK(error == nullptr, "resnext_kernels: batch norm launch failed on ", RK_DEVICE_NAME, ": ", error);
+  check_launch(error, "batch norm");
   return {z, y, stats};
 }
 
@@ -253,10 +262,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_backward(
     dparams.zero_();
     return {dx, dw, dparams};
   }
-  guard_device(x);
-#ifndef RESNEXT_KERNELS_EMULATE
-  const c10::cuda::CUDAGuard guard(x.device());
-#endif
+  const DeviceScope scope(x);
   const at::Tensor weight_c = weight.contiguous(), scale_c = scale.contiguous(), shift_c = shift.contiguous();
   ConvBnReluBackwardParams p{};
   p.x = x.data_ptr();
@@ -292,7 +298,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_backward(
   at::Tensor workspace = at::empty({backward_workspace_elements(p)}, x.options().dtype(acc));
   p.workspace = workspace.data_ptr();
   const char* error = launch_conv_bn_relu_backward(p, stream_of(x));
-  TORCH_CHECK(error == nullptr, "resnext_kernels: conv_bn_relu_backward launch failed on ", RK_DEVICE_NAME, ": ", error);
+  check_launch(error, "conv_bn_relu_backward");
   return {dx, dw, dparams};
 }
 
