@@ -13,7 +13,8 @@
 //    As on the GPU, every lane named in a full mask must take part.
 //  * __shared__ variables become function-level statics: one copy, reused by every block in turn
 //    (the GPU gives no initial values either). Dynamic shared memory is a per-launch buffer filled
-//    with a poison pattern, so that a read of never-written shared memory shows up as NaN.
+//    with a poison pattern before every block, so that a read of shared memory the block never
+//    wrote shows up as NaN.
 //  * Atomics are plain read-modify-writes: only one fiber runs at any instant.
 //  * __half and __nv_bfloat16 are 16-bit structs converting with round-to-nearest-even, as the
 //    __float2half_rn / __float2bfloat16_rn intrinsics do.
@@ -246,6 +247,8 @@ inline void launch(dim3 grid, dim3 block_dim, size_t dynamic_shared_bytes, const
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         blockIdx = dim3(bx, by, bz);
+        // Fresh poison per block: a block must not read what an earlier block left in shared memory.
+        std::fill(dynamic_shared_memory.begin(), dynamic_shared_memory.end(), 0xff);
         Block block;
         block.body = &body;
         block.fibers.resize(threads);

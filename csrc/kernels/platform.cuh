@@ -147,7 +147,7 @@ constexpr int kMaxTilesPerBlock = 8;
 // Values per staged shared row of the tensor-core kernels: `chunk` channels in whole 16-byte
 // vectors and at least kMmaK zero columns beyond, so a 16-wide K step that starts inside the chunk
 // stays in its row; and row % 16 == 8, so the eight 16-byte rows one ldmatrix reads from
-// consecutive positions hit distinct banks.
+// consecutive positions (stride 1; stride 2 leaves 2-way conflicts) hit distinct banks.
 __host__ __device__ inline int mma_row(int chunk) {
   const int vectors = (chunk + 7) / 8 * 8;
   return vectors + (vectors % 16 ? kMmaK : kMmaK + 8);
