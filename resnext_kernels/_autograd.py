@@ -1,6 +1,6 @@
 """Autograd of the fused ops, shared by the kernel backends. Each backend declares the same four ops
 (training forward, folded forward, plain convolution, backward) and differs only in the kernels
-behind them; the backward op has no autograd itself (no double backward)."""
+behind them. A gradient of a gradient is refused with NotImplementedError, never silently wrong."""
 
 import torch
 
@@ -8,7 +8,7 @@ import torch
 def register(train_op, folded_op, grouped_conv, backward_op):
     """Registers autograd for ``train_op`` (x, weight, bn_weight, bn_bias, eps, stride, dilation,
     groups) -> (z, y, stats) and ``folded_op`` (x, weight, scale, shift, stride, dilation, groups) -> z,
-    both differentiated by ``backward_op``; ops given by name or as custom-op objects."""
+    both differentiated by ``backward_op``; ops given as OpOverloads or custom-op objects."""
 
     def train_setup(ctx, inputs, output):
         x, weight, bn_weight, bn_bias, eps, stride, dilation, groups = inputs
@@ -45,5 +45,9 @@ def register(train_op, folded_op, grouped_conv, backward_op):
                 dparams[0].to(scale.dtype) if need[2] else None, dparams[1].to(shift.dtype) if need[3] else None,
                 None, None, None)
 
+    def no_double_backward(ctx, *grads):
+        raise NotImplementedError("resnext_kernels: double backward (the gradient of a gradient) is not supported")
+
     torch.library.register_autograd(train_op, train_backward, setup_context=train_setup)
     torch.library.register_autograd(folded_op, folded_backward, setup_context=folded_setup)
+    torch.library.register_autograd(backward_op, no_double_backward, setup_context=lambda ctx, inputs, output: None)

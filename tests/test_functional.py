@@ -123,6 +123,18 @@ def test_gradcheck_float64(impl, training, affine):
     assert torch.autograd.gradcheck(fn, inputs)
 
 
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_double_backward_is_refused(impl, training):
+    require(impl, batch_stats=training, grad=True)
+    case = make_case(Shape(2, 8, 8, 4, 4, groups=2))
+    x = case.x.requires_grad_()
+    z = run(case, impl, training)
+    (dx,) = torch.autograd.grad(z.sum(), x, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        dx.sum().backward()
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in Triton's interpreter
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

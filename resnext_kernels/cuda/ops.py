@@ -55,5 +55,5 @@ def register_namespace(namespace):
         dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else weight.new_empty((0,))
         return dx, dw, torch.empty((2, weight.shape[0]), dtype=accumulate_dtype(x), device=x.device)
 
-    register_autograd(f"{namespace}::conv_bn_relu_train", f"{namespace}::conv_bn_relu_folded", ops.grouped_conv,
-                      ops.conv_bn_relu_backward)
+    register_autograd(ops.conv_bn_relu_train.default, ops.conv_bn_relu_folded.default, ops.grouped_conv.default,
+                      ops.conv_bn_relu_backward.default)
