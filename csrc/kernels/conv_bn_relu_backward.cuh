@@ -459,7 +459,6 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
   // The pixel whose A row this lane names to ldmatrix (-1: beyond the tile), and its column offset.
   const int a_pixel = warp * 16 + lane % 16 < tile_pixels ? warp * 16 + lane % 16 : -1;
   const int a_ph = a_pixel / tile_w, a_pw = a_pixel % tile_w, a_column = 8 * (lane / 16);
-  const int b_row = lane % 8, b_column = 8 * ((lane / 8) % 2);
   for (int i = int(threadIdx.x); i < row; i += kMmaThreads) zero_row[i] = 0;
   T* dx = static_cast<T*>(p.dx);
   const bool vector_dy = dy_vectorizable(p);
@@ -514,47 +513,22 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
           for (int tap = 0; tap < 9; ++tap) w_tile[(tap * kChannels + c) * row + k] = in_group ? source[tap] : uint16_t(0);
         }
       if (__syncthreads_or(non_finite)) {
-        // A rolled loop over the lane's accumulators: one copy of the rare path's code.
-#pragma unroll 1
-        for (int e = 0; e < kNTiles * 4; ++e) {
-          const int i = e % 4, c = 8 * (e / 4) + 2 * t + i % 2, r = i / 2;
-          const float sum = (r ? pixel[1] : pixel[0]) < tile_pixels && ci0 + c < ci_end
-                                ? dgrad_exact_sum<T>(dy_tile, w_tile, row, k0, count, r ? ph[1] : ph[0],
-                                                     r ? pw[1] : pw[0], c, ci0 + c, halo_w, s, inverse_s, d, eh, ew,
-                                                     cin_pg, cout_pg)
-                                : 0.0f;
-#pragma unroll
-          for (int j = 0; j < kNTiles; ++j)
-            for (int i2 = 0; i2 < 4; ++i2)
-              if (4 * j + i2 == e) acc[j][i2] += sum;
-        }
+        add_exact_sums(acc, t, [&](int c, int r) {
+          return (r ? pixel[1] : pixel[0]) < tile_pixels && ci0 + c < ci_end
+                     ? dgrad_exact_sum<T>(dy_tile, w_tile, row, k0, count, r ? ph[1] : ph[0], r ? pw[1] : pw[0], c,
+                                          ci0 + c, halo_w, s, inverse_s, d, eh, ew, cin_pg, cout_pg)
+                     : 0.0f;
+        });
         continue;
       }
-      int lo[kNTiles], hi[kNTiles];  // each n-tile's K range within this chunk
-#pragma unroll
-      for (int j = 0; j < kNTiles; ++j) {
-        lo[j] = (k_begin[j] > k0 ? k_begin[j] : k0) - k0;
-        hi[j] = (k_end[j] < k0 + count ? k_end[j] : k0 + count) - k0;
-      }
-      for (int tap = 0; tap < 9; ++tap) {
+      mma_chunk<T>(acc, k_begin, k_end, k0, count, w_tile, row, lane, [&](int tap) {
         // The halo row this lane's ldmatrix row receives from through this tap, or the zero row.
         const int nh = eh - (tap / 3) * d + a_ph, nw = ew - (tap % 3) * d + a_pw;
         const int qh = small_quotient(nh, s, inverse_s), qw = small_quotient(nw, s, inverse_s);
-        const uint16_t* a_row =
-            a_pixel >= 0 && qh * s == nh && qw * s == nw ? dy_tile + (qh * halo_w + qw) * row : zero_row;
-        for (int kr = 0; kr < count; kr += kMmaK) {
-          uint32_t a[4];
-          // The zero row is only `row` wide: it is always read at its start.
-          ldmatrix(a, a_row == zero_row ? zero_row + a_column : a_row + kr + a_column);
-#pragma unroll
-          for (int j = 0; j < kNTiles; ++j) {
-            if (kr >= hi[j] || kr + kMmaK <= lo[j]) continue;
-            uint32_t bf[2];
-            ldmatrix(bf, w_tile + (tap * kChannels + 8 * j + b_row) * row + kr + b_column);
-            mma_m16n8k16<T>(acc[j], a, bf);
-          }
-        }
-      }
+        return a_pixel >= 0 && qh * s == nh && qw * s == nw
+                   ? FragmentRow{dy_tile + (qh * halo_w + qw) * row + a_column, 1}
+                   : FragmentRow{zero_row + a_column, 0};
+      });
     }
 
 #pragma unroll

@@ -315,7 +315,6 @@ __global__ void __launch_bounds__(kMmaThreads, 4) conv_bn_relu_folded_mma(const 
   }
   const int a_pixel = warp * 16 + lane % 16 < tile_pixels ? warp * 16 + lane % 16 : 0;
   const int a_base = (a_pixel / tile_w) * s * halo_w + (a_pixel % tile_w) * s, a_column = 8 * (lane / 16);
-  const int b_row = lane % 8, b_column = 8 * ((lane / 8) % 2);  // ldmatrix.x2 of an n-tile's B
 
   T* out = static_cast<T*>(p.out);
   // 16-byte loads of the halo need unit channel stride and 16-byte aligned pixels; 4-byte stores of
@@ -345,42 +344,17 @@ __global__ void __launch_bounds__(kMmaThreads, 4) conv_bn_relu_folded_mma(const 
       if (!weights_resident) stage_weights(w_tile, weight, row, k0, count, b);
       const int non_finite = stage_halo<T>(x_tile, p, tiling, b, k0, count, vectorized);
       if (__syncthreads_or(non_finite)) {
-        // A rolled loop over the lane's accumulators: one copy of the rare path's code.
-#pragma unroll 1
-        for (int e = 0; e < kNTiles * 4; ++e) {
-          const int i = e % 4, c = 8 * (e / 4) + 2 * t + i % 2, r = i / 2;
-          const float sum = (r ? pixel[1] : pixel[0]) < tile_pixels && co0 + c < co_end
-                                ? exact_chunk_sum<T>(x_tile, w_tile, row, r ? base[1] : base[0], c, co0 + c, k0,
-                                                     count, halo_w, d, cin_pg, cout_pg)
-                                : 0.0f;
-#pragma unroll
-          for (int j = 0; j < kNTiles; ++j)
-            for (int i2 = 0; i2 < 4; ++i2)
-              if (4 * j + i2 == e) acc[j][i2] += sum;
-        }
+        add_exact_sums(acc, t, [&](int c, int r) {
+          return (r ? pixel[1] : pixel[0]) < tile_pixels && co0 + c < co_end
+                     ? exact_chunk_sum<T>(x_tile, w_tile, row, r ? base[1] : base[0], c, co0 + c, k0, count, halo_w,
+                                          d, cin_pg, cout_pg)
+                     : 0.0f;
+        });
         continue;
       }
-      // Each n-tile's K range within this chunk; a 16-wide step feeds the n-tiles it overlaps.
-      int lo[kNTiles], hi[kNTiles];
-#pragma unroll
-      for (int j = 0; j < kNTiles; ++j) {
-        lo[j] = (k_begin[j] > k0 ? k_begin[j] : k0) - k0;
-        hi[j] = (k_end[j] < k0 + count ? k_end[j] : k0 + count) - k0;
-      }
-      for (int tap = 0; tap < 9; ++tap) {
-        const int offset = (tap / 3) * d * halo_w + (tap % 3) * d;
-        for (int kr = 0; kr < count; kr += kMmaK) {
-          uint32_t a[4];
-          ldmatrix(a, x_tile + (a_base + offset) * row + kr + a_column);
-#pragma unroll
-          for (int j = 0; j < kNTiles; ++j) {
-            if (kr >= hi[j] || kr + kMmaK <= lo[j]) continue;
-            uint32_t bf[2];
-            ldmatrix(bf, w_tile + (tap * kChannels + 8 * j + b_row) * row + kr + b_column);
-            mma_m16n8k16<T>(acc[j], a, bf);
-          }
-        }
-      }
+      mma_chunk<T>(acc, k_begin, k_end, k0, count, w_tile, row, lane, [&](int tap) {
+        return FragmentRow{x_tile + (a_base + (tap / 3) * d * halo_w + (tap % 3) * d) * row + a_column, 1};
+      });
     }
 
     // Epilogue: this lane holds channels co, co + 1 (co = co0 + 8j + 2t) of pixels pixel[0..1].

@@ -192,4 +192,58 @@ __device__ __forceinline__ void mma_m16n8k16<__nv_bfloat16>(float d[4], const ui
 #undef RK_MMA_16816
 #endif
 
+// The A row a lane names to ldmatrix for one tap: its address at K step 0, and how far it moves
+// per K column (0: a row read at its start at every step, such as an all-zero row).
+struct FragmentRow {
+  const uint16_t* start;
+  int k_step;
+};
+
+// One staged chunk of a packed tensor-core tile: each warp owns 16 rows and NTiles 8-wide n-tiles.
+// For every tap and 16-wide K step, one A fragment (from a_row_of(tap)) feeds each n-tile whose K
+// range [k_begin, k_end) it overlaps; B comes from w_tile[tap][8 NTiles][row], which must be zero
+// outside each column's group and past the chunk, and A must be finite (chunks holding Inf or NaN
+// take the exact per-group sums instead: Inf * 0 would leak into other groups).
+template <typename T, int NTiles, typename RowOf>
+__device__ __forceinline__ void mma_chunk(float (&acc)[NTiles][4], const int (&k_begin)[NTiles],
+                                          const int (&k_end)[NTiles], int k0, int count, const uint16_t* w_tile,
+                                          int row, int lane, RowOf a_row_of) {
+  int lo[NTiles], hi[NTiles];  // each n-tile's K range within this chunk
+#pragma unroll
+  for (int j = 0; j < NTiles; ++j) {
+    lo[j] = (k_begin[j] > k0 ? k_begin[j] : k0) - k0;
+    hi[j] = (k_end[j] < k0 + count ? k_end[j] : k0 + count) - k0;
+  }
+  const int b_row = lane % 8, b_column = 8 * ((lane / 8) % 2);  // ldmatrix.x2 of an n-tile's B
+  for (int tap = 0; tap < 9; ++tap) {
+    const FragmentRow a_row = a_row_of(tap);
+    for (int kr = 0; kr < count; kr += kMmaK) {
+      uint32_t a[4];
+      ldmatrix(a, a_row.start + kr * a_row.k_step);
+#pragma unroll
+      for (int j = 0; j < NTiles; ++j) {
+        if (kr >= hi[j] || kr + kMmaK <= lo[j]) continue;
+        uint32_t b[2];
+        ldmatrix(b, w_tile + (tap * 8 * NTiles + 8 * j + b_row) * row + kr + b_column);
+        mma_m16n8k16<T>(acc[j], a, b);
+      }
+    }
+  }
+}
+
+// acc[j][i] += exact(channel, r) for each of the lane's accumulators (channel 8j + 2t + i % 2 of
+// the tile, fragment row r = i / 2), in a rolled loop: one copy of this rare path's code.
+template <int NTiles, typename Exact>
+__device__ __forceinline__ void add_exact_sums(float (&acc)[NTiles][4], int t, Exact exact) {
+#pragma unroll 1
+  for (int e = 0; e < NTiles * 4; ++e) {
+    const int i = e % 4;
+    const float sum = exact(8 * (e / 4) + 2 * t + i % 2, i / 2);
+#pragma unroll
+    for (int j = 0; j < NTiles; ++j)
+      for (int i2 = 0; i2 < 4; ++i2)
+        if (4 * j + i2 == e) acc[j][i2] += sum;
+  }
+}
+
 }  // namespace resnext_kernels
