@@ -48,8 +48,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a timeout, log to $OUT/NAME.l
 step build 180 pip install --no-build-isolation --no-deps -v -e .
 # One Triton config per kernel in the tests: autotuning every test shape would not fit the budget.
 step tests 200 env RESNEXT_KERNELS_TRITON_AUTOTUNE=0 python -m pytest tests -q -rfEs --junitxml="$OUT/tests.xml"
-step memcheck 45 compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/sanitizer_case.py
-step racecheck 45 compute-sanitizer --tool racecheck --error-exitcode 1 python benchmarks/sanitizer_case.py
+step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/sanitizer_case.py
+step racecheck 75 compute-sanitizer --tool racecheck --error-exitcode 1 python benchmarks/sanitizer_case.py
 step selfcheck 30 python -m resnext_kernels.bench --check-only --dtype bfloat16  # the main job also benchmarks now
 # The quick benchmarks. --budget-s stops starting new cases (the rest are recorded as skipped) well
 # before the step's timeout, and a SIGTERM from the timeout still writes what has finished. The per-op

@@ -1,22 +1,37 @@
-"""A small run of every CUDA kernel, for compute-sanitizer (memcheck, racecheck) in gpu_check.sh."""
+"""A small run of every CUDA kernel, for compute-sanitizer (memcheck, racecheck) in gpu_check.sh:
+inference, training forward and backward (NCHW and channels-last gradients: the scalar and 16-byte
+dy paths), every dtype, small and large groups, stride 2; and one ResNeXt stage-1 sized bf16 case,
+large enough that a tensor-core block computes several tiles with its weights staged once."""
 
 import torch
 
 import resnext_kernels
 
 
-def main():
+def run(n, c, h, w, groups, stride, dtype, training, device):
+    x = torch.randn(n, c, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c, c // groups, 3, 3, device=device, dtype=dtype) / (3 * (c // groups) ** 0.5)
+    gamma, beta = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)
+    mean, var = torch.randn(c, device=device), torch.rand(c, device=device) + 0.5
+    leaves = [t.requires_grad_() for t in (x, weight, gamma, beta)]
+    z = resnext_kernels.grouped_conv_bn_relu(*leaves, mean, var, stride=stride, groups=groups, training=training,
+                                             impl="cuda")
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        grads = torch.autograd.grad(z, leaves, torch.randn_like(z, memory_format=memory_format), retain_graph=True)
+        assert all(g is not None for g in grads)
+
+
+def main(device="cuda", large=True):
+    """``device="cpu", large=False``: the same run through the host test build (tests/test_cuda.py)."""
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for (n, c, h, w, groups, stride) in ((2, 64, 9, 7, 16, 1), (1, 128, 7, 7, 32, 2), (2, 32, 5, 5, 1, 1)):
-            x = torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
-            weight = torch.randn(c, c // groups, 3, 3, device="cuda", dtype=dtype)
-            gamma, beta = torch.rand(c, device="cuda") + 0.5, torch.randn(c, device="cuda")
-            mean, var = torch.randn(c, device="cuda"), torch.rand(c, device="cuda") + 0.5
-            with torch.no_grad():
-                resnext_kernels.grouped_conv_bn_relu(x, weight, gamma, beta, mean, var, stride=stride, groups=groups,
-                                                     training=False, impl="cuda")
-    torch.cuda.synchronize()
+        for shape in ((2, 64, 9, 7, 16, 1), (1, 128, 7, 7, 32, 2), (2, 32, 5, 5, 1, 1)):
+            for training in (False, True):
+                run(*shape, dtype, training, device)
+    if large:
+        run(32, 128, 56, 56, 32, 1, torch.bfloat16, True, device)
+    if device == "cuda":
+        torch.cuda.synchronize()
     print("sanitizer case done")
 
 

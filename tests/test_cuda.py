@@ -3,6 +3,7 @@
 The numerical checks of impl="cuda" live with every backend's in test_functional.py and
 test_modules.py; on a CPU machine they run the kernels through the host test build."""
 
+import importlib.util
 import os
 import pathlib
 import re
@@ -51,6 +52,16 @@ def test_kernels_use_no_local_memory_and_never_spill(source, arch):
     assert kernels and len(frames) == len(kernels), report
     for kernel, counts in zip(kernels, frames):
         assert counts == ("0", "0", "0"), f"{kernel}: {counts[0]} B stack frame, {counts[1]}/{counts[2]} B spills"
+
+
+@needs_cuda_backend
+def test_sanitizer_case_runs():
+    # benchmarks/sanitizer_case.py only runs under compute-sanitizer on a GPU: keep it working here.
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "sanitizer_case.py"
+    spec = importlib.util.spec_from_file_location("sanitizer_case", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(device=DEVICE.type, large=DEVICE.type == "cuda")
 
 
 @needs_cuda_backend
