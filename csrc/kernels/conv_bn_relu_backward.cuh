@@ -231,17 +231,9 @@ struct DgradTiling {
   int row;             // shared-memory values per staged halo position or weight row (>= chunk)
   int tiles_h, tiles_w;
   int tiles_per_block;
-  float inverse_stride;  // 1 / stride, computed on the host (a division in the kernel is a call)
 };
 
 __device__ __forceinline__ int floor_div(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
-
-// a / b for 0 <= a < 2^20 and b >= 1, without an integer division (which ptxas compiles to a call):
-// (a + 0.5) / b is at least 0.5 / b away from an integer, far more than float's rounding error.
-__device__ __forceinline__ int small_quotient(int a, int b, float inverse_b) {
-  (void)b;
-  return int((float(a) + 0.5f) * inverse_b);
-}
 
 // Where a dgrad block works: its image and input tile, the first output row and column that reach
 // the tile (oh_lo, ow_lo) and the tile's offset from them (eh, ew >= 2d), its input channels and
@@ -291,7 +283,7 @@ __global__ void __launch_bounds__(kThreads, 1) dgrad(const P p, const DgradTilin
   const int ci0 = block.ci0, ci_end = block.ci_end, co_begin = block.co_begin, co_stop = block.co_stop;
 
   const int c_local = int(threadIdx.x) % kChannels, ci = ci0 + c_local, pixel_lane = int(threadIdx.x) / kChannels;
-  const float inverse_s = tiling.inverse_stride;
+  const SmallDivisor by_s(p.stride);  // nh, nw below: 0 <= . < 2 * halo * s, small
   const bool active = ci < ci_end;
   const int group_begin = active ? (ci / cin_pg) * cout_pg : 0;
   const int group_end = active ? group_begin + cout_pg : 0;
@@ -337,7 +329,7 @@ __global__ void __launch_bounds__(kThreads, 1) dgrad(const P p, const DgradTilin
           if (pixel_h[j] >= 0) {
             // nh, nw < 2 * halo * s: small
             const int nh = rh + pixel_h[j], nw = rw + pixel_w[j];
-            const int qh = small_quotient(nh, s, inverse_s), qw = small_quotient(nw, s, inverse_s);
+            const int qh = by_s.quotient(nh), qw = by_s.quotient(nw);
             if (qh * s == nh && qw * s == nw) acc[j] += dy_tile[(qh * halo_w + qw) * chunk + k] * wv;
           }
         }
@@ -393,7 +385,6 @@ bool choose_dgrad_tiling(const P& p, DgradTiling* t) {
   }
   t->tiles_h = int(ceil_div(p.h, tile_h));
   t->tiles_w = int(ceil_div(p.w, tile_w));
-  t->inverse_stride = 1.0f / float(p.stride);
   t->tiles_per_block = 1;
   if (kTensorCores) t->tiles_per_block = tiles_per_block(p.n * t->tiles_h * t->tiles_w * ceil_div(p.c_in, kChannels),
                                                          p.sm_count);
@@ -418,14 +409,14 @@ constexpr int kNTiles = kChannels / 8;
 template <typename T>
 __device__ __forceinline__ float dgrad_exact_sum(const uint16_t* dy_tile, const uint16_t* w_tile, int row, int k0,
                                                  int count, int qh_tile, int qw_tile, int c, int ci, int halo_w, int s,
-                                                 float inverse_s, int d, int eh, int ew, int cin_pg, int cout_pg) {
+                                                 const SmallDivisor& by_s, int d, int eh, int ew, int cin_pg, int cout_pg) {
   const int group_begin = (ci / cin_pg) * cout_pg;
   const int lo = group_begin > k0 ? group_begin : k0;
   const int hi = group_begin + cout_pg < k0 + count ? group_begin + cout_pg : k0 + count;
   float sum = 0.0f;
   for (int tap = 0; tap < 9; ++tap) {
     const int nh = eh - (tap / 3) * d + qh_tile, nw = ew - (tap % 3) * d + qw_tile;
-    const int qh = small_quotient(nh, s, inverse_s), qw = small_quotient(nw, s, inverse_s);
+    const int qh = by_s.quotient(nh), qw = by_s.quotient(nw);
     if (qh * s != nh || qw * s != nw) continue;
     for (int k = lo; k < hi; ++k)
       sum += Numeric<T>::from_bits(dy_tile[(qh * halo_w + qw) * row + k - k0]) *
@@ -445,7 +436,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
   const float* coef = workspace_of<float>(p).coef;
   const uint16_t* weight = static_cast<const uint16_t*>(p.weight);
   const int s = p.stride, d = p.dilation;
-  const float inverse_s = tiling.inverse_stride;
+  const SmallDivisor by_s(p.stride);  // nh, nw below: 0 <= . < 2 * halo * s, small
   const int cin_pg = int(p.c_in / p.groups), cout_pg = int(p.c_out / p.groups);
 
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
@@ -462,6 +453,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
   for (int i = int(threadIdx.x); i < row; i += kMmaThreads) zero_row[i] = 0;
   T* dx = static_cast<T*>(p.dx);
   const bool vector_dy = dy_vectorizable(p);
+  const SmallDivisor by_row(row), by_vectors(row / 8), by_halo_w(halo_w);  // staging loops: indices < 2^20
 
   const int64_t tiles = p.n * tiling.tiles_h * tiling.tiles_w;
   const int64_t first = int64_t(blockIdx.x) * tiling.tiles_per_block;
@@ -484,10 +476,9 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
       __syncthreads();  // everyone is done with the previous chunk's (or tile's) shared memory
       int non_finite = 0;
       if (vector_dy && k0 % 8 == 0 && count % 8 == 0) {
-        const int vectors = row / 8;
-        for (int i = int(threadIdx.x); i < halo * vectors; i += kMmaThreads) {
-          const int k = (i % vectors) * 8, pos = i / vectors;
-          const int oh = oh_lo + pos / halo_w, ow = ow_lo + pos % halo_w;
+        for (int i = int(threadIdx.x); i < halo * by_vectors.d; i += kMmaThreads) {
+          const int pos = by_vectors.quotient(i), k = (i - pos * by_vectors.d) * 8, halo_row = by_halo_w.quotient(pos);
+          const int oh = oh_lo + halo_row, ow = ow_lo + pos - halo_row * halo_w;
           uint4 v = {0u, 0u, 0u, 0u};
           if (k < count && oh >= 0 && oh < p.h_out && ow >= 0 && ow < p.w_out) v = dy_vector<T>(p, coef, n, k0 + k, oh, ow);
           non_finite |= has_non_finite<T>(v.x) | has_non_finite<T>(v.y) | has_non_finite<T>(v.z) | has_non_finite<T>(v.w);
@@ -495,8 +486,8 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
         }
       } else {
         for (int i = int(threadIdx.x); i < halo * row; i += kMmaThreads) {
-          const int k = i % row, pos = i / row;
-          const int oh = oh_lo + pos / halo_w, ow = ow_lo + pos % halo_w;
+          const int pos = by_row.quotient(i), k = i - pos * row, halo_row = by_halo_w.quotient(pos);
+          const int oh = oh_lo + halo_row, ow = ow_lo + pos - halo_row * halo_w;
           T v = Numeric<T>::store(0.0f);
           if (k < count && oh >= 0 && oh < p.h_out && ow >= 0 && ow < p.w_out)
             v = Numeric<T>::store(dy_at<T>(p, coef, n, k0 + k, oh, ow));
@@ -506,7 +497,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
       }
       if (!weights_resident)
         for (int i = int(threadIdx.x); i < kChannels * row; i += kMmaThreads) {
-          const int c = i / row, k = i % row, ic = ci0 + c, oc = k0 + k;
+          const int c = by_row.quotient(i), k = i - c * row, ic = ci0 + c, oc = k0 + k;
           const bool in_group = k < count && ic < ci_end && oc / cout_pg == ic / cin_pg;
           const uint16_t* source = weight + (int64_t(oc) * cin_pg + ic % cin_pg) * 9;
 #pragma unroll
@@ -516,7 +507,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
         add_exact_sums(acc, t, [&](int c, int r) {
           return (r ? pixel[1] : pixel[0]) < tile_pixels && ci0 + c < ci_end
                      ? dgrad_exact_sum<T>(dy_tile, w_tile, row, k0, count, r ? ph[1] : ph[0], r ? pw[1] : pw[0], c,
-                                          ci0 + c, halo_w, s, inverse_s, d, eh, ew, cin_pg, cout_pg)
+                                          ci0 + c, halo_w, s, by_s, d, eh, ew, cin_pg, cout_pg)
                      : 0.0f;
         });
         continue;
@@ -524,7 +515,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
       mma_chunk<T>(acc, k_begin, k_end, k0, count, w_tile, row, lane, [&](int tap) {
         // The halo row this lane's ldmatrix row receives from through this tap, or the zero row.
         const int nh = eh - (tap / 3) * d + a_ph, nw = ew - (tap % 3) * d + a_pw;
-        const int qh = small_quotient(nh, s, inverse_s), qw = small_quotient(nw, s, inverse_s);
+        const int qh = by_s.quotient(nh), qw = by_s.quotient(nw);
         return a_pixel >= 0 && qh * s == nh && qw * s == nw
                    ? FragmentRow{dy_tile + (qh * halo_w + qw) * row + a_column, 1}
                    : FragmentRow{zero_row + a_column, 0};

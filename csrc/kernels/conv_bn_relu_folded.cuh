@@ -248,8 +248,9 @@ __device__ __forceinline__ float exact_chunk_sum(const uint16_t* x_tile, const u
 // input channel is outside the output channel's group or past the chunk.
 __device__ __forceinline__ void stage_weights(uint16_t* w_tile, const uint16_t* weight, int row, int k0, int count,
                                               const BlockTile& b) {
+  const SmallDivisor by_row(row);  // i < 2^20
   for (int i = int(threadIdx.x); i < kChannels * row; i += kMmaThreads) {
-    const int c = i / row, k = i % row, oc = b.co0 + c, ic = k0 + k;
+    const int c = by_row.quotient(i), k = i - c * row, oc = b.co0 + c, ic = k0 + k;
     const int group_begin = (oc / b.cout_pg) * b.cin_pg;
     const bool in_group = k < count && oc < b.co_end && ic >= group_begin && ic < group_begin + b.cin_pg;
     const uint16_t* source = weight + (int64_t(oc) * b.cin_pg + (ic - group_begin)) * 9;
@@ -265,13 +266,14 @@ __device__ __forceinline__ int stage_halo(uint16_t* x_tile, const ConvBnReluPara
                                           const BlockTile& b, int k0, int count, bool vectorized) {
   const uint16_t* x = static_cast<const uint16_t*>(p.x);
   const int row = tiling.row, halo_w = tiling.halo_w, halo = tiling.halo_h * halo_w;
+  const SmallDivisor by_halo_w(halo_w);  // positions < 2^20
   int non_finite = 0;
   if (vectorized && count % 8 == 0 && k0 % 8 == 0) {
     // Channels-last input: 8 channels of a pixel are 16 contiguous, aligned bytes.
-    const int vectors = row / 8;
-    for (int i = int(threadIdx.x); i < halo * vectors; i += kMmaThreads) {
-      const int k = (i % vectors) * 8, pos = i / vectors;
-      const int64_t ih = b.ih0 + pos / halo_w, iw = b.iw0 + pos % halo_w;
+    const SmallDivisor by_vectors(row / 8);  // i < 2^20
+    for (int i = int(threadIdx.x); i < halo * by_vectors.d; i += kMmaThreads) {
+      const int pos = by_vectors.quotient(i), k = (i - pos * by_vectors.d) * 8, halo_row = by_halo_w.quotient(pos);
+      const int64_t ih = b.ih0 + halo_row, iw = b.iw0 + (pos - halo_row * halo_w);
       uint4 v = {0u, 0u, 0u, 0u};
       if (k < count && ih >= 0 && ih < p.h && iw >= 0 && iw < p.w)
         v = *reinterpret_cast<const uint4*>(x + b.n * p.x_stride[0] + (k0 + k) + ih * p.x_stride[2] +
@@ -281,9 +283,10 @@ __device__ __forceinline__ int stage_halo(uint16_t* x_tile, const ConvBnReluPara
     }
     return non_finite;
   }
+  const SmallDivisor by_row(row);
   for (int i = int(threadIdx.x); i < halo * row; i += kMmaThreads) {
-    const int k = i % row, pos = i / row;
-    const int64_t ih = b.ih0 + pos / halo_w, iw = b.iw0 + pos % halo_w;
+    const int pos = by_row.quotient(i), k = i - pos * row, halo_row = by_halo_w.quotient(pos);
+    const int64_t ih = b.ih0 + halo_row, iw = b.iw0 + (pos - halo_row * halo_w);
     uint16_t v = 0;
     if (k < count && ih >= 0 && ih < p.h && iw >= 0 && iw < p.w)
       v = x[b.n * p.x_stride[0] + (k0 + k) * p.x_stride[1] + ih * p.x_stride[2] + iw * p.x_stride[3]];

@@ -53,6 +53,16 @@ struct Numeric<__nv_bfloat16> {
   __device__ __forceinline__ static __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
 };
 
+// Division by a runtime divisor d >= 1 of dividends 0 <= a < 2^20 without the integer division
+// sequence (~20 instructions): (a + 0.5) / d lies at least 0.5 / d from an integer, far more than
+// float's rounding error at that size.
+struct SmallDivisor {
+  int d;
+  float inverse;
+  __host__ __device__ explicit SmallDivisor(int divisor) : d(divisor), inverse(1.0f / float(divisor)) {}
+  __device__ __forceinline__ int quotient(int a) const { return int((float(a) + 0.5f) * inverse); }
+};
+
 // Whether either 16-bit value packed in `word` is Inf or NaN (T: __half or __nv_bfloat16).
 template <typename T>
 __device__ __forceinline__ int has_non_finite(uint32_t word) {
