@@ -65,7 +65,7 @@ __device__ __forceinline__ bool pixel_in_image(const ConvBnReluParams& p, const 
   return pixel < tile_pixels && b.oh0 + pixel / tile_w < p.h_out && b.ow0 + pixel % tile_w < p.w_out;
 }
 
-// stage[pixel * kChannels + channel] holds the stored y of the tile. Every thread takes part: lane
+// stage[pixel * stride + channel] holds the stored y of the tile. Every thread takes part: lane
 // l = threadIdx.x / kChannels of `lanes` takes pixels l, l + lanes, ... of its channel. Two rounds
 // through `scratch` ([2][lanes][kChannels] of Acc, not overlapping `stage`), each summed by lane 0
 // in lane order: the channel's count and sum, giving the block mean; then the squared deviations
@@ -73,13 +73,13 @@ __device__ __forceinline__ bool pixel_in_image(const ConvBnReluParams& p, const 
 // The partials of tile `tile` of `tiles` (the batch's tiles) are written for the block's channels.
 template <typename Acc, typename Staged>
 __device__ __forceinline__ void block_statistics(const ConvBnReluParams& p, const BlockTile& b, const Staged* stage,
-                                                 Acc* scratch, int lanes, int tile_pixels, int tile_w, int64_t tile,
-                                                 int64_t tiles) {
+                                                 int stride, Acc* scratch, int lanes, int tile_pixels, int tile_w,
+                                                 int64_t tile, int64_t tiles) {
   const int c = int(threadIdx.x) % kChannels, lane = int(threadIdx.x) / kChannels, co = b.co0 + c;
   Acc count = Acc(0), sum = Acc(0);
   for (int q = lane; q < tile_pixels; q += lanes)
     if (pixel_in_image(p, b, q, tile_pixels, tile_w)) {
-      sum += Acc(stage[q * kChannels + c]);
+      sum += Acc(stage[q * stride + c]);
       count += Acc(1);
     }
   scratch[lane * kChannels + c] = count;
@@ -96,7 +96,7 @@ __device__ __forceinline__ void block_statistics(const ConvBnReluParams& p, cons
   Acc m2 = Acc(0);
   for (int q = lane; q < tile_pixels; q += lanes)
     if (pixel_in_image(p, b, q, tile_pixels, tile_w)) {
-      const Acc delta = Acc(stage[q * kChannels + c]) - mean;
+      const Acc delta = Acc(stage[q * stride + c]) - mean;
       m2 += delta * delta;
     }
   __syncthreads();  // everyone has read count and mean
@@ -190,7 +190,8 @@ __global__ void __launch_bounds__(kThreads) conv_bn_relu_folded_fma(const ConvBn
       stage[pixel * kChannels + c_local] = Numeric<T>::load(v);
     }
     __syncthreads();
-    block_statistics<Acc>(p, b, stage, stage + kMaxPixels * kChannels, kPixelLanes, tile_pixels, tile_w, blockIdx.x,
+    block_statistics<Acc>(p, b, stage, kChannels, stage + kMaxPixels * kChannels, kPixelLanes, tile_pixels, tile_w,
+                          blockIdx.x,
                           gridDim.x);
     return;
   }
@@ -221,9 +222,12 @@ __global__ void __launch_bounds__(kThreads) conv_bn_relu_folded_fma(const ConvBn
 // tile's input channels fit in one chunk, its weights are staged once for all of them.
 constexpr int kMmaThreads = 128;
 constexpr int kNTiles = kChannels / 8;
-// The training epilogue's y tile and the lanes' statistics, over the staged halo ([kMaxPixels]
-// [kChannels] + [2][lanes][kChannels] floats).
-constexpr int kMmaStatsBytes = (kMaxPixels * kChannels + 2 * (kMmaThreads / kChannels) * kChannels) * 4;
+// The epilogue stages the tile's stored values over the halo, [kMaxPixels][kStageRow] floats (rows
+// padded so that a warp's 8-byte channel-pair stores hit distinct banks), for 16-byte stores and
+// the training statistics, whose lanes' sums follow ([2][lanes][kChannels] floats).
+constexpr int kStageRow = kChannels + 8;
+constexpr int kMmaStageBytes = kMaxPixels * kStageRow * 4;
+constexpr int kMmaStatsBytes = kMmaStageBytes + 2 * (kMmaThreads / kChannels) * kChannels * 4;
 
 // The exact partial sum of one chunk for output channel `co` at the halo position `base`: over its
 // own group's input channels only.
@@ -326,6 +330,10 @@ __global__ void __launch_bounds__(kMmaThreads, 4) conv_bn_relu_folded_mma(const 
                           reinterpret_cast<uintptr_t>(p.x) % 16 == 0;
   const bool paired_stores = p.out_stride[1] == 1 && (p.out_stride[0] % 2 | p.out_stride[2] % 2 | p.out_stride[3] % 2) == 0 &&
                              reinterpret_cast<uintptr_t>(out) % 4 == 0;
+  const bool vector_stores = p.out_stride[1] == 1 &&
+                             (p.out_stride[0] % 8 | p.out_stride[2] % 8 | p.out_stride[3] % 8) == 0 &&
+                             reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
+                             (int(blockIdx.y) + 1) * kChannels <= p.c_out;  // a whole channel tile
 
   const int64_t tiles = p.n * tiling.tiles_h * tiling.tiles_w;
   const int64_t first = int64_t(blockIdx.x) * tiling.tiles_per_block;
@@ -360,11 +368,12 @@ __global__ void __launch_bounds__(kMmaThreads, 4) conv_bn_relu_folded_mma(const 
       });
     }
 
-    // Epilogue: this lane holds channels co, co + 1 (co = co0 + 8j + 2t) of pixels pixel[0..1].
-    if constexpr (kTrain) {
-      if (p.partials != nullptr) __syncthreads();  // the last chunk's tiles are free for the statistics
-    }
-    float* stage = reinterpret_cast<float*>(x_tile);  // [kMaxPixels][kChannels]
+    // Epilogue: this lane holds channels co, co + 1 (co = co0 + 8j + 2t) of pixels pixel[0..1]. With
+    // 16-byte stores (a whole channel tile of channels-last output) or statistics to take, the values
+    // go through `stage` first.
+    const bool staged = vector_stores || (kTrain && p.partials != nullptr);  // uniform over the block
+    if (staged) __syncthreads();  // the last chunk's tiles are free
+    float* stage = reinterpret_cast<float*>(x_tile);  // [kMaxPixels][kStageRow]
 #pragma unroll
     for (int j = 0; j < kNTiles; ++j) {
       const int c = 8 * j + 2 * t, co = co0 + c;
@@ -383,6 +392,10 @@ __global__ void __launch_bounds__(kMmaThreads, 4) conv_bn_relu_folded_mma(const 
         T v[2];
         for (int e = 0; e < 2; ++e)
           v[e] = Numeric<T>::store(kTrain ? acc[j][2 * r + e] : relu(acc[j][2 * r + e] * scale[e] + shift[e]));
+        if (staged) {
+          *reinterpret_cast<float2*>(stage + q * kStageRow + c) = {Numeric<T>::load(v[0]), Numeric<T>::load(v[1])};
+          if (vector_stores) continue;
+        }
         T* at = out + b.n * p.out_stride[0] + co * p.out_stride[1] + (b.oh0 + q / tile_w) * p.out_stride[2] +
                 (b.ow0 + q % tile_w) * p.out_stride[3];
         if (paired_stores && co + 1 < co_end) {
@@ -393,15 +406,28 @@ __global__ void __launch_bounds__(kMmaThreads, 4) conv_bn_relu_folded_mma(const 
           at[0] = v[0];
           if (co + 1 < co_end) at[p.out_stride[1]] = v[1];
         }
-        if (kTrain && p.partials != nullptr)
-          for (int e = 0; e < 2; ++e) stage[q * kChannels + c + e] = Numeric<T>::load(v[e]);
       }
     }
+    if (!staged) continue;
+    __syncthreads();
+    if (vector_stores)  // 8 channels of a pixel per 16-byte store (staged values are exact in T)
+      for (int i = int(threadIdx.x); i < tile_pixels * (kChannels / 8); i += kMmaThreads) {
+        const int q = i / (kChannels / 8), c = i % (kChannels / 8) * 8;
+        if (!pixel_in_image(p, b, q, tile_pixels, tile_w)) continue;
+        const float* from = stage + q * kStageRow + c;
+        uint32_t words[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const T pair[2] = {Numeric<T>::store(from[2 * e]), Numeric<T>::store(from[2 * e + 1])};
+          memcpy(&words[e], pair, 4);
+        }
+        *reinterpret_cast<uint4*>(out + b.n * p.out_stride[0] + co0 + c + (b.oh0 + q / tile_w) * p.out_stride[2] +
+                                  (b.ow0 + q % tile_w) * p.out_stride[3]) = {words[0], words[1], words[2], words[3]};
+      }
     if constexpr (kTrain) {
-      if (p.partials == nullptr) continue;
-      __syncthreads();
-      block_statistics<float>(p, b, stage, stage + kMaxPixels * kChannels, kMmaThreads / kChannels, tile_pixels,
-                              tile_w, tile, tiles);
+      if (p.partials != nullptr)
+        block_statistics<float>(p, b, stage, kStageRow, stage + kMaxPixels * kStageRow, kMmaThreads / kChannels,
+                                tile_pixels, tile_w, tile, tiles);
     }
   }
 }
@@ -411,7 +437,7 @@ template <typename T, bool kTrain>
 size_t shared_bytes(const Tiling& t) {
   const size_t halo = size_t(t.halo_h) * t.halo_w;
   if constexpr (sizeof(T) == 2) {
-    const size_t x_bytes = halo * t.row * 2, stats = kTrain ? kMmaStatsBytes : 0;
+    const size_t x_bytes = halo * t.row * 2, stats = kTrain ? kMmaStatsBytes : kMmaStageBytes;
     return size_t(9) * kChannels * t.row * 2 + (x_bytes > stats ? x_bytes : stats);
   } else {
     using Acc = typename Numeric<T>::Acc;
