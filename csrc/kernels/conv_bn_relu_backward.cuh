@@ -354,7 +354,10 @@ __global__ void __launch_bounds__(kThreads, 1) dgrad(const P p, const DgradTilin
 template <typename T>
 size_t dgrad_shared_bytes(const DgradTiling& t) {
   const size_t halo = size_t(t.halo_h) * t.halo_w;
-  if constexpr (sizeof(T) == 2) return (1 + size_t(9) * kChannels + halo) * t.row * 2;
+  if constexpr (sizeof(T) == 2) {  // the halo's space also holds the epilogue's StagedTile
+    const size_t halo_bytes = halo * t.row * 2, stage_bytes = size_t(kMaxPixels) * StagedTile<kChannels>::kRow * 4;
+    return (1 + size_t(9) * kChannels) * t.row * 2 + (halo_bytes > stage_bytes ? halo_bytes : stage_bytes);
+  }
   return (halo + size_t(kChannels) * 9) * t.chunk * sizeof(typename Numeric<T>::Acc);
 }
 
@@ -453,6 +456,8 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
   for (int i = int(threadIdx.x); i < row; i += kMmaThreads) zero_row[i] = 0;
   T* dx = static_cast<T*>(p.dx);
   const bool vector_dy = dy_vectorizable(p);
+  const bool vector_stores =
+      vector_store_layout(p.dx_stride, dx) && (int(blockIdx.y) + 1) * kChannels <= p.c_in;  // a whole tile
   const SmallDivisor by_row(row), by_vectors(row / 8), by_halo_w(halo_w);  // staging loops: indices < 2^20
 
   const int64_t tiles = p.n * tiling.tiles_h * tiling.tiles_w;
@@ -522,14 +527,31 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
       });
     }
 
+    // A whole channel tile of channels-last dx goes out 16 bytes at a time, through shared memory.
+    auto in_image = [&](int q) { return q < tile_pixels && ih0 + q / tile_w < p.h && iw0 + q % tile_w < p.w; };
+    if (vector_stores) {
+      __syncthreads();  // the last chunk's tiles are free
+      const StagedTile<kChannels> staging{reinterpret_cast<float*>(dy_tile)};
+#pragma unroll
+      for (int j = 0; j < kNTiles; ++j)
+        for (int r = 0; r < 2; ++r)
+          if (in_image(pixel[r]))
+            staging.put(pixel[r], 8 * j + 2 * t, Numeric<T>::load(Numeric<T>::store(acc[j][2 * r])),
+                        Numeric<T>::load(Numeric<T>::store(acc[j][2 * r + 1])));
+      __syncthreads();
+      staging.store<T>(tile_pixels, kMmaThreads, [&](int q) -> T* {
+        if (!in_image(q)) return nullptr;
+        return dx + n * p.dx_stride[0] + ci0 + (ih0 + q / tile_w) * p.dx_stride[2] + (iw0 + q % tile_w) * p.dx_stride[3];
+      });
+      continue;
+    }
 #pragma unroll
     for (int j = 0; j < kNTiles; ++j)
       for (int i = 0; i < 4; ++i) {
         const int q = pixel[i / 2], ci = ci0 + 8 * j + 2 * t + i % 2;
-        const int ih = ih0 + q / tile_w, iw = iw0 + q % tile_w;
-        if (q < tile_pixels && ci < ci_end && ih < p.h && iw < p.w)
-          dx[n * p.dx_stride[0] + ci * p.dx_stride[1] + ih * p.dx_stride[2] + iw * p.dx_stride[3]] =
-              Numeric<T>::store(acc[j][i]);
+        if (in_image(q) && ci < ci_end)
+          dx[n * p.dx_stride[0] + ci * p.dx_stride[1] + (ih0 + q / tile_w) * p.dx_stride[2] +
+             (iw0 + q % tile_w) * p.dx_stride[3]] = Numeric<T>::store(acc[j][i]);
       }
   }
 }

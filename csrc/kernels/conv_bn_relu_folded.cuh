@@ -222,10 +222,9 @@ __global__ void __launch_bounds__(kThreads) conv_bn_relu_folded_fma(const ConvBn
 // tile's input channels fit in one chunk, its weights are staged once for all of them.
 constexpr int kMmaThreads = 128;
 constexpr int kNTiles = kChannels / 8;
-// The epilogue stages the tile's stored values over the halo, [kMaxPixels][kStageRow] floats (rows
-// padded so that a warp's 8-byte channel-pair stores hit distinct banks), for 16-byte stores and
-// the training statistics, whose lanes' sums follow ([2][lanes][kChannels] floats).
-constexpr int kStageRow = kChannels + 8;
+// The epilogue stages the tile's stored values over the halo (StagedTile, platform.cuh), for
+// 16-byte stores and the training statistics, whose lanes' sums follow ([2][lanes][kChannels]).
+constexpr int kStageRow = StagedTile<kChannels>::kRow;
 constexpr int kMmaStageBytes = kMaxPixels * kStageRow * 4;
 constexpr int kMmaStatsBytes = kMmaStageBytes + 2 * (kMmaThreads / kChannels) * kChannels * 4;
 
@@ -330,10 +329,8 @@ __global__ void __launch_bounds__(kMmaThreads, 4) conv_bn_relu_folded_mma(const 
                           reinterpret_cast<uintptr_t>(p.x) % 16 == 0;
   const bool paired_stores = p.out_stride[1] == 1 && (p.out_stride[0] % 2 | p.out_stride[2] % 2 | p.out_stride[3] % 2) == 0 &&
                              reinterpret_cast<uintptr_t>(out) % 4 == 0;
-  const bool vector_stores = p.out_stride[1] == 1 &&
-                             (p.out_stride[0] % 8 | p.out_stride[2] % 8 | p.out_stride[3] % 8) == 0 &&
-                             reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
-                             (int(blockIdx.y) + 1) * kChannels <= p.c_out;  // a whole channel tile
+  const bool vector_stores =
+      vector_store_layout(p.out_stride, out) && (int(blockIdx.y) + 1) * kChannels <= p.c_out;  // a whole tile
 
   const int64_t tiles = p.n * tiling.tiles_h * tiling.tiles_w;
   const int64_t first = int64_t(blockIdx.x) * tiling.tiles_per_block;
@@ -373,7 +370,8 @@ __global__ void __launch_bounds__(kMmaThreads, 4) conv_bn_relu_folded_mma(const 
     // go through `stage` first.
     const bool staged = vector_stores || (kTrain && p.partials != nullptr);  // uniform over the block
     if (staged) __syncthreads();  // the last chunk's tiles are free
-    float* stage = reinterpret_cast<float*>(x_tile);  // [kMaxPixels][kStageRow]
+    const StagedTile<kChannels> staging{reinterpret_cast<float*>(x_tile)};
+    float* stage = staging.stage;
 #pragma unroll
     for (int j = 0; j < kNTiles; ++j) {
       const int c = 8 * j + 2 * t, co = co0 + c;
@@ -393,7 +391,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) conv_bn_relu_folded_mma(const 
         for (int e = 0; e < 2; ++e)
           v[e] = Numeric<T>::store(kTrain ? acc[j][2 * r + e] : relu(acc[j][2 * r + e] * scale[e] + shift[e]));
         if (staged) {
-          *reinterpret_cast<float2*>(stage + q * kStageRow + c) = {Numeric<T>::load(v[0]), Numeric<T>::load(v[1])};
+          staging.put(q, c, Numeric<T>::load(v[0]), Numeric<T>::load(v[1]));
           if (vector_stores) continue;
         }
         T* at = out + b.n * p.out_stride[0] + co * p.out_stride[1] + (b.oh0 + q / tile_w) * p.out_stride[2] +
@@ -410,20 +408,12 @@ __global__ void __launch_bounds__(kMmaThreads, 4) conv_bn_relu_folded_mma(const 
     }
     if (!staged) continue;
     __syncthreads();
-    if (vector_stores)  // 8 channels of a pixel per 16-byte store (staged values are exact in T)
-      for (int i = int(threadIdx.x); i < tile_pixels * (kChannels / 8); i += kMmaThreads) {
-        const int q = i / (kChannels / 8), c = i % (kChannels / 8) * 8;
-        if (!pixel_in_image(p, b, q, tile_pixels, tile_w)) continue;
-        const float* from = stage + q * kStageRow + c;
-        uint32_t words[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const T pair[2] = {Numeric<T>::store(from[2 * e]), Numeric<T>::store(from[2 * e + 1])};
-          memcpy(&words[e], pair, 4);
-        }
-        *reinterpret_cast<uint4*>(out + b.n * p.out_stride[0] + co0 + c + (b.oh0 + q / tile_w) * p.out_stride[2] +
-                                  (b.ow0 + q % tile_w) * p.out_stride[3]) = {words[0], words[1], words[2], words[3]};
-      }
+    if (vector_stores)
+      staging.store<T>(tile_pixels, kMmaThreads, [&](int q) -> T* {
+        if (!pixel_in_image(p, b, q, tile_pixels, tile_w)) return nullptr;
+        return out + b.n * p.out_stride[0] + co0 + (b.oh0 + q / tile_w) * p.out_stride[2] +
+               (b.ow0 + q % tile_w) * p.out_stride[3];
+      });
     if constexpr (kTrain) {
       if (p.partials != nullptr)
         block_statistics<float>(p, b, stage, kStageRow, stage + kMaxPixels * kStageRow, kMmaThreads / kChannels,

@@ -256,4 +256,41 @@ __device__ __forceinline__ void add_exact_sums(float (&acc)[NTiles][4], int t, E
   }
 }
 
+// Epilogues of the tensor-core kernels with channels-last outputs: a tile's values go to shared
+// memory as floats, [pixels][Channels + 8] (the padding puts a warp's 8-byte channel-pair writes on
+// distinct banks), then out 8 channels per 16-byte store.
+template <int Channels>
+struct StagedTile {
+  static constexpr int kRow = Channels + 8;
+  float* stage;
+  // Channels c, c + 1 of pixel q (values already rounded to the output type).
+  __device__ __forceinline__ void put(int q, int c, float v0, float v1) const {
+    *reinterpret_cast<float2*>(stage + q * kRow + c) = {v0, v1};
+  }
+  // After a barrier: pixel q's channels go to address_of(q) (its first channel; 16-byte aligned,
+  // the channels contiguous), or nowhere when that is null.
+  template <typename T, typename AddressOf>
+  __device__ __forceinline__ void store(int pixels, int threads, AddressOf address_of) const {
+    for (int i = int(threadIdx.x); i < pixels * (Channels / 8); i += threads) {
+      const int q = i / (Channels / 8), c = i % (Channels / 8) * 8;
+      T* at = address_of(q);
+      if (at == nullptr) continue;
+      const float* from = stage + q * kRow + c;
+      uint32_t words[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const T pair[2] = {Numeric<T>::store(from[2 * e]), Numeric<T>::store(from[2 * e + 1])};
+        memcpy(&words[e], pair, 4);
+      }
+      *reinterpret_cast<uint4*>(at + c) = {words[0], words[1], words[2], words[3]};
+    }
+  }
+};
+
+// Whether a 16-bit output with these strides takes 16-byte stores of 8 channels.
+__host__ __device__ inline bool vector_store_layout(const int64_t (&stride)[4], const void* base) {
+  return stride[1] == 1 && (stride[0] % 8 | stride[2] % 8 | stride[3] % 8) == 0 &&
+         reinterpret_cast<uintptr_t>(base) % 16 == 0;
+}
+
 }  // namespace resnext_kernels
