@@ -305,7 +305,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) conv_bn_relu_folded_mma(const 
   const int chunk = tiling.chunk, row = tiling.row, halo_w = tiling.halo_w, tile_w = tiling.tile_w;
   const int tile_pixels = tiling.tile_h * tile_w;
   uint16_t* w_tile = shared;                     // [9][kChannels][row]
-  uint16_t* x_tile = shared + 9 * kChannels * row;  // [halo][row], then (kTrain) the tile's y and statistics
+  uint16_t* x_tile = shared + 9 * kChannels * row;  // [halo][row], then the epilogue's StagedTile
   const uint16_t* weight = static_cast<const uint16_t*>(p.weight);
   const int s = p.stride, d = p.dilation;
 
@@ -327,7 +327,8 @@ __global__ void __launch_bounds__(kMmaThreads, 4) conv_bn_relu_folded_mma(const 
   // channel pairs likewise.
   const bool vectorized = p.x_stride[1] == 1 && (p.x_stride[0] % 8 | p.x_stride[2] % 8 | p.x_stride[3] % 8) == 0 &&
                           reinterpret_cast<uintptr_t>(p.x) % 16 == 0;
-  const bool paired_stores = p.out_stride[1] == 1 && (p.out_stride[0] % 2 | p.out_stride[2] % 2 | p.out_stride[3] % 2) == 0 &&
+  const bool paired_stores = p.out_stride[1] == 1 &&
+                             (p.out_stride[0] % 2 | p.out_stride[2] % 2 | p.out_stride[3] % 2) == 0 &&
                              reinterpret_cast<uintptr_t>(out) % 4 == 0;
   const bool vector_stores =
       vector_store_layout(p.out_stride, out) && (int(blockIdx.y) + 1) * kChannels <= p.c_out;  // a whole tile
