@@ -16,6 +16,7 @@
 
 #include "params.h"
 #include "platform.cuh"
+#include "tensor_core_tiles.cuh"
 
 namespace resnext_kernels {
 namespace backward {

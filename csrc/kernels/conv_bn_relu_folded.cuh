@@ -10,6 +10,7 @@
 
 #include "params.h"
 #include "platform.cuh"
+#include "tensor_core_tiles.cuh"
 
 namespace resnext_kernels {
 namespace folded {
@@ -222,7 +223,7 @@ __global__ void __launch_bounds__(kThreads) conv_bn_relu_folded_fma(const ConvBn
 // tile's input channels fit in one chunk, its weights are staged once for all of them.
 constexpr int kMmaThreads = 128;
 constexpr int kNTiles = kChannels / 8;
-// The epilogue stages the tile's stored values over the halo (StagedTile, platform.cuh), for
+// The epilogue stages the tile's stored values over the halo (StagedTile, tensor_core_tiles.cuh), for
 // 16-byte stores and the training statistics, whose lanes' sums follow ([2][lanes][kChannels]).
 constexpr int kStageRow = StagedTile<kChannels>::kRow;
 constexpr int kMmaStageBytes = kMaxPixels * kStageRow * 4;
