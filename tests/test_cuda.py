@@ -22,6 +22,8 @@ CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc"
 EMULATION_PY = str(pathlib.Path(resnext_kernels.__file__).parent / "cuda" / "emulation.py")
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.isfile("/usr/local/cuda/bin/nvcc") else None)
 needs_cuda_backend = pytest.mark.skipif("cuda" not in KERNEL_IMPLS, reason="impl='cuda' cannot run here")
+needs_host_build = pytest.mark.skipif(DEVICE.type != "cpu" or "cuda" not in KERNEL_IMPLS,
+                                      reason="needs the host test build")
 
 
 def ops():
@@ -100,12 +102,12 @@ def test_opcheck_inference_op_with_autograd():
     torch.library.opcheck(ops().conv_bn_relu_folded.default, args)
 
 
-def _train_step(impl, case, grad):
+def _train_step(impl, case, grad, training=True):
     leaves = [t.detach().requires_grad_() for t in case.tensors()[:4]]
     mean, var = case.running_mean.clone(), case.running_var.clone()
     s = case.shape
     z = resnext_kernels.grouped_conv_bn_relu(*leaves, mean, var, stride=s.stride, dilation=s.dilation, groups=s.groups,
-                                             training=True, impl=impl)
+                                             training=training, impl=impl)
     z.backward(grad)
     return [z, mean, var] + [t.grad for t in leaves]
 
@@ -119,6 +121,30 @@ def test_training_forward_and_backward_are_deterministic(dtype):
     first, second = _train_step("cuda", case, grad), _train_step("cuda", case, grad)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@needs_host_build
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_results_do_not_depend_on_the_schedule_of_threads(dtype, training, monkeypatch):
+    # The host build's default schedule runs warps in lockstep, which hides a race between warps that
+    # issue the same warp-level operations: one warp overwriting shared memory another still reads,
+    # or reading what another has not written yet, with no barrier between. The warp-serial schedule
+    # runs each warp alone up to the next __syncthreads(), and blocks, warps and lanes last first (a
+    # block writing outside its tile is no longer overwritten by the block owning it). Every kernel,
+    # bitwise.
+    # Several tiles per persistent block (stride 1), packed 4-channel groups, stride 2 on odd sizes.
+    shapes = [Shape(2, 64, 64, 17, 15, groups=16), Shape(2, 32, 48, 9, 7, groups=8, stride=2)]
+    for shape in shapes:
+        case = make_case(shape, dtype=dtype, layout="channels_last")
+        grad = torch.randn(shape.n, shape.c_out, (shape.h - 1) // shape.stride + 1, (shape.w - 1) // shape.stride + 1,
+                           device=DEVICE, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        runs = []
+        for schedule in ("lockstep", "warp-serial"):
+            monkeypatch.setenv("RESNEXT_KERNELS_EMULATE_SCHEDULE", schedule)
+            runs.append(_train_step("cuda", case, grad, training))
+        for name, a, b in zip(("z", "mean", "var", "dx", "dw", "dgamma", "dbeta"), *runs):
+            assert torch.equal(a, b), f"{shape}: {name}"
 
 
 def _grads_in(dtype, case64, grad64, impl, training=True):
@@ -290,8 +316,9 @@ def test_output_is_written_everywhere():
     assert not z.isnan().any()
 
 
-@pytest.mark.skipif(DEVICE.type != "cpu" or "cuda" not in KERNEL_IMPLS, reason="needs the host test build")
-def test_address_sanitizer_catches_an_out_of_bounds_read_in_a_kernel():
+def _run_sanitized(body):
+    """Runs ``body`` (Python, with ``ops`` the host test build compiled with AddressSanitizer and
+    alignment checks) in a fresh interpreter; returns (output, exit status)."""
     libasan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
     if not os.path.isabs(libasan):
         pytest.skip("gcc has no AddressSanitizer runtime")
@@ -305,16 +332,51 @@ def test_address_sanitizer_catches_an_out_of_bounds_read_in_a_kernel():
         "spec.loader.exec_module(emulation)\n"
         "load(**emulation.build_arguments(sanitize=True))\n"
         "ops = torch.ops.resnext_kernels_emulated\n"
+    ) + body
+    env = dict(os.environ, LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0")
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=900)
+    return result.stdout + result.stderr, result.returncode
+
+
+@needs_host_build
+def test_address_sanitizer_catches_an_out_of_bounds_read_in_a_kernel():
+    output, status = _run_sanitized(
         "x, w = torch.randn(1, 8, 5, 5), torch.randn(8, 2, 3, 3)\n"
         "ops.conv_bn_relu_folded(x, w, torch.ones(8), torch.zeros(8), 1, 1, 4)\n"
         "print('in-bounds launch passed', flush=True)\n"
         "ops.read_past_the_end(x, w, 4)\n"
         "print('out-of-bounds read went unnoticed', flush=True)\n"
     )
-    env = dict(os.environ, LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0")
-    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=900)
-    output = result.stdout + result.stderr
     assert "in-bounds launch passed" in output, output[-3000:]
     assert "out-of-bounds read went unnoticed" not in output
     assert "ERROR: AddressSanitizer" in output and "conv_bn_relu_folded" in output, output[-3000:]
-    assert result.returncode != 0
+    assert status != 0
+
+
+@needs_host_build
+def test_every_kernel_stays_in_bounds_and_aligned_under_the_sanitizers():
+    # On a GPU a misaligned 16-byte access is a launch error; on a CPU it works. Under the alignment
+    # sanitizer it aborts: every kernel, on 16-bit channels-last tensors (the vector paths) whose data
+    # starts 16-byte aligned or one element off (the kernels must fall back to narrower accesses).
+    output, status = _run_sanitized(
+        "def shifted(t, offset):\n"
+        "    buffer = torch.empty(t.numel() + offset, dtype=t.dtype)[offset:]\n"
+        "    return buffer.as_strided(t.shape, t.stride()).copy_(t)\n"
+        "for dtype in (torch.bfloat16, torch.float32):\n"
+        "    for stride in (1, 2):\n"
+        "        for offset in (0, 1):\n"
+        "            x = torch.randn(2, 32, 9, 7).to(dtype).contiguous(memory_format=torch.channels_last)\n"
+        "            x, w = shifted(x, offset), torch.randn(32, 4, 3, 3).to(dtype)\n"
+        "            gamma, beta = torch.rand(32) + 0.5, torch.randn(32)\n"
+        "            z, y, stats = ops.conv_bn_relu_train(x, w, gamma, beta, 1e-5, stride, 1, 8)\n"
+        "            dz = shifted(torch.randn_like(z), offset)\n"
+        "            ops.conv_bn_relu_backward(dz, x, w, y, stats[2], stats[3], stats[0], stats[1], 1e-5, stride, 1, 8,\n"
+        "                                      True, True)\n"
+        "            ops.conv_bn_relu_folded(x, w, stats[2], stats[3], stride, 1, 8)\n"
+        "            y = shifted(ops.grouped_conv(x, w, stride, 1, 8), offset)\n"
+        "            ops.conv_bn_relu_backward(dz, x, w, y, stats[2], stats[3], None, None, 1e-5, stride, 1, 8,\n"
+        "                                      True, True)\n"
+        "print('every kernel ran', flush=True)\n"
+    )
+    assert "every kernel ran" in output and "runtime error" not in output and "Sanitizer" not in output, output[-3000:]
+    assert status == 0

@@ -7,7 +7,16 @@
 //
 // Model:
 //  * Blocks run one after another. A block's threads are cooperative fibers (ucontext) on one OS
-//    thread; a fiber runs until it waits at a barrier or returns, then the next one runs.
+//    thread; a fiber runs until it waits at a barrier or returns, then the next one runs. Two
+//    schedules, chosen by RESNEXT_KERNELS_EMULATE_SCHEDULE:
+//      lockstep (default): passes over all threads in ascending order, each resumed once per pass,
+//        so warps advance together, one warp-level operation (MMA, shuffle) per pass;
+//      warp-serial: blocks, warps and lanes in descending order, each warp run alone until every
+//        lane waits at __syncthreads() or has returned.
+//    A kernel whose results differ between the two has a race: a warp reading shared memory another
+//    writes, or overwriting what another still reads, with no __syncthreads() between them (lockstep
+//    hides such races between warps that run the same sequence of warp-level operations), or a block
+//    writing outside its own part of the output (which a later block would otherwise overwrite).
 //  * __syncthreads() is a barrier over the block's live threads; warp operations (__syncwarp,
 //    shuffles, votes, MMA) are barriers over the warp's live lanes with an exchange slot per lane.
 //    As on the GPU, every lane named in a full mask must take part.
@@ -198,7 +207,15 @@ inline dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 namespace emu {
 
-inline void run_block(Block& block, int threads, dim3 block_dim) {
+// True for the warp-serial schedule (see the top of this file).
+inline bool warp_serial_schedule() {
+  const char* schedule = std::getenv("RESNEXT_KERNELS_EMULATE_SCHEDULE");
+  if (!schedule || !std::strcmp(schedule, "lockstep")) return false;
+  if (!std::strcmp(schedule, "warp-serial")) return true;
+  throw std::runtime_error("RESNEXT_KERNELS_EMULATE_SCHEDULE must be lockstep or warp-serial");
+}
+
+inline void run_block(Block& block, int threads, dim3 block_dim, bool warp_serial) {
   for (int t = 0; t < threads; ++t) {
     Fiber& fiber = block.fibers[t];
     fiber.linear = t;
@@ -209,22 +226,32 @@ inline void run_block(Block& block, int threads, dim3 block_dim) {
     fiber.context.uc_link = &block.scheduler;
     makecontext(&fiber.context, fiber_main, 0);
   }
+  const int warps = (threads + 31) / 32;
   for (int live = threads; live > 0;) {
     bool resumed = false;
-    for (int t = 0; t < threads; ++t) {
-      Fiber& fiber = block.fibers[t];
-      if (fiber.done || (fiber.waiting_on && fiber.waiting_on->generation == fiber.waiting_generation)) continue;
-      resumed = true;
-      block.current = t;
-      threadIdx = fiber.thread;
-      swapcontext(&block.scheduler, &fiber.context);
-      if (fiber.done) {
-        // A returned thread no longer takes part in barriers.
-        --live;
-        --block.block_barrier.live;
-        block.block_barrier.release_if_complete();
-        --block.warp_barriers[t / 32].live;
-        block.warp_barriers[t / 32].release_if_complete();
+    for (int w = 0; w < warps; ++w) {
+      const int warp = warp_serial ? warps - 1 - w : w;
+      const int first = warp * 32, last = std::min(threads, first + 32);
+      for (bool warp_resumed = true; warp_resumed;) {
+        warp_resumed = false;
+        for (int i = first; i < last; ++i) {
+          const int t = warp_serial ? first + last - 1 - i : i;
+          Fiber& fiber = block.fibers[t];
+          if (fiber.done || (fiber.waiting_on && fiber.waiting_on->generation == fiber.waiting_generation)) continue;
+          warp_resumed = resumed = true;
+          block.current = t;
+          threadIdx = fiber.thread;
+          swapcontext(&block.scheduler, &fiber.context);
+          if (fiber.done) {
+            // A returned thread no longer takes part in barriers.
+            --live;
+            --block.block_barrier.live;
+            block.block_barrier.release_if_complete();
+            --block.warp_barriers[warp].live;
+            block.warp_barriers[warp].release_if_complete();
+          }
+        }
+        if (!warp_serial) break;
       }
     }
     if (!resumed) {
@@ -242,14 +269,16 @@ inline void launch(dim3 grid, dim3 block_dim, size_t dynamic_shared_bytes, const
   if (threads < 1 || threads > 1024) throw std::runtime_error("emulated launch: invalid block size");
   // 48 KB: the most a launch gets without cudaFuncSetAttribute, which the kernels never call.
   if (dynamic_shared_bytes > 48 * 1024) throw std::runtime_error("emulated launch: more than 48 KB of dynamic shared memory");
+  const bool warp_serial = warp_serial_schedule();
   gridDim = grid;
   blockDim = block_dim;
   dynamic_shared_memory.assign(dynamic_shared_bytes + 16, 0xff);  // all-ones bits: NaN in every float type
   while (int(fiber_stacks.size()) < threads) fiber_stacks.emplace_back(new char[kFiberStack]);
+  const auto order = [&](unsigned i, unsigned n) { return warp_serial ? n - 1 - i : i; };
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
-        blockIdx = dim3(bx, by, bz);
+        blockIdx = dim3(order(bx, grid.x), order(by, grid.y), order(bz, grid.z));
         // Fresh poison per block: a block must not read what an earlier block left in shared memory.
         std::fill(dynamic_shared_memory.begin(), dynamic_shared_memory.end(), 0xff);
         Block block;
@@ -261,7 +290,7 @@ inline void launch(dim3 grid, dim3 block_dim, size_t dynamic_shared_bytes, const
         for (int t = 0; t < threads; ++t) block.warp_barriers[t / 32].live++;
         running_block = &block;
         try {
-          run_block(block, threads, block_dim);
+          run_block(block, threads, block_dim, warp_serial);
         } catch (...) {
           running_block = nullptr;
           throw;

@@ -16,12 +16,15 @@ def enabled():
 
 
 def build_arguments(sanitize=False):
-    """Arguments for torch.utils.cpp_extension.load: the same sources the nvcc build uses."""
+    """Arguments for torch.utils.cpp_extension.load: the same sources the nvcc build uses; with
+    ``sanitize``, built with AddressSanitizer and alignment checks (run it with libasan preloaded)."""
     flags = ["-DRESNEXT_KERNELS_EMULATE", "-O2", "-g0"]
     ldflags = []
     if sanitize:
-        flags = ["-DRESNEXT_KERNELS_EMULATE", "-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
-        ldflags = ["-fsanitize=address"]
+        # AddressSanitizer, and a misaligned vector access (an error on a GPU) as a fatal error too.
+        sanitizers = ["-fsanitize=address,alignment", "-fno-sanitize-recover=alignment"]
+        flags = ["-DRESNEXT_KERNELS_EMULATE", "-O1", "-g", "-fno-omit-frame-pointer", *sanitizers]
+        ldflags = sanitizers
     sources = [CSRC / "ops.cpp", *sorted((CSRC / "emulate").glob("*.cpp"))]
     # torch's build cache only hashes the listed sources, not the headers they include: name the
     # build after every file under csrc/ so that any edit rebuilds it.
