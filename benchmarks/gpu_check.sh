@@ -2,11 +2,12 @@
 # The GPU check: one command for a lent GPU machine (H100/H200, no network, torch and triton
 # preinstalled). Builds the extension for sm_90 with every core, runs the whole test suite on the GPU,
 # compute-sanitizer's memcheck and racecheck on a small run of every CUDA kernel, then the main job's
-# self-check, then the quick per-op and per-batch benchmarks (about 2 minutes together), whose JSON,
-# markdown and PNG land in $OUT/results/ named as in benchmarks/results/ (<date>-<device>-<commit>):
-# copy the JSON there, run benchmarks/update_readme.py, commit. Everything lands under $OUT (default:
-# out/gpu_check); a short summary is printed last. Budget: under 8 minutes in all: each step runs
-# under its own cap and never past the overall deadline; a step with no time left is skipped.
+# self-check, then the quick per-op (with each kernel's time) and per-batch benchmarks (about 2 minutes
+# together), whose JSON, markdown and PNG land in $OUT/results/ named as in benchmarks/results/
+# (<date>-<device>-<commit>): copy the JSON there, run benchmarks/update_readme.py, commit. Everything
+# lands under $OUT (default: out/gpu_check); a short summary is printed last. Budget: under 8 minutes
+# in all: each step runs under its own cap and never past the overall deadline; a step with no time
+# left is skipped.
 #
 #   RESNEXT_KERNELS_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_check.sh
 # (the device machine's copy of the tree has no git history to name the commit from)
@@ -66,4 +67,5 @@ echo "-- sanitizers --"; tail -n 2 "$OUT/memcheck.log" "$OUT/racecheck.log"
 echo "-- selfcheck --"; tail -n 12 "$OUT/selfcheck.log"
 for name in bench_ops bench_batch; do echo "$name: ${STATUS[$name]:-not run}"; done
 echo "-- bench_batch --"; grep -A 14 "^### Per batch" "$OUT/bench_batch.log" | tail -n 12
+echo "-- bench_ops, per kernel --"; grep -A 24 "^### Per kernel" "$OUT/bench_ops.log" | tail -n 20
 echo "-- results --"; ls "$OUT/results" 2>/dev/null

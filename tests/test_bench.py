@@ -300,6 +300,7 @@ def _gpu_doc(date="2026-11-28T10:00:00+00:00", sha="0123456789abcdef"):
                 measured = timing.Timing(us * 1e-6, us * 0.9e-6, us * 1.1e-6, 50)
                 op_records.append(dict(ops.base_op_record(case, provider, 3067.0),
                                        **ops.timing_figures(case, measured, 3067.0)))
+            op_records[-1]["kernels"] = ops.summarize_kernels([("_conv_kernel", 70.0), ("_bn_relu_kernel", 25.0)], 1)
             op_records.append(dict(ops.base_op_record(case, "cuda", 3067.0), status="unsupported",
                                    reason="impl='cuda' does not implement training mode yet"))
     ops.add_speedups(op_records)
@@ -330,6 +331,7 @@ def test_schema_accepts_a_complete_gpu_document():
     (lambda d: d["batches"][0].update(n=True), "n is bool"),
     (lambda d: d["batches"][0].update(status="error", reason=None), "reason is empty"),
     (lambda d: d["ratios"][0].pop("ratio"), "ratio is missing"),
+    (lambda d: d["ops"][2]["kernels"][0].update(us="fast"), "kernels[0].us is str"),
 ])
 def test_schema_rejects_broken_documents(breakage, message):
     doc = _gpu_doc()
@@ -357,8 +359,21 @@ def test_result_name_and_merge(tmp_path):
     assert not report.merge(other, merged)["ops"]  # another commit: nothing carried over
 
 
+def test_kernel_breakdown_per_call():
+    events = [("void resnext_kernels::(anonymous namespace)::dgrad_mma<__nv_bfloat16>(resnext_kernels::Params, "
+               "resnext_kernels::DgradTiling)", 40.0), ("_wgrad_kernel", 30.0), ("_wgrad_kernel", 34.0),
+              ("Memset (Device)", 1.0)] * 2
+    assert ops.summarize_kernels(events, runs=2) == [
+        {"name": "_wgrad_kernel", "calls": 2.0, "us": 64.0},
+        {"name": "dgrad_mma<__nv_bfloat16>", "calls": 1.0, "us": 40.0},
+        {"name": "Memset (Device)", "calls": 1.0, "us": 1.0},
+    ]
+    assert ops.kernel_breakdown(lambda: None, "cpu") is None
+
+
 def test_markdown_has_every_figure():
     text = report.render_markdown(_gpu_doc())
+    assert "### Per kernel" in text and "| 100.0 | 95.0 | _conv_kernel 70.0; _bn_relu_kernel 25.0 |" in text
     assert "NVIDIA H100 80GB HBM3" in text and "No GPU" not in text
     assert "| resnext101_32x4d / resnet101 | train | eager cuDNN | 136.0 | 100.0 | 1.36 | 1.36 |" in text
     assert "% floor" in text and "vs compile" in text and "3.00×" in text

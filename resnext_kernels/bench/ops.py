@@ -5,6 +5,9 @@ Providers:
 * ``compile``: torch.compile of that same function (default mode), compiled afresh for each case;
 * ``triton``, ``cuda``: grouped_conv_bn_relu(..., impl=...), when available_impls(device) lists them.
 
+Each kernel provider's case also gets a breakdown by GPU kernel (``kernels``: name, launches and device
+time per run, from torch.profiler), so that one run shows which of an op's kernels misses its floor.
+
 Modes (shapes.MODES): ``inference`` (running statistics, under no_grad), ``train_fwd`` (batch
 statistics and the running-statistics update, under no_grad: the forward kernels alone) and
 ``train_fwd_bwd`` (the forward with autograd recording, then the gradients of x, weight, gamma and
@@ -12,6 +15,7 @@ beta for a random dz).
 """
 
 import dataclasses
+import re
 import time
 
 import torch
@@ -183,6 +187,7 @@ def run_op_case(case, provider, device, timing_options, bandwidth_gbps):
     try:
         runner = OpRunner(case, provider, device)
         measured = timing.measure(runner, device, cold_cache=True, **timing_options)
+        kernels = kernel_breakdown(runner, device) if provider in KERNEL_PROVIDERS else None
     except Unsupported as error:
         return dict(record, status="unsupported", reason=str(error))
     except Exception as error:  # noqa: BLE001 - a failing provider must not stop the others
@@ -192,7 +197,54 @@ def run_op_case(case, provider, device, timing_options, bandwidth_gbps):
         del runner
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
-    return dict(record, **timing_figures(case, measured, bandwidth_gbps), compile_s=compile_s)
+    return dict(record, **timing_figures(case, measured, bandwidth_gbps), compile_s=compile_s, kernels=kernels)
+
+
+def kernel_breakdown(runner, device, runs=5):
+    """What one call of ``runner`` runs on the GPU: each kernel (and copy or memset) by name, with its
+    launches and its device time per call, the longest first; None on a CPU or when the profiler
+    cannot run (its reason is then logged). Taken after the timing, so nothing compiles or autotunes
+    inside it; inputs still rotate, but the L2 is not flushed between calls."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    try:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+            for _ in range(runs):
+                runner()
+            torch.cuda.synchronize(device)
+        events = [(event.name, event.time_range.elapsed_us()) for event in profiler.events()
+                  if event.device_type == DeviceType.CUDA]
+    except Exception as error:  # noqa: BLE001 - a breakdown is extra information, never worth a failed case
+        print(f"  no kernel breakdown: {type(error).__name__}: {error}", flush=True)
+        return None
+    return summarize_kernels(events, runs)
+
+
+def summarize_kernels(events, runs):
+    """[{name, calls, us}] per call from (name, microseconds) device events of ``runs`` calls."""
+    totals = {}
+    for name, us in events:
+        calls, total = totals.get(name, (0, 0.0))
+        totals[name] = (calls + 1, total + us)
+    rows = [{"name": short_kernel_name(name), "calls": calls / runs, "us": total / runs}
+            for name, (calls, total) in totals.items()]
+    return sorted(rows, key=lambda row: -row["us"])
+
+
+def short_kernel_name(name):
+    """A kernel's name without "void", namespaces of this project and its argument list."""
+    name = re.sub(r"^void ", "", name).replace("(anonymous namespace)::", "").replace("resnext_kernels::", "")
+    depth = 0
+    for index, char in enumerate(name):
+        depth += (char == "<") - (char == ">")
+        if char == "(" and depth == 0 and index > 0 and name[index - 1] != " ":  # not "Memset (Device)"
+            return name[:index]
+    return name
 
 
 def base_op_record(case, provider, bandwidth_gbps):
@@ -220,6 +272,7 @@ def base_op_record(case, provider, bandwidth_gbps):
         "speedup_vs_eager": None,
         "speedup_vs_compile": None,
         "compile_s": None,
+        "kernels": None,
     }
 
 

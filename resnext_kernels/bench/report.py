@@ -65,8 +65,9 @@ OP_FIELDS = {
     "median_us": _OPTIONAL_NUMBER, "p20_us": _OPTIONAL_NUMBER, "p80_us": _OPTIONAL_NUMBER,
     "reps": (int, type(None)), "gbps": _OPTIONAL_NUMBER, "tflops": _OPTIONAL_NUMBER,
     "fraction_of_floor": _OPTIONAL_NUMBER, "speedup_vs_eager": _OPTIONAL_NUMBER,
-    "speedup_vs_compile": _OPTIONAL_NUMBER, "compile_s": _OPTIONAL_NUMBER,
+    "speedup_vs_compile": _OPTIONAL_NUMBER, "compile_s": _OPTIONAL_NUMBER, "kernels": (list, type(None)),
 }
+KERNEL_FIELDS = {"name": str, "calls": _NUMBER, "us": _NUMBER}
 OP_OK_FIELDS = ("median_us", "p20_us", "p80_us", "reps", "gbps", "tflops")
 BATCH_FIELDS = {
     "model": str, "mode": str, "provider": str, "n": int, "image_size": int, "dtype": str, "layout": str,
@@ -119,6 +120,11 @@ def validate(doc):
                 problems.append(f"{where[:-1]} is not an object")
                 continue
             _check_fields(record, fields, where, problems)
+            for k, kernel in enumerate(record.get("kernels") or []):
+                if isinstance(kernel, dict):
+                    _check_fields(kernel, KERNEL_FIELDS, f"{where}kernels[{k}].", problems)
+                else:
+                    problems.append(f"{where}kernels[{k}] is not an object")
             status = record.get("status")
             if status not in STATUSES:
                 problems.append(f"{where}status is {status!r}, expected one of {STATUSES}")
@@ -380,8 +386,31 @@ def render_ops(doc, heading="###"):
     return "\n".join(out)
 
 
+def render_kernels(doc, heading="###"):
+    rows = []
+    for r in doc["ops"]:
+        if r["status"] != "ok" or not r.get("kernels"):
+            continue
+        listed = "; ".join(f"{k['name']} {k['us']:.1f}" + (f" (×{k['calls']:g})" if k["calls"] != 1 else "")
+                           for k in r["kernels"])
+        rows.append([r["layer"], r["dtype"], r["layout"], MODE_LABELS.get(r["mode"], r["mode"]),
+                     provider_label(r["provider"], doc["device"]["type"]), _fmt(r["median_us"]),
+                     _fmt(sum(k["us"] for k in r["kernels"])), listed])
+    if not rows:
+        return ""
+    return "\n".join([
+        f"{heading} Per kernel",
+        "",
+        "Device time per call of each kernel the op launches, in µs (torch.profiler; inputs rotating but the "
+        "L2 not flushed), beside the op's median from the table above: a kernel far from its share of the "
+        "floor is the one to work on.",
+        "",
+        _table(["layer", "dtype", "layout", "mode", "provider", "op µs", "kernels µs", "kernels"], rows),
+    ])
+
+
 def render_markdown(doc, heading="###"):
-    parts = [render_header(doc), render_batches(doc, heading), render_ops(doc, heading)]
+    parts = [render_header(doc), render_batches(doc, heading), render_ops(doc, heading), render_kernels(doc, heading)]
     return "\n\n".join(p for p in parts if p)
 
 
