@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check: one command for a lent GPU machine (H100/H200, no network, torch and triton
-# preinstalled). Builds the extension for sm_90 with every core, runs the whole test suite on the GPU,
-# compute-sanitizer's memcheck and racecheck on a small run of every CUDA kernel, then the main job's
-# self-check, then the quick per-op (with each kernel's time) and per-batch benchmarks (about 2 minutes
-# together), whose JSON, markdown and PNG land in $OUT/results/ named as in benchmarks/results/
-# (<date>-<device>-<commit>): copy the JSON there, run benchmarks/update_readme.py, commit. Everything
-# lands under $OUT (default: out/gpu_check); a short summary is printed last. Budget: under 8 minutes
-# in all: each step runs under its own cap and never past the overall deadline; a step with no time
-# left is skipped.
+# preinstalled). Builds the extension for sm_90 with every core; then, at the same time (nothing is
+# timed yet), the whole test suite on the GPU, compute-sanitizer's memcheck and racecheck on a small
+# run of every CUDA kernel, and the main job's self-check; then, alone on the GPU, the quick per-op
+# (with each kernel's time) and per-batch benchmarks, whose JSON, markdown and PNG land in
+# $OUT/results/ named as in benchmarks/results/ (<date>-<device>-<commit>): copy the JSON there, run
+# benchmarks/update_readme.py, commit. Everything lands under $OUT (default: out/gpu_check); a short
+# summary is printed last. Budget: under 8 minutes in all: each step runs under its own cap and never
+# past the overall deadline; a step with no time left is skipped.
 #
 #   RESNEXT_KERNELS_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_check.sh
 # (the device machine's copy of the tree has no git history to name the commit from)
@@ -20,23 +20,25 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 unset TRITON_INTERPRET RESNEXT_KERNELS_CUDA_EMULATE
 START=$SECONDS
-DEADLINE=${GPU_CHECK_SECONDS:-450}
-declare -A STATUS
+DEADLINE=${GPU_CHECK_SECONDS:-470}
+TEST_SHARDS=${TEST_SHARDS:-8}
 
-step() {  # step NAME SECONDS COMMAND...: run with a timeout, log to $OUT/NAME.log, remember the exit code
+# step NAME SECONDS COMMAND...: runs COMMAND under a timeout that never passes the deadline (timeout
+# signals its whole process group, so background children stop too), logs to $OUT/NAME.log and
+# writes how it ended to $OUT/NAME.status (steps may run in the background).
+step() {
   local name=$1 limit=$2
   shift 2
   local left=$((DEADLINE - (SECONDS - START)))
   if ((left < 15)); then
-    STATUS[$name]="skipped: out of time"
-    echo "[$((SECONDS - START)) s] $name: ${STATUS[$name]}"
-    return
+    echo "skipped: out of time" >"$OUT/$name.status"
+  else
+    ((limit > left)) && limit=$left
+    local t0=$SECONDS
+    timeout --kill-after=5 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    echo "exit $? after $((SECONDS - t0)) s" >"$OUT/$name.status"
   fi
-  ((limit > left)) && limit=$left
-  local t0=$SECONDS
-  timeout --kill-after=5 "$limit" "$@" >"$OUT/$name.log" 2>&1
-  STATUS[$name]="exit $? after $((SECONDS - t0)) s"
-  echo "[$((SECONDS - START)) s] $name: ${STATUS[$name]}"
+  echo "[$((SECONDS - START)) s] $name: $(cat "$OUT/$name.status")"
 }
 
 {
@@ -47,25 +49,42 @@ step() {  # step NAME SECONDS COMMAND...: run with a timeout, log to $OUT/NAME.l
 } >"$OUT/environment.txt" 2>&1
 
 step build 180 pip install --no-build-isolation --no-deps -v -e .
-# One Triton config per kernel in the tests: autotuning every test shape would not fit the budget.
-step tests 200 env RESNEXT_KERNELS_TRITON_AUTOTUNE=0 python -m pytest tests -q -rfEs --junitxml="$OUT/tests.xml"
-step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/sanitizer_case.py
-step racecheck 75 compute-sanitizer --tool racecheck --error-exitcode 1 python benchmarks/sanitizer_case.py
-step selfcheck 30 python -m resnext_kernels.bench --check-only --dtype bfloat16  # the main job also benchmarks now
-# The quick benchmarks. --budget-s stops starting new cases (the rest are recorded as skipped) well
-# before the step's timeout, and a SIGTERM from the timeout still writes what has finished. The per-op
-# run repeats the (now cached) self-check so that its JSON records it; both runs merge into one JSON.
-step bench_ops 65 python -m resnext_kernels.bench --ops --quick --budget-s 40 --out "$OUT/results"
-step bench_batch 55 python -m resnext_kernels.bench --quick --no-check --budget-s 35 --out "$OUT/results"
 
+# Correctness, all at once. The suite launches 423 Triton specialisations (counted under the
+# interpreter), each compiled on first use in about a second: in one process that alone would outrun
+# the step, so it runs as TEST_SHARDS interleaved parts in parallel (tests/conftest.py's --shard; with
+# 8 parts, none needs more than 127 of them), one log (a line per test, so a part stopped by the
+# timeout still shows what failed) and JUnit file each.
+# One Triton config per kernel: autotuning every test shape would not fit the budget either.
+step tests 220 env RESNEXT_KERNELS_TRITON_AUTOTUNE=0 OUT="$OUT" SHARDS="$TEST_SHARDS" bash -c '
+  for ((i = 0; i < SHARDS; i++)); do
+    python -m pytest tests -v -rfEs --shard "$i/$SHARDS" --junitxml="$OUT/tests-$i.xml" >"$OUT/tests-$i.log" 2>&1 &
+  done
+  failed=0
+  for ((i = 0; i < SHARDS; i++)); do wait -n || failed=1; done
+  exit $failed' &
+step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/sanitizer_case.py &
+step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 1 python benchmarks/sanitizer_case.py &
+step selfcheck 90 python -m resnext_kernels.bench --check-only --dtype bfloat16 &
+wait
+
+# The quick benchmarks, alone on the GPU. --budget-s stops starting new cases (the rest are recorded
+# as skipped) well before the step's timeout, and a SIGTERM from the timeout still writes what has
+# finished. The per-op run repeats the (now cached) self-check so that its JSON records it; both runs
+# merge into one JSON.
+step bench_ops 100 python -m resnext_kernels.bench --ops --quick --budget-s 70 --out "$OUT/results"
+step bench_batch 60 python -m resnext_kernels.bench --quick --no-check --budget-s 40 --out "$OUT/results"
+
+status() { cat "$OUT/$1.status" 2>/dev/null || echo "not run"; }
 echo
 echo "== GPU check summary ($((SECONDS - START)) s, output in $OUT) =="
 grep -m1 "^torch" "$OUT/environment.txt"
-for name in build tests memcheck racecheck selfcheck; do echo "$name: ${STATUS[$name]:-not run}"; done
-echo "-- tests --"; tail -n 25 "$OUT/tests.log"
+for name in build tests memcheck racecheck selfcheck; do echo "$name: $(status $name)"; done
+echo "-- tests --"
+for log in "$OUT"/tests-*.log; do echo "$log:"; grep -E "FAILED|ERROR" "$log" | head -n 10; tail -n 2 "$log"; echo; done
 echo "-- sanitizers --"; tail -n 2 "$OUT/memcheck.log" "$OUT/racecheck.log"
 echo "-- selfcheck --"; tail -n 12 "$OUT/selfcheck.log"
-for name in bench_ops bench_batch; do echo "$name: ${STATUS[$name]:-not run}"; done
+for name in bench_ops bench_batch; do echo "$name: $(status $name)"; done
 echo "-- bench_batch --"; grep -A 14 "^### Per batch" "$OUT/bench_batch.log" | tail -n 12
 echo "-- bench_ops, per kernel --"; grep -A 24 "^### Per kernel" "$OUT/bench_ops.log" | tail -n 20
 echo "-- results --"; ls "$OUT/results" 2>/dev/null

@@ -22,6 +22,26 @@ torch.backends.cuda.matmul.allow_tf32 = False
 KERNEL_IMPLS = [impl for impl in resnext_kernels.available_impls(DEVICE) if impl != "torch"]
 
 
+def pytest_addoption(parser):
+    parser.addoption("--shard", default=None, metavar="I/N",
+                     help="run only the I-th of N interleaved parts of the suite (0-based), for parallel runs: "
+                          "on a GPU, compiling the Triton kernels' specialisations dominates the suite's time")
+
+
+def pytest_collection_modifyitems(config, items):
+    shard = config.getoption("--shard")
+    if shard is None:
+        return
+    try:
+        index, count = (int(part) for part in shard.split("/"))
+    except ValueError:
+        raise pytest.UsageError(f"--shard {shard!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise pytest.UsageError(f"--shard {shard!r}: I must be in 0..N-1")
+    config.hook.pytest_deselected(items=[item for k, item in enumerate(items) if k % count != index])
+    items[:] = items[index::count]
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     # Fresh inputs per test, yet reproducible when a failure must be replayed.

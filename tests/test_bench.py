@@ -6,6 +6,8 @@ import importlib.util
 import json
 import math
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -551,3 +553,21 @@ def test_real_readme_has_the_markers():
     update_readme = _update_readme_module()
     text = (ROOT / "README.md").read_text()
     assert text.count(update_readme.BEGIN) == 1 and text.count(update_readme.END) == 1
+
+
+def test_gpu_check_shards_partition_the_suite():
+    # benchmarks/gpu_check.sh runs the suite as interleaved parts in parallel (--shard I/N): together
+    # they must run every test exactly once.
+    def collected(*extra):
+        result = subprocess.run([sys.executable, "-m", "pytest", "tests/test_api.py", "--collect-only", "-q", *extra],
+                                cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return [line for line in result.stdout.splitlines() if "::" in line]
+
+    everything = collected()
+    parts = [collected("--shard", f"{i}/3") for i in range(3)]
+    assert len(everything) > 3 and all(parts)
+    assert sorted(sum(parts, [])) == sorted(everything)
+    bad = subprocess.run([sys.executable, "-m", "pytest", "tests/test_api.py", "--collect-only", "-q", "--shard", "3/3"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "I must be in 0..N-1" in bad.stderr
