@@ -2,12 +2,13 @@
 # The GPU check: one command for a lent GPU machine (H100/H200, no network, torch and triton
 # preinstalled). Builds the extension for sm_90 with every core; then, at the same time (nothing is
 # timed yet), the whole test suite on the GPU, compute-sanitizer's memcheck and racecheck on a small
-# run of every CUDA kernel, and the main job's self-check; then, alone on the GPU, the quick per-op
-# (with each kernel's time) and per-batch benchmarks, whose JSON, markdown and PNG land in
-# $OUT/results/ named as in benchmarks/results/ (<date>-<device>-<commit>): copy the JSON there, run
-# benchmarks/update_readme.py, commit. Everything lands under $OUT (default: out/gpu_check); a short
-# summary is printed last. Budget: under 8 minutes in all: each step runs under its own cap and never
-# past the overall deadline; a step with no time left is skipped.
+# run of every CUDA kernel, the main job's self-check and warm-up runs of the benchmarks (timings
+# thrown away); then, alone on the GPU, the quick per-op (with each kernel's time) and per-batch
+# benchmarks, whose JSON, markdown and PNG land in $OUT/results/ named as in benchmarks/results/
+# (<date>-<device>-<commit>): copy the JSON there, run benchmarks/update_readme.py, commit. Everything
+# lands under $OUT (default: out/gpu_check); a short summary is printed last. Budget: under 8 minutes
+# in all: each step runs under its own cap and never past the overall deadline; a step with no time
+# left is skipped.
 #
 #   RESNEXT_KERNELS_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_check.sh
 # (the device machine's copy of the tree has no git history to name the commit from)
@@ -66,20 +67,26 @@ step tests 220 env RESNEXT_KERNELS_TRITON_AUTOTUNE=0 OUT="$OUT" SHARDS="$TEST_SH
 step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/sanitizer_case.py &
 step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 1 python benchmarks/sanitizer_case.py &
 step selfcheck 90 python -m resnext_kernels.bench --check-only --dtype bfloat16 &
+# Warm-ups of the benchmarks below, their timings thrown away: they fill the disk caches of Triton's
+# compiled kernels and of torch.compile's graphs, so that the benchmarks themselves spend their budget
+# measuring (a model's first step with impl="triton" compiles every layer's kernels: minutes).
+# Autotuning results are not cached, so the measured runs still tune on an idle GPU.
+step warm_ops 150 python -m resnext_kernels.bench --ops --quick --dtype bfloat16 --no-check --no-save --budget-s 100 &
+step warm_batch 150 python -m resnext_kernels.bench --quick --no-check --no-save --budget-s 100 &
 wait
 
 # The quick benchmarks, alone on the GPU. --budget-s stops starting new cases (the rest are recorded
 # as skipped) well before the step's timeout, and a SIGTERM from the timeout still writes what has
-# finished. The per-op run repeats the (now cached) self-check so that its JSON records it; both runs
-# merge into one JSON.
-step bench_ops 100 python -m resnext_kernels.bench --ops --quick --budget-s 70 --out "$OUT/results"
+# finished. The per-op run repeats the self-check (its kernels compiled by now) so that its JSON
+# records it; both runs merge into one JSON.
+step bench_ops 100 python -m resnext_kernels.bench --ops --quick --dtype bfloat16 --budget-s 70 --out "$OUT/results"
 step bench_batch 60 python -m resnext_kernels.bench --quick --no-check --budget-s 40 --out "$OUT/results"
 
 status() { cat "$OUT/$1.status" 2>/dev/null || echo "not run"; }
 echo
 echo "== GPU check summary ($((SECONDS - START)) s, output in $OUT) =="
 grep -m1 "^torch" "$OUT/environment.txt"
-for name in build tests memcheck racecheck selfcheck; do echo "$name: $(status $name)"; done
+for name in build tests memcheck racecheck selfcheck warm_ops warm_batch; do echo "$name: $(status $name)"; done
 echo "-- tests --"
 for log in "$OUT"/tests-*.log; do echo "$log:"; grep -E "FAILED|ERROR" "$log" | head -n 10; tail -n 2 "$log"; echo; done
 echo "-- sanitizers --"; tail -n 2 "$OUT/memcheck.log" "$OUT/racecheck.log"
