@@ -1,5 +1,7 @@
 """grouped_conv_bn_relu against float64, for every backend that can run here."""
 
+import random
+
 import pytest
 import torch
 
@@ -241,3 +243,58 @@ def test_autocast_runs_conv_low_and_batch_norm_in_fp32(impl, dtype):
     assert_close_to_reference(z, expected, dtype, baseline=None if impl == "torch" else baseline)
     assert_close_to_reference(case.running_mean, expected_mean, dtype, what="running_mean",
                               baseline=None if impl == "torch" else baseline_case.running_mean)
+
+
+def _random_shapes(count, seed=20261128):
+    """Shapes nobody picked: group counts, unequal in/out group widths (1 to 32 channels), strides,
+    dilations and spatial sizes (1 to 20) drawn from a fixed seed, so a failure replays."""
+    rng = random.Random(seed)
+    shapes = []
+    while len(shapes) < count:
+        groups = rng.choice([1, 2, 3, 4, 8, 16])
+        cin_pg, cout_pg = rng.choice([1, 2, 3, 4, 5, 8, 12, 16, 24, 32]), rng.choice([1, 2, 3, 4, 5, 8, 12, 16, 24, 32])
+        if groups * max(cin_pg, cout_pg) <= 128:
+            shapes.append(Shape(rng.randint(1, 3), groups * cin_pg, groups * cout_pg, rng.randint(1, 20),
+                                rng.randint(1, 20), groups=groups, stride=rng.choice([1, 2]),
+                                dilation=rng.choice([1, 1, 2, 3])))
+    return shapes
+
+
+RANDOM_SHAPES = _random_shapes(16)
+
+
+def _forward_backward(case64, dtype, impl, training, layout, grad64):
+    """[z, running_mean, running_var, dx, dw, dgamma, dbeta] of case64's values computed in ``dtype``
+    (BatchNorm tensors in fp32 for 16-bit inputs, as in mixed-precision training)."""
+    bn_dtype = dtype if dtype == torch.float64 else torch.float32
+    x = layout_as(case64.x.to(dtype), layout)
+    leaves = [t.detach().requires_grad_() for t in (x, case64.weight.to(dtype), case64.bn_weight.to(bn_dtype),
+                                                      case64.bn_bias.to(bn_dtype))]
+    mean, var = case64.running_mean.to(bn_dtype).clone(), case64.running_var.to(bn_dtype).clone()
+    s = case64.shape
+    z = resnext_kernels.grouped_conv_bn_relu(*leaves, mean, var, stride=s.stride, dilation=s.dilation,
+                                             groups=s.groups, training=training, impl=impl)
+    z.backward(layout_as(grad64.to(dtype), "strided"))
+    return [z, mean, var] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("shape", RANDOM_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_random_shapes_match_float64(impl, shape, dtype):
+    # Training and eval, and the input layouts, alternate over the shapes. bf16 runs the tensor-core
+    # paths wherever the group widths allow, within PyTorch's own bf16 error; fp32 the FMA paths.
+    index = RANDOM_SHAPES.index(shape)
+    training, layout = index % 2 == 0, LAYOUTS[index % len(LAYOUTS)]
+    require(impl, batch_stats=training, grad=True)
+    case64 = make_case(shape, dtype=torch.float64)
+    h_out = (shape.h - 1) // shape.stride + 1
+    w_out = (shape.w - 1) // shape.stride + 1
+    grad64 = torch.randn(shape.n, shape.c_out, h_out, w_out, device=DEVICE, dtype=torch.float64)
+    expected = _forward_backward(case64, torch.float64, "torch", training, layout, grad64)
+    ours = _forward_backward(case64, dtype, impl, training, layout, grad64)
+    baseline = _forward_backward(case64, dtype, "torch", training, layout, grad64) if dtype != torch.float32 else None
+    names = ("z", "running_mean", "running_var", "dx", "dw", "dgamma", "dbeta")
+    for k, (name, a, e) in enumerate(zip(names, ours, expected)):
+        assert a.dtype == (dtype if name in ("z", "dx", "dw") else torch.float32), name
+        assert_close_to_reference(a, e, dtype, baseline=baseline[k] if baseline else None, what=name)
