@@ -736,6 +736,11 @@ __global__ void __launch_bounds__(kMmaThreads, 2) wgrad_mma(const P p, const Wgr
       for (int i = 0; i < 4; ++i) acc[mt][j][i] = 0.0f;
   if (threadIdx.x < kWmmaZeroBytes / 2) zero_row[threadIdx.x] = 0;
   const bool vector_dy = dy_vectorizable(p);
+  // x by 16-byte loads of 8 channels where it is channels-last with 16-byte aligned pixels and the
+  // block's input channels come in whole vectors; else one value at a time.
+  const bool vector_x = p.x_stride[1] == 1 && (p.x_stride[0] % 8 | p.x_stride[2] % 8 | p.x_stride[3] % 8) == 0 &&
+                        reinterpret_cast<uintptr_t>(x) % 16 == 0 && ci_begin % 8 == 0 && ci_count % 8 == 0;
+  const SmallDivisor by_halo_w(halo_w);  // positions < 2^20
 
   for (int64_t u = u0; u < u1; ++u) {
     const int oh0 = (tile / tiling.tiles_w) * tiling.tile_h, ow0 = (tile % tiling.tiles_w) * tile_w;
@@ -763,13 +768,25 @@ __global__ void __launch_bounds__(kMmaThreads, 2) wgrad_mma(const P p, const Wgr
         reinterpret_cast<T*>(dy_tile)[(c + e) * kWmmaRow + q] = v;
       }
     }
-    for (int i = int(threadIdx.x); i < halo * kWmmaInputs; i += kMmaThreads) {
-      const int c = i % kWmmaInputs, pos = i / kWmmaInputs;
-      const int ih = ih0 + pos / halo_w, iw = iw0 + pos % halo_w;
-      uint16_t v = 0;
-      if (c < ci_count && ih >= 0 && ih < p.h && iw >= 0 && iw < p.w)
-        v = x[n * p.x_stride[0] + (ci_begin + c) * p.x_stride[1] + ih * p.x_stride[2] + iw * p.x_stride[3]];
-      x_halo[pos * kWmmaHaloRow + c] = v;
+    if (vector_x) {
+      for (int i = int(threadIdx.x); i < halo * (kWmmaInputs / 8); i += kMmaThreads) {
+        const int pos = i / (kWmmaInputs / 8), c = i % (kWmmaInputs / 8) * 8, halo_row = by_halo_w.quotient(pos);
+        const int ih = ih0 + halo_row, iw = iw0 + (pos - halo_row * halo_w);
+        uint4 v = {0u, 0u, 0u, 0u};
+        if (c < ci_count && ih >= 0 && ih < p.h && iw >= 0 && iw < p.w)
+          v = *reinterpret_cast<const uint4*>(x + n * p.x_stride[0] + (ci_begin + c) + ih * p.x_stride[2] +
+                                              iw * p.x_stride[3]);
+        *reinterpret_cast<uint4*>(x_halo + pos * kWmmaHaloRow + c) = v;
+      }
+    } else {
+      for (int i = int(threadIdx.x); i < halo * kWmmaInputs; i += kMmaThreads) {
+        const int c = i % kWmmaInputs, pos = i / kWmmaInputs, halo_row = by_halo_w.quotient(pos);
+        const int ih = ih0 + halo_row, iw = iw0 + (pos - halo_row * halo_w);
+        uint16_t v = 0;
+        if (c < ci_count && ih >= 0 && ih < p.h && iw >= 0 && iw < p.w)
+          v = x[n * p.x_stride[0] + (ci_begin + c) * p.x_stride[1] + ih * p.x_stride[2] + iw * p.x_stride[3]];
+        x_halo[pos * kWmmaHaloRow + c] = v;
+      }
     }
     __syncthreads();
     for (int ks = 0; ks < tile_pixels; ks += kMmaK) {
