@@ -92,7 +92,7 @@ __device__ __forceinline__ void block_statistics(const ConvBnReluParams& p, cons
     scratch[lanes * kChannels + c] = sum / count;  // every block has at least one pixel in the image
   }
   __syncthreads();
-  count = scratch[c];
+  if (lane == 0) count = scratch[c];
   const Acc mean = scratch[lanes * kChannels + c];
   Acc m2 = Acc(0);
   for (int q = lane; q < tile_pixels; q += lanes)
@@ -100,7 +100,8 @@ __device__ __forceinline__ void block_statistics(const ConvBnReluParams& p, cons
       const Acc delta = Acc(stage[q * stride + c]) - mean;
       m2 += delta * delta;
     }
-  __syncthreads();  // everyone has read count and mean
+  // No barrier before this write: rows 0 .. lanes - 1 are read only after the next barrier (lane 0
+  // has its count already), and the mean lives in row `lanes`, which no thread writes here.
   scratch[lane * kChannels + c] = m2;
   __syncthreads();
   if (p.partials == nullptr || lane != 0 || co >= b.co_end) return;
