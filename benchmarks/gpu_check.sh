@@ -16,6 +16,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out/gpu_check}
 mkdir -p "$OUT"
+rm -f "$OUT"/*.log "$OUT"/*.status "$OUT"/*.xml  # an earlier run's, which the summary would show
+shopt -s nullglob
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
@@ -57,12 +59,14 @@ step build 180 pip install --no-build-isolation --no-deps -v -e .
 # 8 parts, none needs more than 127 of them), one log (a line per test, so a part stopped by the
 # timeout still shows what failed) and JUnit file each.
 # One Triton config per kernel: autotuning every test shape would not fit the budget either.
-step tests 220 env RESNEXT_KERNELS_TRITON_AUTOTUNE=0 OUT="$OUT" SHARDS="$TEST_SHARDS" bash -c '
+step tests 200 env RESNEXT_KERNELS_TRITON_AUTOTUNE=0 OUT="$OUT" SHARDS="$TEST_SHARDS" bash -c '
+  pids=()
   for ((i = 0; i < SHARDS; i++)); do
     python -m pytest tests -v -rfEs --shard "$i/$SHARDS" --junitxml="$OUT/tests-$i.xml" >"$OUT/tests-$i.log" 2>&1 &
+    pids+=($!)
   done
   failed=0
-  for ((i = 0; i < SHARDS; i++)); do wait -n || failed=1; done
+  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
   exit $failed' &
 step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/sanitizer_case.py &
 step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 1 python benchmarks/sanitizer_case.py &
@@ -79,8 +83,15 @@ wait
 # as skipped) well before the step's timeout, and a SIGTERM from the timeout still writes what has
 # finished. The per-op run repeats the self-check (its kernels compiled by now) so that its JSON
 # records it; both runs merge into one JSON.
-step bench_ops 100 python -m resnext_kernels.bench --ops --quick --dtype bfloat16 --budget-s 70 --out "$OUT/results"
-step bench_batch 60 python -m resnext_kernels.bench --quick --no-check --budget-s 40 --out "$OUT/results"
+cap() {  # cap SECONDS: the step limit step() will apply, and a budget of two thirds of it
+  local left=$((DEADLINE - (SECONDS - START)))
+  limit=$(($1 < left ? $1 : left))
+  budget=$((limit * 2 / 3))
+}
+cap 100
+step bench_ops $limit python -m resnext_kernels.bench --ops --quick --dtype bfloat16 --budget-s $budget --out "$OUT/results"
+cap 60
+step bench_batch $limit python -m resnext_kernels.bench --quick --no-check --budget-s $budget --out "$OUT/results"
 
 status() { cat "$OUT/$1.status" 2>/dev/null || echo "not run"; }
 echo

@@ -11,8 +11,10 @@
 //    schedules, chosen by RESNEXT_KERNELS_EMULATE_SCHEDULE:
 //      lockstep (default): passes over all threads in ascending order, each resumed once per pass,
 //        so warps advance together, one warp-level operation (MMA, shuffle) per pass;
-//      warp-serial: blocks, warps and lanes in descending order, each warp run alone until every
-//        lane waits at __syncthreads() or has returned.
+//      warp-serial: blocks in descending order; within a block always the highest-numbered thread
+//        that can run, and a thread releasing a barrier yields too: each warp runs alone until all
+//        its lanes wait at __syncthreads() (or have returned), the last warp first after every
+//        barrier, lanes last first.
 //    A kernel whose results differ between the two has a race: a warp reading shared memory another
 //    writes, or overwriting what another still reads, with no __syncthreads() between them (lockstep
 //    hides such races between warps that run the same sequence of warp-level operations), or a block
@@ -168,6 +170,7 @@ struct Block {
   std::vector<unsigned char> exchange;  // kExchangeBytes per thread, for warp operations
   const std::function<void()>* body = nullptr;
   std::string error;
+  bool yield_on_release = false;  // warp-serial: the thread completing a barrier returns to the scheduler
 };
 
 inline Block* running_block = nullptr;
@@ -184,7 +187,7 @@ inline void wait(Barrier& barrier) {
   fiber.waiting_generation = barrier.generation;
   ++barrier.arrived;
   barrier.release_if_complete();
-  if (barrier.generation == fiber.waiting_generation)
+  if (barrier.generation == fiber.waiting_generation || running_block->yield_on_release)
     swapcontext(&fiber.context, &running_block->scheduler);
   fiber.waiting_on = nullptr;
 }
@@ -226,39 +229,43 @@ inline void run_block(Block& block, int threads, dim3 block_dim, bool warp_seria
     fiber.context.uc_link = &block.scheduler;
     makecontext(&fiber.context, fiber_main, 0);
   }
-  const int warps = (threads + 31) / 32;
-  for (int live = threads; live > 0;) {
-    bool resumed = false;
-    for (int w = 0; w < warps; ++w) {
-      const int warp = warp_serial ? warps - 1 - w : w;
-      const int first = warp * 32, last = std::min(threads, first + 32);
-      for (bool warp_resumed = true; warp_resumed;) {
-        warp_resumed = false;
-        for (int i = first; i < last; ++i) {
-          const int t = warp_serial ? first + last - 1 - i : i;
-          Fiber& fiber = block.fibers[t];
-          if (fiber.done || (fiber.waiting_on && fiber.waiting_on->generation == fiber.waiting_generation)) continue;
-          warp_resumed = resumed = true;
-          block.current = t;
-          threadIdx = fiber.thread;
-          swapcontext(&block.scheduler, &fiber.context);
-          if (fiber.done) {
-            // A returned thread no longer takes part in barriers.
-            --live;
-            --block.block_barrier.live;
-            block.block_barrier.release_if_complete();
-            --block.warp_barriers[warp].live;
-            block.warp_barriers[warp].release_if_complete();
-          }
-        }
-        if (!warp_serial) break;
-      }
+  int live = threads;
+  const auto runnable = [&](int t) {
+    const Fiber& fiber = block.fibers[t];
+    return !fiber.done && !(fiber.waiting_on && fiber.waiting_on->generation == fiber.waiting_generation);
+  };
+  const auto resume = [&](int t) {
+    Fiber& fiber = block.fibers[t];
+    block.current = t;
+    threadIdx = fiber.thread;
+    swapcontext(&block.scheduler, &fiber.context);
+    if (fiber.done) {
+      // A returned thread no longer takes part in barriers.
+      --live;
+      --block.block_barrier.live;
+      block.block_barrier.release_if_complete();
+      --block.warp_barriers[t / 32].live;
+      block.warp_barriers[t / 32].release_if_complete();
     }
-    if (!resumed) {
-      throw std::runtime_error(block.error.empty()
-                                   ? "emulated kernel: deadlock (a barrier that some threads never reach)"
-                                   : "emulated kernel: " + block.error);
+  };
+  const auto deadlock = [&] {
+    return std::runtime_error(block.error.empty()
+                                  ? "emulated kernel: deadlock (a barrier that some threads never reach)"
+                                  : "emulated kernel: " + block.error);
+  };
+  block.yield_on_release = warp_serial;
+  while (live > 0) {
+    if (warp_serial) {
+      int t = threads - 1;
+      while (t >= 0 && !runnable(t)) --t;
+      if (t < 0) throw deadlock();
+      resume(t);
+      continue;
     }
+    bool resumed = false;  // lockstep: one pass, every thread that can run once
+    for (int t = 0; t < threads; ++t)
+      if (runnable(t)) resumed = true, resume(t);
+    if (!resumed) throw deadlock();
   }
   if (!block.error.empty()) throw std::runtime_error("emulated kernel: " + block.error);
 }

@@ -218,7 +218,7 @@ def kernel_breakdown(runner, device, runs=5):
                 runner()
             torch.cuda.synchronize(device)
         events = [(event.name, event.time_range.elapsed_us()) for event in profiler.events()
-                  if event.device_type == DeviceType.CUDA]
+                  if event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)]
     except Exception as error:  # noqa: BLE001 - a breakdown is extra information, never worth a failed case
         print(f"  no kernel breakdown: {type(error).__name__}: {error}", flush=True)
         return None

@@ -16,7 +16,9 @@ Schema, version 1 (every time in the unit its name says; GB/s = 1e9 bytes/s):
         n, dtype, layout, mode, provider, status ("ok"|"unsupported"|"skipped"|"error"), reason,
         bytes (shapes.op_bytes), flops (shapes.op_flops), floor_us (bytes / copy bandwidth),
         median_us, p20_us, p80_us, reps, gbps, tflops, fraction_of_floor (floor_us / median_us),
-        speedup_vs_eager, speedup_vs_compile (baseline time / this time), compile_s
+        speedup_vs_eager, speedup_vs_compile (baseline time / this time), compile_s,
+        kernels (optional; kernel providers on a GPU): [{name, calls, us}], each kernel the op launches,
+        with its launches and device time per call, longest first
     batches         [batch record]: one per (model, mode, provider)
         model, mode ("train"|"inference"), provider, n, image_size, dtype, layout, status, reason,
         median_ms, p20_ms, p80_ms, reps, images_per_s, peak_memory_bytes (None on a CPU), compile_s
@@ -65,8 +67,9 @@ OP_FIELDS = {
     "median_us": _OPTIONAL_NUMBER, "p20_us": _OPTIONAL_NUMBER, "p80_us": _OPTIONAL_NUMBER,
     "reps": (int, type(None)), "gbps": _OPTIONAL_NUMBER, "tflops": _OPTIONAL_NUMBER,
     "fraction_of_floor": _OPTIONAL_NUMBER, "speedup_vs_eager": _OPTIONAL_NUMBER,
-    "speedup_vs_compile": _OPTIONAL_NUMBER, "compile_s": _OPTIONAL_NUMBER, "kernels": (list, type(None)),
+    "speedup_vs_compile": _OPTIONAL_NUMBER, "compile_s": _OPTIONAL_NUMBER,
 }
+# Optional in an op record (results written before it existed lack it): "kernels", a list of these.
 KERNEL_FIELDS = {"name": str, "calls": _NUMBER, "us": _NUMBER}
 OP_OK_FIELDS = ("median_us", "p20_us", "p80_us", "reps", "gbps", "tflops")
 BATCH_FIELDS = {
@@ -120,7 +123,11 @@ def validate(doc):
                 problems.append(f"{where[:-1]} is not an object")
                 continue
             _check_fields(record, fields, where, problems)
-            for k, kernel in enumerate(record.get("kernels") or []):
+            kernels = record.get("kernels")
+            if kernels is not None and not isinstance(kernels, list):
+                problems.append(f"{where}kernels is {type(kernels).__name__}, expected list or null")
+                kernels = []
+            for k, kernel in enumerate(kernels or []):
                 if isinstance(kernel, dict):
                     _check_fields(kernel, KERNEL_FIELDS, f"{where}kernels[{k}].", problems)
                 else:
