@@ -306,7 +306,7 @@ def _random_shapes(count, seed=20261128):
 RANDOM_SHAPES = _random_shapes(16)
 
 
-def _forward_backward(case64, dtype, impl, training, layout, grad64):
+def _forward_backward(case64, dtype, impl, training, layout, grad64, grad_layout):
     """[z, running_mean, running_var, dx, dw, dgamma, dbeta] of case64's values computed in ``dtype``
     (BatchNorm tensors in fp32 for 16-bit inputs, as in mixed-precision training)."""
     bn_dtype = dtype if dtype == torch.float64 else torch.float32
@@ -317,7 +317,7 @@ def _forward_backward(case64, dtype, impl, training, layout, grad64):
     s = case64.shape
     z = resnext_kernels.grouped_conv_bn_relu(*leaves, mean, var, stride=s.stride, dilation=s.dilation,
                                              groups=s.groups, training=training, impl=impl)
-    z.backward(layout_as(grad64.to(dtype), "strided"))
+    z.backward(layout_as(grad64.to(dtype), grad_layout))
     return [z, mean, var] + [t.grad for t in leaves]
 
 
@@ -325,18 +325,20 @@ def _forward_backward(case64, dtype, impl, training, layout, grad64):
 @pytest.mark.parametrize("shape", RANDOM_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_random_shapes_match_float64(impl, shape, dtype):
-    # Training and eval, and the input layouts, alternate over the shapes. bf16 runs the tensor-core
-    # paths wherever the group widths allow, within PyTorch's own bf16 error; fp32 the FMA paths.
+    # Training and eval, and the layouts of x and of the gradient, alternate over the shapes. bf16
+    # runs the tensor-core paths wherever the group widths allow, within PyTorch's own bf16 error;
+    # fp32 the FMA paths.
     index = RANDOM_SHAPES.index(shape)
-    training, layout = index % 2 == 0, LAYOUTS[index % len(LAYOUTS)]
+    training, layout, grad_layout = index % 2 == 0, LAYOUTS[index % 3], LAYOUTS[index // 3 % 3]
     require(impl, batch_stats=training, grad=True)
     case64 = make_case(shape, dtype=torch.float64)
     h_out = (shape.h - 1) // shape.stride + 1
     w_out = (shape.w - 1) // shape.stride + 1
     grad64 = torch.randn(shape.n, shape.c_out, h_out, w_out, device=DEVICE, dtype=torch.float64)
-    expected = _forward_backward(case64, torch.float64, "torch", training, layout, grad64)
-    ours = _forward_backward(case64, dtype, impl, training, layout, grad64)
-    baseline = _forward_backward(case64, dtype, "torch", training, layout, grad64) if dtype != torch.float32 else None
+    args = (training, layout, grad64, grad_layout)
+    expected = _forward_backward(case64, torch.float64, "torch", *args)
+    ours = _forward_backward(case64, dtype, impl, *args)
+    baseline = _forward_backward(case64, dtype, "torch", *args) if dtype != torch.float32 else None
     names = ("z", "running_mean", "running_var", "dx", "dw", "dgamma", "dbeta")
     for k, (name, a, e) in enumerate(zip(names, ours, expected)):
         assert a.dtype == (dtype if name in ("z", "dx", "dw") else torch.float32), name
