@@ -5,6 +5,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+import resnext_kernels
 from conftest import DEVICE
 
 
@@ -126,3 +127,19 @@ def assert_close_to_reference(actual, expected, dtype, baseline=None, what="outp
     else:
         bound = REFERENCE_TOLERANCE[dtype] * scale
         assert error <= bound, f"{what}: error {error:.3g} > {bound:.3g} vs float64"
+
+
+def forward_backward(case64, dtype, impl, training, layout, grad64, grad_layout):
+    """[z, running_mean, running_var, dx, dw, dgamma, dbeta] of case64's values computed in ``dtype``
+    (BatchNorm tensors in fp32 for 16-bit inputs, as in mixed-precision training), x and the gradient
+    in the given layouts."""
+    bn_dtype = dtype if dtype == torch.float64 else torch.float32
+    x = layout_as(case64.x.to(dtype), layout)
+    leaves = [t.detach().requires_grad_() for t in (x, case64.weight.to(dtype), case64.bn_weight.to(bn_dtype),
+                                                      case64.bn_bias.to(bn_dtype))]
+    mean, var = case64.running_mean.to(bn_dtype).clone(), case64.running_var.to(bn_dtype).clone()
+    s = case64.shape
+    z = resnext_kernels.grouped_conv_bn_relu(*leaves, mean, var, stride=s.stride, dilation=s.dilation,
+                                             groups=s.groups, training=training, impl=impl)
+    z.backward(layout_as(grad64.to(dtype), grad_layout))
+    return [z, mean, var] + [t.grad for t in leaves]

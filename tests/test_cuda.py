@@ -16,7 +16,7 @@ import torch
 
 import resnext_kernels
 from conftest import DEVICE, KERNEL_IMPLS
-from helpers import Shape, assert_close_to_reference, layout_as, make_case, reference64
+from helpers import Shape, assert_close_to_reference, forward_backward, make_case, reference64
 
 CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc"
 EMULATION_PY = str(pathlib.Path(resnext_kernels.__file__).parent / "cuda" / "emulation.py")
@@ -147,19 +147,6 @@ def test_results_do_not_depend_on_the_schedule_of_threads(dtype, training, monke
             assert torch.equal(a, b), f"{shape}: {name}"
 
 
-def _grads_in(dtype, case64, grad64, impl, training=True):
-    """(z, dx, dw, dgamma, dbeta) of the case computed in ``dtype`` (BN parameters in fp32)."""
-    bn_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    leaves = [case64.x.to(dtype), case64.weight.to(dtype), case64.bn_weight.to(bn_dtype), case64.bn_bias.to(bn_dtype)]
-    leaves = [t.detach().requires_grad_() for t in leaves]
-    s = case64.shape
-    z = resnext_kernels.grouped_conv_bn_relu(*leaves, case64.running_mean.to(bn_dtype).clone(),
-                                             case64.running_var.to(bn_dtype).clone(), stride=s.stride, dilation=s.dilation,
-                                             groups=s.groups, training=training, impl=impl)
-    z.backward(grad64.to(dtype))
-    return [z] + [t.grad for t in leaves]
-
-
 @needs_cuda_backend
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [Shape(2, 32, 32, 6, 5, groups=8), Shape(2, 12, 18, 5, 7, groups=6, stride=2),
@@ -178,10 +165,9 @@ def test_low_precision_gradients_within_pytorchs_own_error(dtype, shape, trainin
     case64 = make_case(shape, dtype=torch.float64, layout="channels_last")
     h_out, w_out = (shape.h - 1) // shape.stride + 1, (shape.w - 1) // shape.stride + 1
     grad64 = torch.randn(shape.n, shape.c_out, h_out, w_out, device=DEVICE, dtype=torch.float64)
-    grad64 = layout_as(grad64, grad_layout)
-    expected = _grads_in(torch.float64, case64, grad64, "torch", training)
-    baseline = _grads_in(dtype, case64, grad64, "torch", training)
-    ours = _grads_in(dtype, case64, grad64, "cuda", training)
+    runs = [forward_backward(case64, run_dtype, impl, training, "channels_last", grad64, grad_layout)
+            for run_dtype, impl in ((torch.float64, "torch"), (dtype, "torch"), (dtype, "cuda"))]
+    expected, baseline, ours = ([z] + grads for z, _, _, *grads in runs)  # running statistics left out
     for name, a, b, e in zip(("z", "dx", "dw", "dgamma", "dbeta"), ours, baseline, expected):
         # dgamma, dbeta are fp32 but computed from low-precision tensors: same criterion.
         assert_close_to_reference(a, e, dtype, baseline=b, what=name)

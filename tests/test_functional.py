@@ -12,6 +12,7 @@ from helpers import (
     SHAPES,
     Shape,
     assert_close_to_reference,
+    forward_backward,
     layout_as,
     make_case,
     reference64,
@@ -306,21 +307,6 @@ def _random_shapes(count, seed=20261128):
 RANDOM_SHAPES = _random_shapes(16)
 
 
-def _forward_backward(case64, dtype, impl, training, layout, grad64, grad_layout):
-    """[z, running_mean, running_var, dx, dw, dgamma, dbeta] of case64's values computed in ``dtype``
-    (BatchNorm tensors in fp32 for 16-bit inputs, as in mixed-precision training)."""
-    bn_dtype = dtype if dtype == torch.float64 else torch.float32
-    x = layout_as(case64.x.to(dtype), layout)
-    leaves = [t.detach().requires_grad_() for t in (x, case64.weight.to(dtype), case64.bn_weight.to(bn_dtype),
-                                                      case64.bn_bias.to(bn_dtype))]
-    mean, var = case64.running_mean.to(bn_dtype).clone(), case64.running_var.to(bn_dtype).clone()
-    s = case64.shape
-    z = resnext_kernels.grouped_conv_bn_relu(*leaves, mean, var, stride=s.stride, dilation=s.dilation,
-                                             groups=s.groups, training=training, impl=impl)
-    z.backward(layout_as(grad64.to(dtype), grad_layout))
-    return [z, mean, var] + [t.grad for t in leaves]
-
-
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
 @pytest.mark.parametrize("shape", RANDOM_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -336,9 +322,9 @@ def test_random_shapes_match_float64(impl, shape, dtype):
     w_out = (shape.w - 1) // shape.stride + 1
     grad64 = torch.randn(shape.n, shape.c_out, h_out, w_out, device=DEVICE, dtype=torch.float64)
     args = (training, layout, grad64, grad_layout)
-    expected = _forward_backward(case64, torch.float64, "torch", *args)
-    ours = _forward_backward(case64, dtype, impl, *args)
-    baseline = _forward_backward(case64, dtype, "torch", *args) if dtype != torch.float32 else None
+    expected = forward_backward(case64, torch.float64, "torch", *args)
+    ours = forward_backward(case64, dtype, impl, *args)
+    baseline = forward_backward(case64, dtype, "torch", *args) if dtype != torch.float32 else None
     names = ("z", "running_mean", "running_var", "dx", "dw", "dgamma", "dbeta")
     for k, (name, a, e) in enumerate(zip(names, ours, expected)):
         assert a.dtype == (dtype if name in ("z", "dx", "dw") else torch.float32), name

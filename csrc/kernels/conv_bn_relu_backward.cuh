@@ -95,11 +95,7 @@ __device__ __forceinline__ typename Numeric<T>::Acc dy_at(const P& p, const type
 // Whether dy_vector may serve 16-bit y and dz: both channels-last with 16-byte aligned pixels, and
 // 16-byte aligned coefficient rows.
 __device__ __forceinline__ bool dy_vectorizable(const P& p) {
-  const bool y_ok = p.y_stride[1] == 1 && (p.y_stride[0] % 8 | p.y_stride[2] % 8 | p.y_stride[3] % 8) == 0 &&
-                    reinterpret_cast<uintptr_t>(p.y) % 16 == 0;
-  const bool dz_ok = p.dz_stride[1] == 1 && (p.dz_stride[0] % 8 | p.dz_stride[2] % 8 | p.dz_stride[3] % 8) == 0 &&
-                     reinterpret_cast<uintptr_t>(p.dz) % 16 == 0;
-  return y_ok && dz_ok && p.c_out % 4 == 0;
+  return vector_layout(p.y_stride, p.y) && vector_layout(p.dz_stride, p.dz) && p.c_out % 4 == 0;
 }
 
 // dy of the 8 channels co .. co + 7 (co % 8 == 0, co + 8 <= c_out) at one pixel, rounded to the
@@ -519,7 +515,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
   T* dx = static_cast<T*>(p.dx);
   const bool vector_dy = dy_vectorizable(p);
   const bool vector_stores =
-      vector_store_layout(p.dx_stride, dx) && (int(blockIdx.y) + 1) * kChannels <= p.c_in;  // a whole tile
+      vector_layout(p.dx_stride, dx) && (int(blockIdx.y) + 1) * kChannels <= p.c_in;  // a whole tile
   const SmallDivisor by_row(row), by_vectors(row / 8), by_halo_w(halo_w);  // staging loops: indices < 2^20
 
   const int64_t tiles = p.n * tiling.tiles_h * tiling.tiles_w;
@@ -799,8 +795,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2) wgrad_mma(const P p, const Wgr
   const bool vector_dy = dy_vectorizable(p);
   // x by 16-byte loads of 8 channels where it is channels-last with 16-byte aligned pixels and the
   // block's input channels come in whole vectors; else one value at a time.
-  const bool vector_x = p.x_stride[1] == 1 && (p.x_stride[0] % 8 | p.x_stride[2] % 8 | p.x_stride[3] % 8) == 0 &&
-                        reinterpret_cast<uintptr_t>(x) % 16 == 0 && ci_begin % 8 == 0 && ci_count % 8 == 0;
+  const bool vector_x = vector_layout(p.x_stride, x) && ci_begin % 8 == 0 && ci_count % 8 == 0;
   const SmallDivisor by_halo_w(halo_w);  // positions < 2^20
 
   for (int64_t u = u0; u < u1; ++u) {

@@ -327,13 +327,12 @@ __global__ void __launch_bounds__(kMmaThreads, 4) conv_bn_relu_folded_mma(const 
   T* out = static_cast<T*>(p.out);
   // 16-byte loads of the halo need unit channel stride and 16-byte aligned pixels; 4-byte stores of
   // channel pairs likewise.
-  const bool vectorized = p.x_stride[1] == 1 && (p.x_stride[0] % 8 | p.x_stride[2] % 8 | p.x_stride[3] % 8) == 0 &&
-                          reinterpret_cast<uintptr_t>(p.x) % 16 == 0;
+  const bool vectorized = vector_layout(p.x_stride, p.x);
   const bool paired_stores = p.out_stride[1] == 1 &&
                              (p.out_stride[0] % 2 | p.out_stride[2] % 2 | p.out_stride[3] % 2) == 0 &&
                              reinterpret_cast<uintptr_t>(out) % 4 == 0;
   const bool vector_stores =
-      vector_store_layout(p.out_stride, out) && (int(blockIdx.y) + 1) * kChannels <= p.c_out;  // a whole tile
+      vector_layout(p.out_stride, out) && (int(blockIdx.y) + 1) * kChannels <= p.c_out;  // a whole tile
 
   const int64_t tiles = p.n * tiling.tiles_h * tiling.tiles_w;
   const int64_t first = int64_t(blockIdx.x) * tiling.tiles_per_block;
