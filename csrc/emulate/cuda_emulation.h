@@ -29,6 +29,10 @@
 //  * Atomics are plain read-modify-writes: only one fiber runs at any instant.
 //  * __half and __nv_bfloat16 are 16-bit structs converting with round-to-nearest-even, as the
 //    __float2half_rn / __float2bfloat16_rn intrinsics do.
+//  * cp.async: a copy fills its 16 destination bytes with the poison pattern when it is issued and
+//    lands (the source read then) when the issuing thread waits for its group, or returns. A read
+//    of the destination before that wait, or a copy issued into a buffer other warps still read,
+//    shows up as NaN: the hardware gives no ordering in between either.
 //  * mma.sync.m16n8k16 is computed from the fragments the 32 lanes hold, using the PTX ISA's
 //    fragment layouts, so a layout mistake in a kernel gives wrong numbers here as on the GPU.
 #pragma once
@@ -40,6 +44,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <limits>
 #include <memory>
@@ -152,6 +157,12 @@ struct Barrier {
   }
 };
 
+// A 16-byte cp.async: 16 bytes from `from`, or zeros when from is null.
+struct AsyncCopy {
+  void* to;
+  const void* from;
+};
+
 struct Fiber {
   ucontext_t context;
   dim3 thread;
@@ -159,6 +170,8 @@ struct Fiber {
   bool done = false;
   const Barrier* waiting_on = nullptr;  // skipped by the scheduler until this barrier releases
   uint64_t waiting_generation = 0;
+  std::vector<AsyncCopy> uncommitted;         // cp.async issued since the last commit
+  std::deque<std::vector<AsyncCopy>> groups;  // committed groups in flight, oldest first
 };
 
 struct Block {
@@ -192,6 +205,11 @@ inline void wait(Barrier& barrier) {
   fiber.waiting_on = nullptr;
 }
 
+inline void land(const std::vector<AsyncCopy>& copies) {
+  for (const AsyncCopy& copy : copies)
+    if (copy.from) std::memcpy(copy.to, copy.from, 16); else std::memset(copy.to, 0, 16);
+}
+
 inline void fiber_main() {
   Block& block = *running_block;
   try {
@@ -199,7 +217,11 @@ inline void fiber_main() {
   } catch (const std::exception& e) {
     if (block.error.empty()) block.error = e.what();
   }
-  current_fiber().done = true;
+  Fiber& fiber = current_fiber();
+  // A returning thread's copies still land.
+  for (const auto& group : fiber.groups) land(group);
+  land(fiber.uncommitted);
+  fiber.done = true;
   // uc_link returns to the scheduler.
 }
 
@@ -365,6 +387,33 @@ inline T __shfl_down_sync(unsigned, T value, unsigned delta, int width = 32) {
     return src / width == lane / width ? src : lane;
   });
 }
+
+// ---- cp.async ----------------------------------------------------------------------------------------
+
+namespace emu {
+inline void copy_async_16(void* to, const void* from, bool valid) {
+  const auto address = reinterpret_cast<uintptr_t>(to);
+  const auto shared = reinterpret_cast<uintptr_t>(dynamic_shared_memory.data());
+  if (address % 16 != 0 || (valid && reinterpret_cast<uintptr_t>(from) % 16 != 0))
+    throw std::runtime_error("cp.async: address not 16-byte aligned");
+  if (address < shared || address + 16 > shared + dynamic_shared_memory.size() - 16)
+    throw std::runtime_error("cp.async: destination outside the block's dynamic shared memory");
+  std::memset(to, 0xff, 16);
+  current_fiber().uncommitted.push_back({to, valid ? from : nullptr});
+}
+inline void copy_async_commit() {
+  Fiber& fiber = current_fiber();
+  fiber.groups.push_back(std::move(fiber.uncommitted));
+  fiber.uncommitted.clear();
+}
+inline void copy_async_wait(int pending) {
+  Fiber& fiber = current_fiber();
+  while (int(fiber.groups.size()) > pending) {
+    land(fiber.groups.front());
+    fiber.groups.pop_front();
+  }
+}
+}  // namespace emu
 
 // ---- tensor-core MMA --------------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ struct Tiling {
   int row;              // shared-memory values per staged halo position or weight row (>= chunk)
   int tiles_h, tiles_w;
   int tiles_per_block;  // consecutive tiles of one channel tile that a block computes in turn
+  int buffers;          // halo buffers of the tensor-core kernel: 2 when the next halo's copies overlap
 };
 
 // Where a block works on tile `tile` (counted over the batch): its image, output tile and channel
@@ -221,7 +222,9 @@ __global__ void __launch_bounds__(kThreads) conv_bn_relu_folded_fma(const ConvBn
 // per-group scalar sums instead, into the same accumulators. Finite inputs never pay for it.
 //
 // A block computes tiling.tiles_per_block consecutive tiles for one channel tile; when the channel
-// tile's input channels fit in one chunk, its weights are staged once for all of them.
+// tile's input channels fit in one chunk, its weights are staged once for all of them. With
+// channels-last input, the next chunk's (or tile's) halo is copied by cp.async into a second buffer
+// while the current one is computed, so that a block's loads overlap its own MMAs.
 constexpr int kMmaThreads = 128;
 constexpr int kNTiles = kChannels / 8;
 // The epilogue stages the tile's stored values over the halo (StagedTile, tensor_core_tiles.cuh), for
@@ -229,6 +232,14 @@ constexpr int kNTiles = kChannels / 8;
 constexpr int kStageRow = StagedTile<kChannels>::kRow;
 constexpr int kMmaStageBytes = kMaxPixels * kStageRow * 4;
 constexpr int kMmaStatsBytes = kMmaStageBytes + 2 * (kMmaThreads / kChannels) * kChannels * 4;
+
+// Bytes of one halo buffer of the tensor-core kernel: the halo ([halo][row] 16-bit values), or the
+// epilogue's staged tile and statistics over it, whichever is larger (a multiple of 16).
+template <bool kTrain>
+__host__ __device__ inline size_t buffer_bytes(const Tiling& t) {
+  const size_t x_bytes = size_t(t.halo_h) * t.halo_w * t.row * 2, stage = kTrain ? kMmaStatsBytes : kMmaStageBytes;
+  return x_bytes > stage ? x_bytes : stage;
+}
 
 // The exact partial sum of one chunk for output channel `co` at the halo position `base`: over its
 // own group's input channels only.
@@ -264,31 +275,44 @@ __device__ __forceinline__ void stage_weights(uint16_t* w_tile, const uint16_t* 
   }
 }
 
-// x_tile[pos][k] = x at halo position pos, channel k0 + k (zero outside the image and past the
-// chunk); returns whether this thread staged an Inf or NaN.
+// Channels-last input, 8-channel aligned chunk: starts copying x_tile[pos][k] = x at halo position
+// pos, channel k0 + k (zero outside the image and past the chunk) by 16-byte cp.async, 8 channels of
+// a pixel per copy. Vector i lands at x_tile + 8 i.
+__device__ __forceinline__ void copy_halo_async(uint16_t* x_tile, const ConvBnReluParams& p, const Tiling& tiling,
+                                                const BlockTile& b, int k0, int count) {
+  const uint16_t* x = static_cast<const uint16_t*>(p.x);
+  const int halo_w = tiling.halo_w, halo = tiling.halo_h * halo_w;
+  const SmallDivisor by_halo_w(halo_w), by_vectors(tiling.row / 8);  // dividends < 2^20
+  for (int i = int(threadIdx.x); i < halo * by_vectors.d; i += kMmaThreads) {
+    const int pos = by_vectors.quotient(i), k = (i - pos * by_vectors.d) * 8, halo_row = by_halo_w.quotient(pos);
+    const int64_t ih = b.ih0 + halo_row, iw = b.iw0 + (pos - halo_row * halo_w);
+    const bool inside = k < count && ih >= 0 && ih < p.h && iw >= 0 && iw < p.w;
+    copy_async_16(x_tile + 8 * i,
+                  inside ? x + b.n * p.x_stride[0] + (k0 + k) + ih * p.x_stride[2] + iw * p.x_stride[3] : x, inside);
+  }
+}
+
+// After copy_halo_async's copies have landed: whether the vectors this thread copied hold an Inf or NaN.
+template <typename T>
+__device__ __forceinline__ int copied_non_finite(const uint16_t* x_tile, const Tiling& tiling) {
+  const uint4* vectors = reinterpret_cast<const uint4*>(x_tile);
+  int non_finite = 0;
+  for (int i = int(threadIdx.x); i < tiling.halo_h * tiling.halo_w * (tiling.row / 8); i += kMmaThreads) {
+    const uint4 v = vectors[i];
+    non_finite |= has_non_finite<T>(v.x) | has_non_finite<T>(v.y) | has_non_finite<T>(v.z) | has_non_finite<T>(v.w);
+  }
+  return non_finite;
+}
+
+// Any other input: x_tile[pos][k] as above, one value at a time; returns whether this thread staged
+// an Inf or NaN.
 template <typename T>
 __device__ __forceinline__ int stage_halo(uint16_t* x_tile, const ConvBnReluParams& p, const Tiling& tiling,
-                                          const BlockTile& b, int k0, int count, bool vectorized) {
+                                          const BlockTile& b, int k0, int count) {
   const uint16_t* x = static_cast<const uint16_t*>(p.x);
   const int row = tiling.row, halo_w = tiling.halo_w, halo = tiling.halo_h * halo_w;
-  const SmallDivisor by_halo_w(halo_w);  // positions < 2^20
+  const SmallDivisor by_halo_w(halo_w), by_row(row);  // dividends < 2^20
   int non_finite = 0;
-  if (vectorized && count % 8 == 0 && k0 % 8 == 0) {
-    // Channels-last input: 8 channels of a pixel are 16 contiguous, aligned bytes.
-    const SmallDivisor by_vectors(row / 8);  // i < 2^20
-    for (int i = int(threadIdx.x); i < halo * by_vectors.d; i += kMmaThreads) {
-      const int pos = by_vectors.quotient(i), k = (i - pos * by_vectors.d) * 8, halo_row = by_halo_w.quotient(pos);
-      const int64_t ih = b.ih0 + halo_row, iw = b.iw0 + (pos - halo_row * halo_w);
-      uint4 v = {0u, 0u, 0u, 0u};
-      if (k < count && ih >= 0 && ih < p.h && iw >= 0 && iw < p.w)
-        v = *reinterpret_cast<const uint4*>(x + b.n * p.x_stride[0] + (k0 + k) + ih * p.x_stride[2] +
-                                            iw * p.x_stride[3]);
-      non_finite |= has_non_finite<T>(v.x) | has_non_finite<T>(v.y) | has_non_finite<T>(v.z) | has_non_finite<T>(v.w);
-      *reinterpret_cast<uint4*>(x_tile + pos * row + k) = v;
-    }
-    return non_finite;
-  }
-  const SmallDivisor by_row(row);
   for (int i = int(threadIdx.x); i < halo * row; i += kMmaThreads) {
     const int pos = by_row.quotient(i), k = i - pos * row, halo_row = by_halo_w.quotient(pos);
     const int64_t ih = b.ih0 + halo_row, iw = b.iw0 + (pos - halo_row * halo_w);
@@ -306,8 +330,13 @@ __global__ void __launch_bounds__(kMmaThreads, 4) conv_bn_relu_folded_mma(const 
   RK_DYNAMIC_SHARED(uint16_t, shared);  // raw 16-bit values: zero bits are +0.0 in fp16 and bf16
   const int chunk = tiling.chunk, row = tiling.row, halo_w = tiling.halo_w, tile_w = tiling.tile_w;
   const int tile_pixels = tiling.tile_h * tile_w;
-  uint16_t* w_tile = shared;                     // [9][kChannels][row]
-  uint16_t* x_tile = shared + 9 * kChannels * row;  // [halo][row], then the epilogue's StagedTile
+  uint16_t* w_tile = shared;  // [9][kChannels][row]
+  // Halo buffers ([halo][row], then the epilogue's StagedTile). With two, one is computed from while
+  // the next unit's halo lands in the other.
+  const bool ahead = tiling.buffers == 2;
+  const auto x_buffer = [&, buffer_values = int(buffer_bytes<kTrain>(tiling) / 2)](int64_t unit) {
+    return shared + 9 * kChannels * row + (ahead ? int(unit % 2) * buffer_values : 0);
+  };
   const uint16_t* weight = static_cast<const uint16_t*>(p.weight);
   const int s = p.stride, d = p.dilation;
 
@@ -325,8 +354,8 @@ __global__ void __launch_bounds__(kMmaThreads, 4) conv_bn_relu_folded_mma(const 
   const int a_base = (a_pixel / tile_w) * s * halo_w + (a_pixel % tile_w) * s, a_column = 8 * (lane / 16);
 
   T* out = static_cast<T*>(p.out);
-  // 16-byte loads of the halo need unit channel stride and 16-byte aligned pixels; 4-byte stores of
-  // channel pairs likewise.
+  // 16-byte copies of the halo need unit channel stride and 16-byte aligned pixels; 4-byte stores
+  // of channel pairs likewise.
   const bool vectorized = vector_layout(p.x_stride, p.x);
   const bool paired_stores = p.out_stride[1] == 1 &&
                              (p.out_stride[0] % 2 | p.out_stride[2] % 2 | p.out_stride[3] % 2) == 0 &&
@@ -334,44 +363,72 @@ __global__ void __launch_bounds__(kMmaThreads, 4) conv_bn_relu_folded_mma(const 
   const bool vector_stores =
       vector_layout(p.out_stride, out) && (int(blockIdx.y) + 1) * kChannels <= p.c_out;  // a whole tile
 
+  // The block's work is a sequence of units (tile, chunk of input channels): tiles first .. last - 1
+  // of the channel tile blockIdx.y, each in `chunks` chunks. Where a unit's halo can be copied
+  // 16 bytes at a time, its copies start during the previous unit (with two buffers).
   const int64_t tiles = p.n * tiling.tiles_h * tiling.tiles_w;
   const int64_t first = int64_t(blockIdx.x) * tiling.tiles_per_block;
   const int64_t last = first + tiling.tiles_per_block < tiles ? first + tiling.tiles_per_block : tiles;
-  for (int64_t tile = first; tile < last; ++tile) {
-    const BlockTile b = locate_block(p, tiling, tile);
-    const int cin_pg = b.cin_pg, cout_pg = b.cout_pg, co0 = b.co0, co_end = b.co_end;
-    const bool weights_resident = b.ci_end - b.ci_begin <= chunk && tile != first;
-    int k_begin[kNTiles], k_end[kNTiles];
-    ntile_k_ranges(co0, co_end, cout_pg, cin_pg, k_begin, k_end);
-    float acc[kNTiles][4];
-#pragma unroll
-    for (int j = 0; j < kNTiles; ++j)
-      for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
+  BlockTile b = locate_block(p, tiling, first), next = b;
+  const int ci_begin = b.ci_begin, ci_end = b.ci_end, chunks = (ci_end - ci_begin + chunk - 1) / chunk;
+  const int64_t units = (last - first) * chunks;
+  const auto count_of = [&](int k0) { return chunk < ci_end - k0 ? chunk : ci_end - k0; };
+  const auto copied = [&](int k0) { return vectorized && k0 % 8 == 0 && count_of(k0) % 8 == 0; };
+  int k_begin[kNTiles], k_end[kNTiles];
+  ntile_k_ranges(b.co0, b.co_end, b.cout_pg, b.cin_pg, k_begin, k_end);
+  float acc[kNTiles][4];
 
-    for (int k0 = b.ci_begin; k0 < b.ci_end; k0 += chunk) {
-      const int count = chunk < b.ci_end - k0 ? chunk : b.ci_end - k0;
-      __syncthreads();  // everyone is done with the previous chunk's (or tile's) shared memory
-      if (!weights_resident) stage_weights(w_tile, weight, row, k0, count, b);
-      const int non_finite = stage_halo<T>(x_tile, p, tiling, b, k0, count, vectorized);
-      if (__syncthreads_or(non_finite)) {
-        add_exact_sums(acc, t, [&](int c, int r) {
-          return (r ? pixel[1] : pixel[0]) < tile_pixels && co0 + c < co_end
-                     ? exact_chunk_sum<T>(x_tile, w_tile, row, r ? base[1] : base[0], c, co0 + c, k0, count, halo_w,
-                                          d, cin_pg, cout_pg)
-                     : 0.0f;
-        });
-        continue;
-      }
+  if (ahead && copied(ci_begin)) copy_halo_async(x_buffer(0), p, tiling, b, ci_begin, count_of(ci_begin));
+  copy_async_commit();
+  for (int64_t u = 0; u < units; ++u) {
+    const int k0 = ci_begin + int(u % chunks) * chunk, count = count_of(k0);
+    uint16_t* x_tile = x_buffer(u);
+    if (k0 == ci_begin) {
+      b = next;
+#pragma unroll
+      for (int j = 0; j < kNTiles; ++j)
+        for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
+    }
+    __syncthreads();  // everyone is done with the previous unit's buffer (the next one's) and weights
+    if (chunks > 1 || u == 0) stage_weights(w_tile, weight, row, k0, count, b);
+    if (!ahead && copied(k0)) copy_halo_async(x_tile, p, tiling, b, k0, count);
+    if (u + 1 < units) {
+      const int next_k0 = k0 + chunk < ci_end ? k0 + chunk : ci_begin;
+      if (next_k0 == ci_begin) next = locate_block(p, tiling, first + (u + 1) / chunks);
+      if (ahead && copied(next_k0)) copy_halo_async(x_buffer(u + 1), p, tiling, next, next_k0, count_of(next_k0));
+    }
+    copy_async_commit();
+    int non_finite;
+    if (copied(k0)) {
+      if (ahead)
+        copy_async_wait<1>();  // this unit's group; the next unit's stays in flight
+      else
+        copy_async_wait<0>();
+      non_finite = copied_non_finite<T>(x_tile, tiling);
+    } else {
+      non_finite = stage_halo<T>(x_tile, p, tiling, b, k0, count);
+    }
+    if (__syncthreads_or(non_finite)) {
+      add_exact_sums(acc, t, [&](int c, int r) {
+        return (r ? pixel[1] : pixel[0]) < tile_pixels && b.co0 + c < b.co_end
+                   ? exact_chunk_sum<T>(x_tile, w_tile, row, r ? base[1] : base[0], c, b.co0 + c, k0, count, halo_w,
+                                        d, b.cin_pg, b.cout_pg)
+                   : 0.0f;
+      });
+    } else {
       mma_chunk<T>(acc, k_begin, k_end, k0, count, w_tile, row, lane, [&](int tap) {
         return FragmentRow{x_tile + (a_base + (tap / 3) * d * halo_w + (tap % 3) * d) * row + a_column, 1};
       });
     }
+    if (k0 + chunk < ci_end) continue;
 
     // Epilogue: this lane holds channels co, co + 1 (co = co0 + 8j + 2t) of pixels pixel[0..1]. With
     // 16-byte stores (a whole channel tile of channels-last output) or statistics to take, the values
-    // go through `stage` first.
+    // go through `stage` (over this unit's halo buffer) first.
+    const int64_t tile = first + u / chunks;
+    const int co0 = b.co0, co_end = b.co_end;
     const bool staged = vector_stores || (kTrain && p.partials != nullptr);  // uniform over the block
-    if (staged) __syncthreads();  // the last chunk's tiles are free
+    if (staged) __syncthreads();  // the unit's halo is free
     const StagedTile<kChannels> staging{reinterpret_cast<float*>(x_tile)};
     float* stage = staging.stage;
 #pragma unroll
@@ -429,8 +486,7 @@ template <typename T, bool kTrain>
 size_t shared_bytes(const Tiling& t) {
   const size_t halo = size_t(t.halo_h) * t.halo_w;
   if constexpr (sizeof(T) == 2) {
-    const size_t x_bytes = halo * t.row * 2, stats = kTrain ? kMmaStatsBytes : kMmaStageBytes;
-    return size_t(9) * kChannels * t.row * 2 + (x_bytes > stats ? x_bytes : stats);
+    return size_t(9) * kChannels * t.row * 2 + t.buffers * buffer_bytes<kTrain>(t);
   } else {
     using Acc = typename Numeric<T>::Acc;
     // The training epilogue stages the tile's y over the (finished) input tiles, the lanes' partial
@@ -447,26 +503,30 @@ size_t shared_bytes(const Tiling& t) {
 template <typename T, bool kTrain>
 bool choose_tiling(const ConvBnReluParams& p, Tiling* t) {
   constexpr bool kTensorCores = sizeof(T) == 2;
-  int tile_w = int(p.w_out < 8 ? p.w_out : 8);
-  int tile_h = int(p.h_out < kMaxPixels / tile_w ? p.h_out : kMaxPixels / tile_w);
-  t->chunk = 0;
-  while (t->chunk == 0) {
-    t->tile_h = tile_h;
-    t->tile_w = tile_w;
-    t->halo_h = (tile_h - 1) * p.stride + 2 * p.dilation + 1;
-    t->halo_w = (tile_w - 1) * p.stride + 2 * p.dilation + 1;
-    for (int chunk = kMaxChunk; chunk >= 1 && t->chunk == 0; --chunk) {
-      if (kTensorCores && chunk > 8 && chunk % 8 != 0) continue;
-      t->chunk = chunk;
-      t->row = kTensorCores ? mma_row(chunk) : chunk;
-      if (shared_bytes<T, kTrain>(*t) > size_t(kSharedBytes)) t->chunk = 0;
+  const auto find_tile = [&] {
+    int tile_w = int(p.w_out < 8 ? p.w_out : 8);
+    int tile_h = int(p.h_out < kMaxPixels / tile_w ? p.h_out : kMaxPixels / tile_w);
+    while (true) {
+      t->tile_h = tile_h;
+      t->tile_w = tile_w;
+      t->halo_h = (tile_h - 1) * p.stride + 2 * p.dilation + 1;
+      t->halo_w = (tile_w - 1) * p.stride + 2 * p.dilation + 1;
+      for (int chunk = kMaxChunk; chunk >= 1; --chunk) {
+        if (kTensorCores && chunk > 8 && chunk % 8 != 0) continue;
+        t->chunk = chunk;
+        t->row = kTensorCores ? mma_row(chunk) : chunk;
+        if (shared_bytes<T, kTrain>(*t) <= size_t(kSharedBytes)) return true;
+      }
+      if (tile_h == 1 && tile_w == 1) return false;
+      if (tile_h >= tile_w) tile_h = (tile_h + 1) / 2; else tile_w = (tile_w + 1) / 2;
     }
-    if (t->chunk != 0) break;
-    if (tile_h == 1 && tile_w == 1) return false;
-    if (tile_h >= tile_w) tile_h = (tile_h + 1) / 2; else tile_w = (tile_w + 1) / 2;
-  }
-  t->tiles_h = int((p.h_out + tile_h - 1) / tile_h);
-  t->tiles_w = int((p.w_out + tile_w - 1) / tile_w);
+  };
+  // Tensor cores: two halo buffers wherever some tile fits them, so that copies overlap the MMAs.
+  t->buffers = kTensorCores ? 2 : 1;
+  while (!find_tile())
+    if (--t->buffers == 0) return false;
+  t->tiles_h = int((p.h_out + t->tile_h - 1) / t->tile_h);
+  t->tiles_w = int((p.w_out + t->tile_w - 1) / t->tile_w);
   t->tiles_per_block = 1;
   if (kTensorCores)
     t->tiles_per_block = tiles_per_block(p.n * t->tiles_h * t->tiles_w * ((p.c_out + kChannels - 1) / kChannels),

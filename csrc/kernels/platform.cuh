@@ -1,5 +1,5 @@
 // What every kernel shares: the things that differ between nvcc and the host test build (launches,
-// shared memory, the 16-bit types, ldmatrix, mma.sync) and a few numeric helpers.
+// shared memory, the 16-bit types, ldmatrix, cp.async, mma.sync) and a few numeric helpers.
 #pragma once
 
 #ifdef RESNEXT_KERNELS_EMULATE
@@ -130,6 +130,36 @@ __device__ __forceinline__ void ldmatrix<4>(uint32_t (&r)[4], const uint16_t* ro
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(address));
+}
+#endif
+
+// cp.async.cg.shared.global, 16 bytes: copies `from` (global) to `to` (shared) without passing
+// through registers, or writes 16 zero bytes and reads nothing when `valid` is false. The copies a
+// thread issued since its last copy_async_commit() form one group; copy_async_wait<N>() returns
+// once at most the N groups it committed last are still in flight. Until then the destination's
+// contents are undefined; other threads may read it after a barrier that follows the wait.
+__device__ __forceinline__ void copy_async_16(void* to, const void* from, bool valid);
+__device__ __forceinline__ void copy_async_commit();
+template <int N>
+__device__ __forceinline__ void copy_async_wait();
+
+#ifdef RESNEXT_KERNELS_EMULATE
+inline void copy_async_16(void* to, const void* from, bool valid) { emu::copy_async_16(to, from, valid); }
+inline void copy_async_commit() { emu::copy_async_commit(); }
+template <int N>
+inline void copy_async_wait() {
+  emu::copy_async_wait(N);
+}
+#else
+__device__ __forceinline__ void copy_async_16(void* to, const void* from, bool valid) {
+  const unsigned address = unsigned(__cvta_generic_to_shared(to));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(from), "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void copy_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 #endif
 

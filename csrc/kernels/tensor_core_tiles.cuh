@@ -25,13 +25,13 @@ __device__ __forceinline__ void ntile_k_ranges(int n0, int n_end, int n_per_grou
 constexpr int kMmaK = 16;
 constexpr int kMaxTilesPerBlock = 8;
 
-// Values per staged shared row of the tensor-core kernels: `chunk` channels in whole 16-byte
-// vectors and at least kMmaK zero columns beyond, so a 16-wide K step that starts inside the chunk
-// stays in its row; and row % 16 == 8, so the eight 16-byte rows one ldmatrix reads from
-// consecutive positions (stride 1; stride 2 leaves 2-way conflicts) hit distinct banks.
+// Values per staged shared row of the tensor-core kernels: `chunk` channels padded with zero
+// columns to a whole kMmaK, so every 16-wide K step (they start at multiples of kMmaK inside the
+// chunk) stays in its row, plus 8 columns nobody reads, so that row % 16 == 8 and the eight 16-byte
+// rows one ldmatrix reads from consecutive positions (stride 1; stride 2 leaves 2-way conflicts)
+// hit distinct banks.
 __host__ __device__ inline int mma_row(int chunk) {
-  const int vectors = (chunk + 7) / 8 * 8;
-  return vectors + (vectors % 16 ? kMmaK : kMmaK + 8);
+  return (chunk + kMmaK - 1) / kMmaK * kMmaK + 8;
 }
 
 // How many tiles (of `work` tiles x channel tiles) a persistent tensor-core block computes in turn:
