@@ -152,7 +152,10 @@ def test_results_do_not_depend_on_the_schedule_of_threads(dtype, training, monke
 @pytest.mark.parametrize("shape", [Shape(2, 32, 32, 6, 5, groups=8), Shape(2, 12, 18, 5, 7, groups=6, stride=2),
                                    Shape(1, 32, 32, 7, 6, groups=2, dilation=2), Shape(2, 40, 40, 5, 5, groups=40),
                                    Shape(2, 128, 96, 4, 3, groups=2, stride=2), Shape(2, 32, 32, 17, 16, groups=8),
-                                   # wgrad's input halo too large for shared memory: the FMA fallback
+                                   # wgrad: room for one input halo buffer, not two (copies not ahead)
+                                   Shape(1, 16, 16, 5, 6, groups=2, dilation=9),
+                                   # wgrad's input halo too large for shared memory: the FMA fallback;
+                                   # the forward's single halo buffer
                                    Shape(1, 8, 8, 5, 6, groups=2, dilation=12)],
                          ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

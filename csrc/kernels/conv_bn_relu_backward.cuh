@@ -98,15 +98,19 @@ __device__ __forceinline__ bool dy_vectorizable(const P& p) {
   return vector_layout(p.y_stride, p.y) && vector_layout(p.dz_stride, p.dz) && p.c_out % 4 == 0;
 }
 
-// dy of the 8 channels co .. co + 7 (co % 8 == 0, co + 8 <= c_out) at one pixel, rounded to the
-// 16-bit T and packed: 16-byte loads of y and dz, the coefficients four channels at a time.
+// Where dy_vector reads the 8 channels co .. co + 7 of y and dz at one pixel.
+__device__ __forceinline__ const uint16_t* y_vector_at(const P& p, int64_t n, int co, int64_t oh, int64_t ow) {
+  return static_cast<const uint16_t*>(p.y) + n * p.y_stride[0] + co + oh * p.y_stride[2] + ow * p.y_stride[3];
+}
+__device__ __forceinline__ const uint16_t* dz_vector_at(const P& p, int64_t n, int co, int64_t oh, int64_t ow) {
+  return static_cast<const uint16_t*>(p.dz) + n * p.dz_stride[0] + co + oh * p.dz_stride[2] + ow * p.dz_stride[3];
+}
+
+// dy of the 8 channels co .. co + 7 (co % 8 == 0, co + 8 <= c_out) at one pixel from their y and
+// dz (8 16-bit values each), rounded to the 16-bit T and packed; the coefficients four channels at
+// a time.
 template <typename T>
-__device__ __forceinline__ uint4 dy_vector(const P& p, const float* coef, int64_t n, int co, int64_t oh, int64_t ow) {
-  const uint16_t* y = static_cast<const uint16_t*>(p.y);
-  const uint16_t* dz = static_cast<const uint16_t*>(p.dz);
-  const uint4 y8 = *reinterpret_cast<const uint4*>(y + n * p.y_stride[0] + co + oh * p.y_stride[2] + ow * p.y_stride[3]);
-  const uint4 dz8 =
-      *reinterpret_cast<const uint4*>(dz + n * p.dz_stride[0] + co + oh * p.dz_stride[2] + ow * p.dz_stride[3]);
+__device__ __forceinline__ uint4 dy_vector(const P& p, const float* coef, int co, uint4 y8, uint4 dz8) {
   const uint32_t y_words[4] = {y8.x, y8.y, y8.z, y8.w}, dz_words[4] = {dz8.x, dz8.y, dz8.z, dz8.w};
   uint32_t out[4];
 #pragma unroll
@@ -128,6 +132,12 @@ __device__ __forceinline__ uint4 dy_vector(const P& p, const float* coef, int64_
     }
   }
   return {out[0], out[1], out[2], out[3]};
+}
+// The same, loading y and dz (16 bytes each).
+template <typename T>
+__device__ __forceinline__ uint4 dy_vector(const P& p, const float* coef, int64_t n, int co, int64_t oh, int64_t ow) {
+  return dy_vector<T>(p, coef, co, *reinterpret_cast<const uint4*>(y_vector_at(p, n, co, oh, ow)),
+                      *reinterpret_cast<const uint4*>(dz_vector_at(p, n, co, oh, ow)));
 }
 
 // 1. Partial sums over a block's pixel range. Channel-fast thread order when y is channels-last,
@@ -693,36 +703,49 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad(const P p, int64_t pixels_p
 // holds products of channels of different groups, which are simply not written out (real products,
 // no masking zeros, so non-finite values cannot leak), and an (m-tile, n-tile) pair with no
 // channel pair of one group is skipped. Warp w owns the 9 n-tiles 9w .. 9w + 8, n-tile
-// nt = 4 * tap + (8-channel slice of the inputs).
+// nt = 4 * tap + (8-channel slice of the inputs). Channels-last y, dz and x are copied by cp.async
+// one unit ahead, so that a unit's loads overlap the previous unit's MMAs (at 2 blocks per SM,
+// another block alone could not hide them).
 constexpr int kWmmaInputs = 32;
 constexpr int kWmmaRow = kWgradPixels + 8;   // dy_tile row: pixels (padded against bank conflicts)
 constexpr int kWmmaHaloRow = kWmmaInputs + 8;  // x halo row: input channels (padded)
 constexpr int kWmmaNTiles = kWmmaInputs * 9 / 8 / 4;  // per warp
 constexpr int kWmmaDyBytes = kChannels * kWmmaRow * 2;
-constexpr int kWmmaZeroBytes = 16;  // the zero row
-constexpr int kWmmaPixelBytes = kWgradPixels * 4;  // pixel_base
+constexpr int kWmmaVectors = kChannels / 8 * kWgradPixels;  // 8-channel vectors of a unit's y (and dz)
+constexpr int kWmmaRawBytes = 2 * kWmmaVectors * 16;        // y and dz as copied, before dy
+constexpr int kWmmaZeroBytes = 16;                          // the zero row
+constexpr int kWmmaPixelBytes = kWgradPixels * 4;           // pixel_base
+constexpr int kWmmaFixedBytes = kWmmaDyBytes + kWmmaRawBytes + kWmmaZeroBytes + kWmmaPixelBytes;
 
 struct WgradTiling {
   int tile_h, tile_w;  // output pixels per unit (at most kWgradPixels)
   int halo_h, halo_w;  // the input rows and columns they read
   int tiles_h, tiles_w;
   int64_t units_per_split;
+  int buffers;  // input halo buffers: 2 when the next unit's halo copies overlap this unit's MMAs
 };
 
-// The largest output tile whose input halo fits beside dy_tile; false when not even one pixel's.
+// The largest output tile whose input halo (two buffers where some tile fits them) fits beside
+// dy_tile; false when not even one pixel's.
 inline bool choose_wgrad_tiling(const P& p, WgradTiling* t) {
-  const int budget = (kSharedBytes - kWmmaDyBytes - kWmmaZeroBytes - kWmmaPixelBytes) / (kWmmaHaloRow * 2);
-  int tile_w = int(p.w_out < 8 ? p.w_out : 8);
-  int tile_h = int(p.h_out < kWgradPixels / tile_w ? p.h_out : kWgradPixels / tile_w);
-  while (true) {
-    t->halo_h = (tile_h - 1) * p.stride + 2 * p.dilation + 1;
-    t->halo_w = (tile_w - 1) * p.stride + 2 * p.dilation + 1;
-    if (int64_t(t->halo_h) * t->halo_w <= budget) break;
-    if (tile_h == 1 && tile_w == 1) return false;
-    if (tile_h >= tile_w) tile_h = (tile_h + 1) / 2; else tile_w = (tile_w + 1) / 2;
-  }
-  t->tile_h = tile_h;
-  t->tile_w = tile_w;
+  const auto find_tile = [&] {
+    const int budget = (kSharedBytes - kWmmaFixedBytes) / (t->buffers * kWmmaHaloRow * 2);
+    int tile_w = int(p.w_out < 8 ? p.w_out : 8);
+    int tile_h = int(p.h_out < kWgradPixels / tile_w ? p.h_out : kWgradPixels / tile_w);
+    while (true) {
+      t->tile_h = tile_h;
+      t->tile_w = tile_w;
+      t->halo_h = (tile_h - 1) * p.stride + 2 * p.dilation + 1;
+      t->halo_w = (tile_w - 1) * p.stride + 2 * p.dilation + 1;
+      if (int64_t(t->halo_h) * t->halo_w <= budget) return true;
+      if (tile_h == 1 && tile_w == 1) return false;
+      if (tile_h >= tile_w) tile_h = (tile_h + 1) / 2; else tile_w = (tile_w + 1) / 2;
+    }
+  };
+  t->buffers = 2;
+  while (!find_tile())
+    if (--t->buffers == 0) return false;
+  const int tile_h = t->tile_h, tile_w = t->tile_w;
   t->tiles_h = int(ceil_div(p.h_out, tile_h));
   t->tiles_w = int(ceil_div(p.w_out, tile_w));
   // No more splits than the workspace holds (wgrad_splits), none empty.
@@ -734,7 +757,7 @@ inline int64_t wgrad_mma_splits(const P& p, const WgradTiling& t) {
   return ceil_div(p.n * t.tiles_h * t.tiles_w, t.units_per_split);
 }
 inline size_t wgrad_mma_shared_bytes(const WgradTiling& t) {
-  return size_t(kWmmaDyBytes) + size_t(t.halo_h) * t.halo_w * kWmmaHaloRow * 2 + kWmmaZeroBytes + kWmmaPixelBytes;
+  return size_t(kWmmaFixedBytes) + size_t(t.buffers) * t.halo_h * t.halo_w * kWmmaHaloRow * 2;
 }
 
 __host__ __device__ inline int wgrad_mma_input_begin(const P& p, int co0) {
@@ -748,8 +771,7 @@ __host__ __device__ inline int wgrad_mma_input_stop(const P& p, int co0) {
 template <typename T>
 __global__ void __launch_bounds__(kMmaThreads, 2) wgrad_mma(const P p, const WgradTiling tiling) {
   RK_DYNAMIC_SHARED(uint16_t, shared);
-  uint16_t* dy_tile = shared;                        // [kChannels][kWmmaRow]: (co, pixel)
-  uint16_t* x_halo = shared + kChannels * kWmmaRow;  // [halo][kWmmaHaloRow]: (position, ci)
+  uint16_t* dy_tile = shared;  // [kChannels][kWmmaRow]: (co, pixel)
   const Workspace<float> ws = workspace_of<float>(p);
   const uint16_t* x = static_cast<const uint16_t*>(p.x);
   const int cin_pg = int(p.c_in / p.groups), cout_pg = int(p.c_out / p.groups), d = p.dilation, s = p.stride;
@@ -760,7 +782,17 @@ __global__ void __launch_bounds__(kMmaThreads, 2) wgrad_mma(const P p, const Wgr
   const int ci_count = ci_stop - ci_begin < kWmmaInputs ? ci_stop - ci_begin : kWmmaInputs;
   const int tile_w = tiling.tile_w, tile_pixels = tiling.tile_h * tile_w, halo_w = tiling.halo_w;
   const int halo = tiling.halo_h * halo_w;
-  uint16_t* zero_row = x_halo + halo * kWmmaHaloRow;  // [8]
+  // Input halo buffers, [halo][kWmmaHaloRow]: (position, ci). With two, the next unit's halo lands
+  // in one while the MMAs read the other.
+  const bool ahead = tiling.buffers == 2;
+  const auto x_halo_of = [&](int64_t unit) {
+    return shared + kChannels * kWmmaRow + (ahead ? int(unit % 2) * halo * kWmmaHaloRow : 0);
+  };
+  // y and dz of the unit's pixels as copied, 8 channels per vector: vector i is copied and read
+  // by the same thread, so they need no barrier.
+  uint4* y_copied = reinterpret_cast<uint4*>(shared + kChannels * kWmmaRow + tiling.buffers * halo * kWmmaHaloRow);
+  uint4* dz_copied = y_copied + kWmmaVectors;
+  uint16_t* zero_row = reinterpret_cast<uint16_t*>(dz_copied + kWmmaVectors);  // [8]
   // [kWgradPixels]: the halo position of a pixel's first tap, -1: none.
   int* pixel_base = reinterpret_cast<int*>(zero_row + 8);
   const unsigned tiles = unsigned(tiling.tiles_h) * unsigned(tiling.tiles_w);
@@ -793,48 +825,82 @@ __global__ void __launch_bounds__(kMmaThreads, 2) wgrad_mma(const P p, const Wgr
       for (int i = 0; i < 4; ++i) acc[mt][j][i] = 0.0f;
   if (threadIdx.x < kWmmaZeroBytes / 2) zero_row[threadIdx.x] = 0;
   const bool vector_dy = dy_vectorizable(p);
-  // x by 16-byte loads of 8 channels where it is channels-last with 16-byte aligned pixels and the
+  // x by 16-byte copies of 8 channels where it is channels-last with 16-byte aligned pixels and the
   // block's input channels come in whole vectors; else one value at a time.
   const bool vector_x = vector_layout(p.x_stride, x) && ci_begin % 8 == 0 && ci_count % 8 == 0;
   const SmallDivisor by_halo_w(halo_w);  // positions < 2^20
 
+  // Unit (image un, tile ut)'s vector i of dy: channels co0 + c .. + 7 of pixel q, copied (and
+  // computed from y and dz 8 channels at a time) where the 8 channels and the pixel all exist.
+  struct DyVector {
+    int c, q, oh, ow;
+    bool in_tile, copied;
+  };
+  const auto dy_vector_of = [&](int ut, int i) {
+    DyVector v;
+    v.c = (i % (kChannels / 8)) * 8;
+    v.q = i / (kChannels / 8);
+    v.oh = (ut / tiling.tiles_w) * tiling.tile_h + v.q / tile_w;
+    v.ow = (ut % tiling.tiles_w) * tile_w + v.q % tile_w;
+    v.in_tile = v.q < tile_pixels && v.oh < p.h_out && v.ow < p.w_out;
+    v.copied = vector_dy && v.in_tile && co0 + v.c + 8 <= p.c_out;
+    return v;
+  };
+  const auto copy_dy = [&](int64_t un, int ut) {
+    for (int i = int(threadIdx.x); i < kWmmaVectors; i += kMmaThreads) {
+      const DyVector v = dy_vector_of(ut, i);
+      if (!v.copied) continue;
+      copy_async_16(y_copied + i, y_vector_at(p, un, co0 + v.c, v.oh, v.ow), true);
+      copy_async_16(dz_copied + i, dz_vector_at(p, un, co0 + v.c, v.oh, v.ow), true);
+    }
+  };
+  const auto copy_x = [&](int64_t un, int ut, uint16_t* x_halo) {
+    const int ih0 = (ut / tiling.tiles_w) * tiling.tile_h * s - d, iw0 = (ut % tiling.tiles_w) * tile_w * s - d;
+    for (int i = int(threadIdx.x); i < halo * (kWmmaInputs / 8); i += kMmaThreads) {
+      const int pos = i / (kWmmaInputs / 8), c = i % (kWmmaInputs / 8) * 8, halo_row = by_halo_w.quotient(pos);
+      const int ih = ih0 + halo_row, iw = iw0 + (pos - halo_row * halo_w);
+      const bool inside = c < ci_count && ih >= 0 && ih < p.h && iw >= 0 && iw < p.w;
+      copy_async_16(x_halo + pos * kWmmaHaloRow + c,
+                    inside ? x + un * p.x_stride[0] + (ci_begin + c) + ih * p.x_stride[2] + iw * p.x_stride[3] : x,
+                    inside);
+    }
+  };
+
+  // Each unit's y and dz (and, with two buffers, x) copies start during the previous unit.
+  copy_dy(n, tile);
+  if (ahead && vector_x) copy_x(n, tile, x_halo_of(u0));
+  copy_async_commit();
   for (int64_t u = u0; u < u1; ++u) {
     const int oh0 = (tile / tiling.tiles_w) * tiling.tile_h, ow0 = (tile % tiling.tiles_w) * tile_w;
     const int ih0 = oh0 * s - d, iw0 = ow0 * s - d;
+    uint16_t* x_halo = x_halo_of(u);
     __syncthreads();  // the previous unit's tiles have been read
     for (int q = int(threadIdx.x); q < kWgradPixels; q += kMmaThreads) {
       const int ph = q / tile_w, pw = q % tile_w;
       pixel_base[q] = q < tile_pixels && oh0 + ph < p.h_out && ow0 + pw < p.w_out ? ph * s * halo_w + pw * s : -1;
     }
-    // dy, 8 channels of a pixel at a time: one vector where they are all there, else one by one.
-    for (int i = int(threadIdx.x); i < kChannels / 8 * kWgradPixels; i += kMmaThreads) {
-      const int c = (i % (kChannels / 8)) * 8, q = i / (kChannels / 8);
-      const int oh = oh0 + q / tile_w, ow = ow0 + q % tile_w;
-      const bool in_tile = q < tile_pixels && oh < p.h_out && ow < p.w_out;
-      if (vector_dy && in_tile && co0 + c + 8 <= p.c_out) {
-        const uint4 v = dy_vector<T>(p, ws.coef, n, co0 + c, oh, ow);
-        const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+    if (!ahead && vector_x) copy_x(n, tile, x_halo);
+    copy_async_commit();
+    copy_async_wait<0>();
+    // dy, 8 channels of a pixel at a time: from the copied vectors where they are all there, else
+    // one by one.
+    for (int i = int(threadIdx.x); i < kWmmaVectors; i += kMmaThreads) {
+      const DyVector v = dy_vector_of(tile, i);
+      if (v.copied) {
+        const uint4 dy = dy_vector<T>(p, ws.coef, co0 + v.c, y_copied[i], dz_copied[i]);
+        const uint32_t words[4] = {dy.x, dy.y, dy.z, dy.w};
 #pragma unroll
-        for (int e = 0; e < 8; ++e) dy_tile[(c + e) * kWmmaRow + q] = uint16_t(words[e / 2] >> (16 * (e % 2)));
+        for (int e = 0; e < 8; ++e) dy_tile[(v.c + e) * kWmmaRow + v.q] = uint16_t(words[e / 2] >> (16 * (e % 2)));
         continue;
       }
       for (int e = 0; e < 8; ++e) {
-        T v = Numeric<T>::store(0.0f);
-        if (in_tile && co0 + c + e < p.c_out) v = Numeric<T>::store(dy_at<T>(p, ws.coef, n, co0 + c + e, oh, ow));
-        reinterpret_cast<T*>(dy_tile)[(c + e) * kWmmaRow + q] = v;
+        T dy = Numeric<T>::store(0.0f);
+        if (v.in_tile && co0 + v.c + e < p.c_out)
+          dy = Numeric<T>::store(dy_at<T>(p, ws.coef, n, co0 + v.c + e, v.oh, v.ow));
+        reinterpret_cast<T*>(dy_tile)[(v.c + e) * kWmmaRow + v.q] = dy;
       }
     }
-    if (vector_x) {
-      for (int i = int(threadIdx.x); i < halo * (kWmmaInputs / 8); i += kMmaThreads) {
-        const int pos = i / (kWmmaInputs / 8), c = i % (kWmmaInputs / 8) * 8, halo_row = by_halo_w.quotient(pos);
-        const int ih = ih0 + halo_row, iw = iw0 + (pos - halo_row * halo_w);
-        uint4 v = {0u, 0u, 0u, 0u};
-        if (c < ci_count && ih >= 0 && ih < p.h && iw >= 0 && iw < p.w)
-          v = *reinterpret_cast<const uint4*>(x + n * p.x_stride[0] + (ci_begin + c) + ih * p.x_stride[2] +
-                                              iw * p.x_stride[3]);
-        *reinterpret_cast<uint4*>(x_halo + pos * kWmmaHaloRow + c) = v;
-      }
-    } else {
+    if (!vector_x) {
       for (int i = int(threadIdx.x); i < halo * kWmmaInputs; i += kMmaThreads) {
         const int c = i % kWmmaInputs, pos = i / kWmmaInputs, halo_row = by_halo_w.quotient(pos);
         const int ih = ih0 + halo_row, iw = iw0 + (pos - halo_row * halo_w);
@@ -844,6 +910,14 @@ __global__ void __launch_bounds__(kMmaThreads, 2) wgrad_mma(const P p, const Wgr
         x_halo[pos * kWmmaHaloRow + c] = v;
       }
     }
+    // The next unit's copies, into this thread's own y and dz vectors (read above) and the other
+    // halo buffer (read by nobody since the barrier above).
+    if (++tile == int(tiles)) tile = 0, ++n;
+    if (u + 1 < u1) {
+      copy_dy(n, tile);
+      if (ahead && vector_x) copy_x(n, tile, x_halo_of(u + 1));
+    }
+    copy_async_commit();
     __syncthreads();
     for (int ks = 0; ks < tile_pixels; ks += kMmaK) {
       // A (m-tile mt): lane l names row co = 16 mt + l % 16 at pixels ks + 8 (l / 16).
@@ -862,7 +936,6 @@ __global__ void __launch_bounds__(kMmaThreads, 2) wgrad_mma(const P p, const Wgr
         if (needed >> 2 * j & 2) mma_m16n8k16<T>(acc[1][j], a[1], b);
       }
     }
-    if (++tile == int(tiles)) tile = 0, ++n;
   }
 
   float* out = ws.partials + int64_t(blockIdx.x) * p.c_out * (cin_pg * 9);
