@@ -197,9 +197,10 @@ def test_non_finite_gradient_stays_in_its_group(dtype):
 @needs_cuda_backend
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_statistics_merge_over_many_blocks(dtype):
-    # More than 256 pixel blocks: the merge of the per-block statistics runs in two stages. A large
-    # mean checks that the merge keeps the variance's digits.
-    case = make_case(Shape(12, 8, 8, 40, 37, groups=2), dtype=dtype, mean_shift=50.0)
+    # More than 256 pixel blocks: the merge of the per-block statistics runs in two stages (blocks
+    # of row blocks x 8-channel tiles: 12 channels make a whole and a partial tile). A large mean
+    # checks that the merge keeps the variance's digits.
+    case = make_case(Shape(12, 12, 12, 40, 37, groups=2), dtype=dtype, mean_shift=50.0)
     expected, _, expected_var = reference64(case, True, momentum=1.0)
     z, mean, var = resnext_kernels.cuda.batch_stats_forward(case.x, case.weight, case.bn_weight, case.bn_bias, 1e-5,
                                                             1, 1, 2)

@@ -32,7 +32,9 @@
 //  * cp.async: a copy fills its 16 destination bytes with the poison pattern when it is issued and
 //    lands (the source read then) when the issuing thread waits for its group, or returns. A read
 //    of the destination before that wait, or a copy issued into a buffer other warps still read,
-//    shows up as NaN: the hardware gives no ordering in between either.
+//    shows up as NaN: the hardware gives no ordering in between either. A copy into bytes that
+//    one of the thread's own copies still in flight targets is an error (which lands last is
+//    undefined).
 //  * mma.sync.m16n8k16 is computed from the fragments the 32 lanes hold, using the PTX ISA's
 //    fragment layouts, so a layout mistake in a kernel gives wrong numbers here as on the GPU.
 #pragma once
@@ -261,6 +263,9 @@ inline void run_block(Block& block, int threads, dim3 block_dim, bool warp_seria
     block.current = t;
     threadIdx = fiber.thread;
     swapcontext(&block.scheduler, &fiber.context);
+    // The first error ends the block: its other threads would go on with a lane missing from
+    // their warp operations.
+    if (!block.error.empty()) throw std::runtime_error("emulated kernel: " + block.error);
     if (fiber.done) {
       // A returned thread no longer takes part in barriers.
       --live;
@@ -270,10 +275,8 @@ inline void run_block(Block& block, int threads, dim3 block_dim, bool warp_seria
       block.warp_barriers[t / 32].release_if_complete();
     }
   };
-  const auto deadlock = [&] {
-    return std::runtime_error(block.error.empty()
-                                  ? "emulated kernel: deadlock (a barrier that some threads never reach)"
-                                  : "emulated kernel: " + block.error);
+  const auto deadlock = [] {
+    return std::runtime_error("emulated kernel: deadlock (a barrier that some threads never reach)");
   };
   block.yield_on_release = warp_serial;
   while (live > 0) {
@@ -289,13 +292,14 @@ inline void run_block(Block& block, int threads, dim3 block_dim, bool warp_seria
       if (runnable(t)) resumed = true, resume(t);
     if (!resumed) throw deadlock();
   }
-  if (!block.error.empty()) throw std::runtime_error("emulated kernel: " + block.error);
 }
 
 // Runs body() as a CUDA grid: every block in turn, each with its threads as fibers.
 inline void launch(dim3 grid, dim3 block_dim, size_t dynamic_shared_bytes, const std::function<void()>& body) {
   const int threads = int(block_dim.x * block_dim.y * block_dim.z);
   if (threads < 1 || threads > 1024) throw std::runtime_error("emulated launch: invalid block size");
+  if (grid.x < 1 || grid.x > 0x7fffffffu || grid.y < 1 || grid.y > 65535 || grid.z < 1 || grid.z > 65535)
+    throw std::runtime_error("emulated launch: grid outside CUDA's limits");
   // 48 KB: the most a launch gets without cudaFuncSetAttribute, which the kernels never call.
   if (dynamic_shared_bytes > 48 * 1024) throw std::runtime_error("emulated launch: more than 48 KB of dynamic shared memory");
   const bool warp_serial = warp_serial_schedule();
@@ -398,8 +402,19 @@ inline void copy_async_16(void* to, const void* from, bool valid) {
     throw std::runtime_error("cp.async: address not 16-byte aligned");
   if (address < shared || address + 16 > shared + dynamic_shared_memory.size() - 16)
     throw std::runtime_error("cp.async: destination outside the block's dynamic shared memory");
+  Fiber& fiber = current_fiber();
+  const auto overlaps = [&](const std::vector<AsyncCopy>& copies) {
+    for (const AsyncCopy& copy : copies) {
+      const auto other = reinterpret_cast<uintptr_t>(copy.to);
+      if (other < address + 16 && address < other + 16) return true;
+    }
+    return false;
+  };
+  bool in_flight = overlaps(fiber.uncommitted);
+  for (const auto& group : fiber.groups) in_flight = in_flight || overlaps(group);
+  if (in_flight) throw std::runtime_error("cp.async: destination of a copy still in flight");
   std::memset(to, 0xff, 16);
-  current_fiber().uncommitted.push_back({to, valid ? from : nullptr});
+  fiber.uncommitted.push_back({to, valid ? from : nullptr});
 }
 inline void copy_async_commit() {
   Fiber& fiber = current_fiber();

@@ -22,17 +22,19 @@ constexpr int kChannels = 8;                   // channels per merge block
 constexpr int kLanes = kThreads / kChannels;   // threads sharing one channel's partials
 constexpr int kSlab = 8 * kLanes;              // blocks per first-stage merge block
 
-// Merges rows [blockIdx.y * rows_per_block, ...) of `in` ([3][rows][c]: count, mean, M2) for
-// kChannels channels: lane l takes rows l, l + kLanes, ... in order, then lane 0 merges the lanes in
-// order. Not final: writes row blockIdx.y of `out` ([3][gridDim.y][c]). Final (one row block):
-// writes stats = mean, var, scale, shift.
+// Block (row block b, channel tile): blockIdx.x = b * channel tiles + channel tile (one grid
+// dimension: row blocks can outnumber gridDim.y's limit). Merges rows [b * rows_per_block, ...) of
+// `in` ([3][rows][c]: count, mean, M2) for kChannels channels: lane l takes rows l, l + kLanes, ...
+// in order, then lane 0 merges the lanes in order. Not final: writes row b of `out`
+// ([3][row blocks][c]). Final (one row block): writes stats = mean, var, scale, shift.
 template <typename Acc>
 __global__ void __launch_bounds__(kThreads) merge_statistics(const BatchNormTrainParams p, const Acc* in, int64_t rows,
                                                              int64_t rows_per_block, Acc* out, bool final) {
   __shared__ Acc shared[3][kLanes][kChannels];
   const int c_local = int(threadIdx.x) % kChannels, lane = int(threadIdx.x) / kChannels;
-  const int64_t c = int64_t(blockIdx.x) * kChannels + c_local;
-  const int64_t plane = rows * p.c, r0 = int64_t(blockIdx.y) * rows_per_block;
+  const int64_t channel_tiles = (p.c + kChannels - 1) / kChannels, row_block = blockIdx.x / channel_tiles;
+  const int64_t c = (blockIdx.x - row_block * channel_tiles) * kChannels + c_local;
+  const int64_t plane = rows * p.c, r0 = row_block * rows_per_block;
   const int64_t r1 = r0 + rows_per_block < rows ? r0 + rows_per_block : rows;
   Acc count = Acc(0), mean = Acc(0), m2 = Acc(0);
   if (c < p.c)
@@ -46,7 +48,7 @@ __global__ void __launch_bounds__(kThreads) merge_statistics(const BatchNormTrai
   for (int l = 1; l < kLanes; ++l)
     merge_moments(count, mean, m2, shared[0][l][c_local], shared[1][l][c_local], shared[2][l][c_local]);
   if (!final) {
-    const int64_t out_plane = int64_t(gridDim.y) * p.c, at = int64_t(blockIdx.y) * p.c + c;
+    const int64_t out_plane = gridDim.x / channel_tiles * p.c, at = row_block * p.c + c;
     out[at] = count;
     out[out_plane + at] = mean;
     out[2 * out_plane + at] = m2;
@@ -113,18 +115,20 @@ template <typename T>
 const char* launch(const BatchNormTrainParams& p, void* stream) {
   using Acc = typename Numeric<T>::Acc;
   const auto s = static_cast<cudaStream_t>(stream);
-  const unsigned channel_tiles = unsigned((p.c + kChannels - 1) / kChannels);
+  const int64_t channel_tiles = (p.c + kChannels - 1) / kChannels;
   const Acc* partials = static_cast<const Acc*>(p.partials);
   auto merge_kernel = merge_statistics<Acc>;
   const int64_t slabs = batch_norm_train_slabs(p.blocks);
   if (slabs > 1) {
+    if (!grid_fits(slabs * channel_tiles)) return kGridTooLarge;
     Acc* merged = static_cast<Acc*>(p.slabs);
-    RK_LAUNCH(merge_kernel, dim3(channel_tiles, unsigned(slabs)), dim3(kThreads), 0, s, p, partials, p.blocks,
+    RK_LAUNCH(merge_kernel, dim3(unsigned(slabs * channel_tiles)), dim3(kThreads), 0, s, p, partials, p.blocks,
               int64_t(kSlab), merged, false);
     if (const char* error = RK_LAUNCH_ERROR()) return error;
-    RK_LAUNCH(merge_kernel, dim3(channel_tiles), dim3(kThreads), 0, s, p, merged, slabs, slabs, merged, true);
+    RK_LAUNCH(merge_kernel, dim3(unsigned(channel_tiles)), dim3(kThreads), 0, s, p, merged, slabs, slabs, merged, true);
   } else {
-    RK_LAUNCH(merge_kernel, dim3(channel_tiles), dim3(kThreads), 0, s, p, partials, p.blocks, p.blocks, nullptr, true);
+    RK_LAUNCH(merge_kernel, dim3(unsigned(channel_tiles)), dim3(kThreads), 0, s, p, partials, p.blocks, p.blocks,
+              nullptr, true);
   }
   if (const char* error = RK_LAUNCH_ERROR()) return error;
   if constexpr (sizeof(T) == 2) {

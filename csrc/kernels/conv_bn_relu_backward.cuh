@@ -299,6 +299,7 @@ struct DgradTiling {
   int row;             // shared-memory values per staged halo position or weight row (>= chunk)
   int tiles_h, tiles_w;
   int tiles_per_block;
+  bool ahead;  // tensor cores: room for the next unit's y and dz as copied (dgrad_copied_bytes)
 };
 
 __device__ __forceinline__ int floor_div(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
@@ -419,12 +420,17 @@ __global__ void __launch_bounds__(kThreads, 1) dgrad(const P p, const DgradTilin
 // Shared memory of a dgrad block. FMA: the dy halo and the weights, `chunk` values per channel, in
 // the accumulation type. Tensor cores: a zero row, the weights and the dy halo, `row` 16-bit values
 // each.
+// Tensor cores: y and dz of a unit's halo as copied, 8 channels of the chunk per 16-byte vector.
+inline size_t dgrad_copied_bytes(const DgradTiling& t) {
+  return 2 * size_t(t.halo_h) * t.halo_w * ((t.chunk + 7) / 8) * 16;
+}
 template <typename T>
 size_t dgrad_shared_bytes(const DgradTiling& t) {
   const size_t halo = size_t(t.halo_h) * t.halo_w;
   if constexpr (sizeof(T) == 2) {  // the halo's space also holds the epilogue's StagedTile
     const size_t halo_bytes = halo * t.row * 2, stage_bytes = size_t(kMaxPixels) * StagedTile<kChannels>::kRow * 4;
-    return (1 + size_t(9) * kChannels) * t.row * 2 + (halo_bytes > stage_bytes ? halo_bytes : stage_bytes);
+    return (1 + size_t(9) * kChannels) * t.row * 2 + (halo_bytes > stage_bytes ? halo_bytes : stage_bytes) +
+           (t.ahead ? dgrad_copied_bytes(t) : 0);
   }
   return (halo + size_t(kChannels) * 9) * t.chunk * sizeof(typename Numeric<T>::Acc);
 }
@@ -435,27 +441,34 @@ size_t dgrad_shared_bytes(const DgradTiling& t) {
 template <typename T>
 bool choose_dgrad_tiling(const P& p, DgradTiling* t) {
   constexpr bool kTensorCores = sizeof(T) == 2;
-  int tile_w = int(p.w < 8 ? p.w : 8);
-  int tile_h = int(p.h < kMaxPixels / tile_w ? p.h : kMaxPixels / tile_w);
   const int extra = p.stride == 1 ? 1 : 2;
-  t->chunk = 0;
-  while (t->chunk == 0) {
-    t->tile_h = tile_h;
-    t->tile_w = tile_w;
-    t->halo_h = (tile_h - 1 + 2 * p.dilation) / p.stride + extra;
-    t->halo_w = (tile_w - 1 + 2 * p.dilation) / p.stride + extra;
-    for (int chunk = kMaxChunk; chunk >= 1 && t->chunk == 0; --chunk) {
-      if (kTensorCores && chunk > 8 && chunk % 8 != 0) continue;
-      t->chunk = chunk;
-      t->row = kTensorCores ? mma_row(chunk) : chunk;
-      if (dgrad_shared_bytes<T>(*t) > size_t(kSharedBytes)) t->chunk = 0;
+  const auto find_tile = [&] {
+    int tile_w = int(p.w < 8 ? p.w : 8);
+    int tile_h = int(p.h < kMaxPixels / tile_w ? p.h : kMaxPixels / tile_w);
+    while (true) {
+      t->tile_h = tile_h;
+      t->tile_w = tile_w;
+      t->halo_h = (tile_h - 1 + 2 * p.dilation) / p.stride + extra;
+      t->halo_w = (tile_w - 1 + 2 * p.dilation) / p.stride + extra;
+      for (int chunk = kMaxChunk; chunk >= 1; --chunk) {
+        if (kTensorCores && chunk > 8 && chunk % 8 != 0) continue;
+        t->chunk = chunk;
+        t->row = kTensorCores ? mma_row(chunk) : chunk;
+        if (dgrad_shared_bytes<T>(*t) <= size_t(kSharedBytes)) return true;
+      }
+      if (tile_h == 1 && tile_w == 1) return false;
+      if (tile_h >= tile_w) tile_h = (tile_h + 1) / 2; else tile_w = (tile_w + 1) / 2;
     }
-    if (t->chunk != 0) break;
-    if (tile_h == 1 && tile_w == 1) return false;
-    if (tile_h >= tile_w) tile_h = (tile_h + 1) / 2; else tile_w = (tile_w + 1) / 2;
+  };
+  // Tensor cores: room for copies one unit ahead wherever some tile leaves it.
+  t->ahead = kTensorCores;
+  if (!find_tile()) {
+    if (!t->ahead) return false;
+    t->ahead = false;
+    if (!find_tile()) return false;
   }
-  t->tiles_h = int(ceil_div(p.h, tile_h));
-  t->tiles_w = int(ceil_div(p.w, tile_w));
+  t->tiles_h = int(ceil_div(p.h, t->tile_h));
+  t->tiles_w = int(ceil_div(p.w, t->tile_w));
   t->tiles_per_block = 1;
   if (kTensorCores) t->tiles_per_block = tiles_per_block(p.n * t->tiles_h * t->tiles_w * ceil_div(p.c_in, kChannels),
                                                          p.sm_count);
@@ -504,6 +517,13 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
   uint16_t* zero_row = shared;                   // [row]
   uint16_t* w_tile = shared + row;               // [9][kChannels][row]: (tap, input channel, output channel)
   uint16_t* dy_tile = w_tile + 9 * kChannels * row;  // [halo][row]
+  // With tiling.ahead, the next unit's y and dz as copied, [halo][chunk / 8] vectors each, after the
+  // halo's space: vector (pos, k / 8) is copied and read by the same thread, so they need no barrier.
+  const int copied_vectors = halo * ((chunk + 7) / 8);
+  uint4* y_copied = reinterpret_cast<uint4*>(
+      dy_tile + (halo * row > kMaxPixels * StagedTile<kChannels>::kRow * 2 ? halo * row
+                                                                            : kMaxPixels * StagedTile<kChannels>::kRow * 2));
+  uint4* dz_copied = y_copied + copied_vectors;
   const float* coef = workspace_of<float>(p).coef;
   const uint16_t* weight = static_cast<const uint16_t*>(p.weight);
   const int s = p.stride, d = p.dilation;
@@ -511,13 +531,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
   const int cin_pg = int(p.c_in / p.groups), cout_pg = int(p.c_out / p.groups);
 
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
-  int pixel[2], ph[2], pw[2];  // this lane's two fragment rows
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    pixel[r] = warp * 16 + g + 8 * r;
-    ph[r] = pixel[r] / tile_w;
-    pw[r] = pixel[r] % tile_w;
-  }
+  const int pixel[2] = {warp * 16 + g, warp * 16 + g + 8};  // this lane's two fragment rows
   // The pixel whose A row this lane names to ldmatrix (-1: beyond the tile), and its column offset.
   const int a_pixel = warp * 16 + lane % 16 < tile_pixels ? warp * 16 + lane % 16 : -1;
   const int a_ph = a_pixel / tile_w, a_pw = a_pixel % tile_w, a_column = 8 * (lane / 16);
@@ -528,63 +542,107 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
       vector_layout(p.dx_stride, dx) && (int(blockIdx.y) + 1) * kChannels <= p.c_in;  // a whole tile
   const SmallDivisor by_row(row), by_vectors(row / 8), by_halo_w(halo_w);  // staging loops: indices < 2^20
 
+  // The block's work is a sequence of units (tile, chunk of output channels): tiles first .. last - 1
+  // of the input-channel tile blockIdx.y, each in `chunks` chunks. With tiling.ahead, a unit's y and
+  // dz (channels-last) are copied during the previous unit; the thread that copied a vector turns it
+  // into dy.
   const int64_t tiles = p.n * tiling.tiles_h * tiling.tiles_w;
   const int64_t first = int64_t(blockIdx.x) * tiling.tiles_per_block;
   const int64_t last = first + tiling.tiles_per_block < tiles ? first + tiling.tiles_per_block : tiles;
-  for (int64_t tile = first; tile < last; ++tile) {
-    const DgradBlock block = locate_dgrad_block(p, tiling, cin_pg, cout_pg, tile);
+  DgradBlock block = locate_dgrad_block(p, tiling, cin_pg, cout_pg, first);
+  const int co_begin = block.co_begin, co_stop = block.co_stop, chunks = (co_stop - co_begin + chunk - 1) / chunk;
+  const int units = int(last - first) * chunks;  // at most kMaxTilesPerBlock tiles
+  const auto count_of = [&](int k0) { return chunk < co_stop - k0 ? chunk : co_stop - k0; };
+  const auto by_vectors_of = [&](int k0) { return vector_dy && k0 % 8 == 0 && count_of(k0) % 8 == 0; };
+  // Unit vector i of the dy halo: position pos, channels k .. k + 7 of the chunk, its copied vector.
+  struct HaloVector {
+    int pos, k, oh, ow, copied;
+  };
+  const auto halo_vector = [&](const DgradBlock& b, int i) {
+    HaloVector v;
+    v.pos = by_vectors.quotient(i);
+    v.k = (i - v.pos * by_vectors.d) * 8;
+    const int halo_row = by_halo_w.quotient(v.pos);
+    v.oh = b.oh_lo + halo_row;
+    v.ow = b.ow_lo + v.pos - halo_row * halo_w;
+    v.copied = v.pos * ((chunk + 7) / 8) + v.k / 8;
+    return v;
+  };
+  const auto copy_dy = [&](const DgradBlock& b, int k0) {
+    const int count = count_of(k0);
+    for (int i = int(threadIdx.x); i < halo * by_vectors.d; i += kMmaThreads) {
+      const HaloVector v = halo_vector(b, i);
+      if (v.k < count && v.oh >= 0 && v.oh < p.h_out && v.ow >= 0 && v.ow < p.w_out) {
+        copy_async_16(y_copied + v.copied, y_vector_at(p, b.n, k0 + v.k, v.oh, v.ow), true);
+        copy_async_16(dz_copied + v.copied, dz_vector_at(p, b.n, k0 + v.k, v.oh, v.ow), true);
+      }
+    }
+  };
+  float acc[kNTiles][4];
+
+  if (tiling.ahead && by_vectors_of(co_begin)) copy_dy(block, co_begin);
+  copy_async_commit();
+  for (int u = 0; u < units; ++u) {
+    const int k0 = co_begin + u % chunks * chunk, count = count_of(k0);
+    if (k0 == co_begin) {
+      if (u > 0) block = locate_dgrad_block(p, tiling, cin_pg, cout_pg, first + u / chunks);
+#pragma unroll
+      for (int j = 0; j < kNTiles; ++j)
+        for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
+    }
     const int64_t n = block.n;
     const int ih0 = block.ih0, iw0 = block.iw0, oh_lo = block.oh_lo, ow_lo = block.ow_lo, eh = block.eh, ew = block.ew;
-    const int ci0 = block.ci0, ci_end = block.ci_end, co_begin = block.co_begin, co_stop = block.co_stop;
-    const bool weights_resident = co_stop - co_begin <= chunk && tile != first;
-    int k_begin[kNTiles], k_end[kNTiles];
-    ntile_k_ranges(ci0, ci_end, cin_pg, cout_pg, k_begin, k_end);
-    float acc[kNTiles][4];
-#pragma unroll
-    for (int j = 0; j < kNTiles; ++j)
-      for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
-
-    for (int k0 = co_begin; k0 < co_stop; k0 += chunk) {
-      const int count = chunk < co_stop - k0 ? chunk : co_stop - k0;
-      __syncthreads();  // everyone is done with the previous chunk's (or tile's) shared memory
-      int non_finite = 0;
-      if (vector_dy && k0 % 8 == 0 && count % 8 == 0) {
-        for (int i = int(threadIdx.x); i < halo * by_vectors.d; i += kMmaThreads) {
-          const int pos = by_vectors.quotient(i), k = (i - pos * by_vectors.d) * 8, halo_row = by_halo_w.quotient(pos);
-          const int oh = oh_lo + halo_row, ow = ow_lo + pos - halo_row * halo_w;
-          uint4 v = {0u, 0u, 0u, 0u};
-          if (k < count && oh >= 0 && oh < p.h_out && ow >= 0 && ow < p.w_out) v = dy_vector<T>(p, coef, n, k0 + k, oh, ow);
-          non_finite |= has_non_finite<T>(v.x) | has_non_finite<T>(v.y) | has_non_finite<T>(v.z) | has_non_finite<T>(v.w);
-          *reinterpret_cast<uint4*>(dy_tile + pos * row + k) = v;
-        }
-      } else {
-        for (int i = int(threadIdx.x); i < halo * row; i += kMmaThreads) {
-          const int pos = by_row.quotient(i), k = i - pos * row, halo_row = by_halo_w.quotient(pos);
-          const int oh = oh_lo + halo_row, ow = ow_lo + pos - halo_row * halo_w;
-          T v = Numeric<T>::store(0.0f);
-          if (k < count && oh >= 0 && oh < p.h_out && ow >= 0 && ow < p.w_out)
-            v = Numeric<T>::store(dy_at<T>(p, coef, n, k0 + k, oh, ow));
-          reinterpret_cast<T*>(dy_tile)[pos * row + k] = v;
-          non_finite |= (dy_tile[pos * row + k] & 0x7fff) >= Numeric<T>::kNonFinite;
-        }
+    const int ci0 = block.ci0, ci_end = block.ci_end;
+    __syncthreads();  // everyone is done with the previous unit's shared memory
+    int non_finite = 0;
+    if (by_vectors_of(k0)) {
+      copy_async_wait<0>();
+      for (int i = int(threadIdx.x); i < halo * by_vectors.d; i += kMmaThreads) {
+        const HaloVector v = halo_vector(block, i);
+        uint4 dy = {0u, 0u, 0u, 0u};
+        if (v.k < count && v.oh >= 0 && v.oh < p.h_out && v.ow >= 0 && v.ow < p.w_out)
+          dy = tiling.ahead ? dy_vector<T>(p, coef, k0 + v.k, y_copied[v.copied], dz_copied[v.copied])
+                            : dy_vector<T>(p, coef, n, k0 + v.k, v.oh, v.ow);
+        non_finite |= has_non_finite<T>(dy.x) | has_non_finite<T>(dy.y) | has_non_finite<T>(dy.z) | has_non_finite<T>(dy.w);
+        *reinterpret_cast<uint4*>(dy_tile + v.pos * row + v.k) = dy;
       }
-      if (!weights_resident)
-        for (int i = int(threadIdx.x); i < kChannels * row; i += kMmaThreads) {
-          const int c = by_row.quotient(i), k = i - c * row, ic = ci0 + c, oc = k0 + k;
-          const bool in_group = k < count && ic < ci_end && oc / cout_pg == ic / cin_pg;
-          const uint16_t* source = weight + (int64_t(oc) * cin_pg + ic % cin_pg) * 9;
-#pragma unroll
-          for (int tap = 0; tap < 9; ++tap) w_tile[(tap * kChannels + c) * row + k] = in_group ? source[tap] : uint16_t(0);
-        }
-      if (__syncthreads_or(non_finite)) {
-        add_exact_sums(acc, t, [&](int c, int r) {
-          return (r ? pixel[1] : pixel[0]) < tile_pixels && ci0 + c < ci_end
-                     ? dgrad_exact_sum<T>(dy_tile, w_tile, row, k0, count, r ? ph[1] : ph[0], r ? pw[1] : pw[0], c,
-                                          ci0 + c, halo_w, s, by_s, d, eh, ew, cin_pg, cout_pg)
-                     : 0.0f;
-        });
-        continue;
+    } else {
+      for (int i = int(threadIdx.x); i < halo * row; i += kMmaThreads) {
+        const int pos = by_row.quotient(i), k = i - pos * row, halo_row = by_halo_w.quotient(pos);
+        const int oh = oh_lo + halo_row, ow = ow_lo + pos - halo_row * halo_w;
+        T v = Numeric<T>::store(0.0f);
+        if (k < count && oh >= 0 && oh < p.h_out && ow >= 0 && ow < p.w_out)
+          v = Numeric<T>::store(dy_at<T>(p, coef, n, k0 + k, oh, ow));
+        reinterpret_cast<T*>(dy_tile)[pos * row + k] = v;
+        non_finite |= (dy_tile[pos * row + k] & 0x7fff) >= Numeric<T>::kNonFinite;
       }
+    }
+    if (tiling.ahead && u + 1 < units) {  // into this thread's own copied vectors, read above
+      const int next_k0 = k0 + chunk < co_stop ? k0 + chunk : co_begin;
+      if (by_vectors_of(next_k0))
+        copy_dy(next_k0 == co_begin ? locate_dgrad_block(p, tiling, cin_pg, cout_pg, first + (u + 1) / chunks) : block,
+                next_k0);
+    }
+    copy_async_commit();
+    if (chunks > 1 || u == 0)
+      for (int i = int(threadIdx.x); i < kChannels * row; i += kMmaThreads) {
+        const int c = by_row.quotient(i), k = i - c * row, ic = ci0 + c, oc = k0 + k;
+        const bool in_group = k < count && ic < ci_end && oc / cout_pg == ic / cin_pg;
+        const uint16_t* source = weight + (int64_t(oc) * cin_pg + ic % cin_pg) * 9;
+#pragma unroll
+        for (int tap = 0; tap < 9; ++tap) w_tile[(tap * kChannels + c) * row + k] = in_group ? source[tap] : uint16_t(0);
+      }
+    if (__syncthreads_or(non_finite)) {
+      add_exact_sums(acc, t, [&](int c, int r) {
+        const int q = r ? pixel[1] : pixel[0];
+        return q < tile_pixels && ci0 + c < ci_end
+                   ? dgrad_exact_sum<T>(dy_tile, w_tile, row, k0, count, q / tile_w, q % tile_w, c, ci0 + c, halo_w,
+                                        s, by_s, d, eh, ew, cin_pg, cout_pg)
+                   : 0.0f;
+      });
+    } else {
+      int k_begin[kNTiles], k_end[kNTiles];
+      ntile_k_ranges(ci0, ci_end, cin_pg, cout_pg, k_begin, k_end);
       mma_chunk<T>(acc, k_begin, k_end, k0, count, w_tile, row, lane, [&](int tap) {
         // The halo row this lane's ldmatrix row receives from through this tap, or the zero row.
         const int nh = eh - (tap / 3) * d + a_ph, nw = ew - (tap % 3) * d + a_pw;
@@ -594,11 +652,12 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
                    : FragmentRow{zero_row + a_column, 0};
       });
     }
+    if (k0 + chunk < co_stop) continue;
 
     // A whole channel tile of channels-last dx goes out 16 bytes at a time, through shared memory.
     auto in_image = [&](int q) { return q < tile_pixels && ih0 + q / tile_w < p.h && iw0 + q % tile_w < p.w; };
     if (vector_stores) {
-      __syncthreads();  // the last chunk's tiles are free
+      __syncthreads();  // the unit's dy halo is free
       const StagedTile<kChannels> staging{reinterpret_cast<float*>(dy_tile)};
 #pragma unroll
       for (int j = 0; j < kNTiles; ++j)
@@ -631,7 +690,8 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, 2) wgrad(const P p, int64_t pixels_per_split, bool channel_fast) {
   using Acc = typename Numeric<T>::Acc;
   __shared__ Acc dy_tile[kWgradPixels][kChannels];
-  __shared__ int image[kWgradPixels], out_h[kWgradPixels], out_w[kWgradPixels];
+  __shared__ int64_t image[kWgradPixels];
+  __shared__ int out_h[kWgradPixels], out_w[kWgradPixels];
   const Workspace<Acc> ws = workspace_of<Acc>(p);
   const T* x = static_cast<const T*>(p.x);
   const int cin_pg = int(p.c_in / p.groups), cout_pg = int(p.c_out / p.groups), d = p.dilation;
@@ -646,7 +706,8 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad(const P p, int64_t pixels_p
   // The stage's first pixel as (image, pixel in image), advanced without 64-bit divisions in the loop
   // (an image has fewer than 2^31 pixels).
   const int hw = int(p.h_out * p.w_out), w_out = int(p.w_out);
-  int stage_n = int(m0 / hw), stage_r = int(m0 % hw);
+  int64_t stage_n = m0 / hw;
+  int stage_r = int(m0 % hw);
 
   Acc acc[9];
 #pragma unroll
@@ -656,7 +717,8 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad(const P p, int64_t pixels_p
     const int count = int(m1 - mb < kWgradPixels ? m1 - mb : kWgradPixels);
     __syncthreads();
     for (int q = int(threadIdx.x); q < count; q += kThreads) {
-      int n = stage_n, r = stage_r + q;
+      int64_t n = stage_n;
+      int r = stage_r + q;
       while (r >= hw) r -= hw, ++n;
       image[q] = n;
       out_h[q] = r / w_out;
@@ -968,6 +1030,10 @@ template <typename T>
 const char* launch(const P& p, void* stream) {
   using Acc = typename Numeric<T>::Acc;
   const auto s = static_cast<cudaStream_t>(stream);
+  // y and z of the grids below: channel tiles of c_out and c_in, and wgrad's input tiles per group.
+  if (!grid_fits(1, ceil_div(p.c_out, kChannels), ceil_div(p.c_in / p.groups, kWgradInputs)) ||
+      !grid_fits(1, ceil_div(p.c_in, kChannels)))
+    return kGridTooLarge;
   const unsigned channel_tiles = unsigned(ceil_div(p.c_out, kChannels));
   const int64_t blocks = reduce_blocks(p);
   bool reduced_by_vectors = false;
@@ -993,8 +1059,9 @@ const char* launch(const P& p, void* stream) {
     if (!choose_dgrad_tiling<T>(p, &tiling))
       return "dilation and stride too large: one input pixel's output halo does not fit in shared memory";
     const size_t bytes = dgrad_shared_bytes<T>(tiling);
-    const dim3 grid(unsigned(ceil_div(p.n * tiling.tiles_h * tiling.tiles_w, tiling.tiles_per_block)),
-                    unsigned(ceil_div(p.c_in, kChannels)));
+    const int64_t dgrad_blocks = ceil_div(p.n * tiling.tiles_h * tiling.tiles_w, tiling.tiles_per_block);
+    if (!grid_fits(dgrad_blocks)) return kGridTooLarge;
+    const dim3 grid(unsigned(dgrad_blocks), unsigned(ceil_div(p.c_in, kChannels)));
     if constexpr (sizeof(T) == 2) {  // 16-bit inputs run on tensor cores; fp32 and fp64 on FMA units
       auto dgrad_kernel = dgrad_mma<T>;
       RK_LAUNCH(dgrad_kernel, grid, dim3(kMmaThreads), bytes, s, p, tiling);

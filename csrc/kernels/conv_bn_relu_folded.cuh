@@ -540,8 +540,10 @@ const char* launch(const ConvBnReluParams& p, void* stream) {
   if (!choose_tiling<T, kTrain>(p, &tiling))
     return "dilation and stride too large: one output pixel's input halo does not fit in shared memory";
   const int64_t tiles = p.n * tiling.tiles_h * tiling.tiles_w;
-  const dim3 grid(unsigned((tiles + tiling.tiles_per_block - 1) / tiling.tiles_per_block),
-                  unsigned((p.c_out + kChannels - 1) / kChannels));
+  const int64_t blocks = (tiles + tiling.tiles_per_block - 1) / tiling.tiles_per_block;
+  const int64_t channel_tiles = (p.c_out + kChannels - 1) / kChannels;
+  if (!grid_fits(blocks, channel_tiles)) return kGridTooLarge;
+  const dim3 grid{unsigned(blocks), unsigned(channel_tiles)};
   const size_t bytes = shared_bytes<T, kTrain>(tiling);
   if constexpr (sizeof(T) == 2) {  // 16-bit inputs run on tensor cores; fp32 and fp64 on FMA units
     auto kernel = conv_bn_relu_folded_mma<T, kTrain>;

@@ -70,6 +70,13 @@ __device__ __forceinline__ int has_non_finite(uint32_t word) {
   return (word & 0x7fffu) >= Numeric<T>::kNonFinite || ((word >> 16) & 0x7fffu) >= Numeric<T>::kNonFinite;
 }
 
+// Whether a grid of x * y * z blocks is within CUDA's limits (x < 2^31, y and z < 2^16): dim3's
+// unsigned fields would silently truncate larger counts.
+inline bool grid_fits(int64_t x, int64_t y = 1, int64_t z = 1) {
+  return x >= 1 && x < (int64_t(1) << 31) && y >= 1 && y < 65536 && z >= 1 && z < 65536;
+}
+constexpr const char* kGridTooLarge = "tensor too large: its tiles exceed the blocks one launch can have";
+
 // ReLU that keeps NaN, as torch.relu does (fmaxf(NaN, 0) would give 0).
 template <typename Acc>
 __device__ __forceinline__ Acc relu(Acc v) {
