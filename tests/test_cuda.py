@@ -133,8 +133,12 @@ def test_results_do_not_depend_on_the_schedule_of_threads(dtype, training, monke
     # runs each warp alone up to the next __syncthreads(), and blocks, warps and lanes last first (a
     # block writing outside its tile is no longer overwritten by the block owning it). Every kernel,
     # bitwise.
-    # Several tiles per persistent block (stride 1), packed 4-channel groups, stride 2 on odd sizes.
-    shapes = [Shape(2, 64, 64, 17, 15, groups=16), Shape(2, 32, 48, 9, 7, groups=8, stride=2)]
+    # Several tiles per persistent block (stride 1), packed 4-channel groups, stride 2 on odd sizes;
+    # several chunks per tile (the next chunk's copies in flight); room for one halo buffer only
+    # (wgrad at dilation 9, the forward at 12: copies not ahead).
+    shapes = [Shape(2, 64, 64, 17, 15, groups=16), Shape(2, 32, 48, 9, 7, groups=8, stride=2),
+              Shape(2, 128, 96, 4, 3, groups=2, stride=2), Shape(1, 16, 16, 5, 6, groups=2, dilation=9),
+              Shape(1, 16, 16, 5, 6, groups=2, dilation=12)]
     for shape in shapes:
         case = make_case(shape, dtype=dtype, layout="channels_last")
         grad = torch.randn(shape.n, shape.c_out, (shape.h - 1) // shape.stride + 1, (shape.w - 1) // shape.stride + 1,

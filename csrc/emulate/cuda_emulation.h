@@ -32,9 +32,9 @@
 //  * cp.async: a copy fills its 16 destination bytes with the poison pattern when it is issued and
 //    lands (the source read then) when the issuing thread waits for its group, or returns. A read
 //    of the destination before that wait, or a copy issued into a buffer other warps still read,
-//    shows up as NaN: the hardware gives no ordering in between either. A copy into bytes that
-//    one of the thread's own copies still in flight targets is an error (which lands last is
-//    undefined).
+//    shows up as NaN: the hardware gives no ordering in between either. Writing bytes a copy still
+//    in flight targets is an error (which lands last is undefined): a store, found when the copy
+//    lands, or a copy of the same thread, found when it is issued.
 //  * mma.sync.m16n8k16 is computed from the fragments the 32 lanes hold, using the PTX ISA's
 //    fragment layouts, so a layout mistake in a kernel gives wrong numbers here as on the GPU.
 #pragma once
@@ -208,21 +208,27 @@ inline void wait(Barrier& barrier) {
 }
 
 inline void land(const std::vector<AsyncCopy>& copies) {
-  for (const AsyncCopy& copy : copies)
+  for (const AsyncCopy& copy : copies) {
+    // Still the poison written at issue: nobody stored there in between (whose store or copy would
+    // land last is undefined on the GPU).
+    const auto* bytes = static_cast<const unsigned char*>(copy.to);
+    if (std::any_of(bytes, bytes + 16, [](unsigned char b) { return b != 0xff; }))
+      throw std::runtime_error("cp.async: destination written while its copy was in flight");
     if (copy.from) std::memcpy(copy.to, copy.from, 16); else std::memset(copy.to, 0, 16);
+  }
 }
 
 inline void fiber_main() {
   Block& block = *running_block;
+  Fiber& fiber = current_fiber();
   try {
     (*block.body)();
+    // A returning thread's copies still land.
+    for (const auto& group : fiber.groups) land(group);
+    land(fiber.uncommitted);
   } catch (const std::exception& e) {
     if (block.error.empty()) block.error = e.what();
   }
-  Fiber& fiber = current_fiber();
-  // A returning thread's copies still land.
-  for (const auto& group : fiber.groups) land(group);
-  land(fiber.uncommitted);
   fiber.done = true;
   // uc_link returns to the scheduler.
 }

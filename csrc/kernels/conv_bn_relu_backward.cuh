@@ -1084,6 +1084,7 @@ const char* launch(const P& p, void* stream) {
           input_tiles = tiles > input_tiles ? tiles : input_tiles;
         }
         splits = wgrad_mma_splits(p, tiling);
+        if (!grid_fits(splits, channel_tiles, input_tiles)) return kGridTooLarge;
         auto wgrad_kernel = wgrad_mma<T>;
         RK_LAUNCH(wgrad_kernel, dim3(unsigned(splits), channel_tiles, unsigned(input_tiles)), dim3(kMmaThreads),
                   wgrad_mma_shared_bytes(tiling), s, p, tiling);
