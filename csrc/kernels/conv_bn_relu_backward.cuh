@@ -443,9 +443,7 @@ bool choose_dgrad_tiling(const P& p, DgradTiling* t) {
   constexpr bool kTensorCores = sizeof(T) == 2;
   const int extra = p.stride == 1 ? 1 : 2;
   const auto find_tile = [&] {
-    int tile_w = int(p.w < 8 ? p.w : 8);
-    int tile_h = int(p.h < kMaxPixels / tile_w ? p.h : kMaxPixels / tile_w);
-    while (true) {
+    return largest_tile(p.h, p.w, kMaxPixels, [&](int tile_h, int tile_w) {
       t->tile_h = tile_h;
       t->tile_w = tile_w;
       t->halo_h = (tile_h - 1 + 2 * p.dilation) / p.stride + extra;
@@ -456,9 +454,8 @@ bool choose_dgrad_tiling(const P& p, DgradTiling* t) {
         t->row = kTensorCores ? mma_row(chunk) : chunk;
         if (dgrad_shared_bytes<T>(*t) <= size_t(kSharedBytes)) return true;
       }
-      if (tile_h == 1 && tile_w == 1) return false;
-      if (tile_h >= tile_w) tile_h = (tile_h + 1) / 2; else tile_w = (tile_w + 1) / 2;
-    }
+      return false;
+    });
   };
   // Tensor cores: room for copies one unit ahead wherever some tile leaves it.
   t->ahead = kTensorCores;
@@ -792,17 +789,13 @@ struct WgradTiling {
 inline bool choose_wgrad_tiling(const P& p, WgradTiling* t) {
   const auto find_tile = [&] {
     const int budget = (kSharedBytes - kWmmaFixedBytes) / (t->buffers * kWmmaHaloRow * 2);
-    int tile_w = int(p.w_out < 8 ? p.w_out : 8);
-    int tile_h = int(p.h_out < kWgradPixels / tile_w ? p.h_out : kWgradPixels / tile_w);
-    while (true) {
+    return largest_tile(p.h_out, p.w_out, kWgradPixels, [&](int tile_h, int tile_w) {
       t->tile_h = tile_h;
       t->tile_w = tile_w;
       t->halo_h = (tile_h - 1) * p.stride + 2 * p.dilation + 1;
       t->halo_w = (tile_w - 1) * p.stride + 2 * p.dilation + 1;
-      if (int64_t(t->halo_h) * t->halo_w <= budget) return true;
-      if (tile_h == 1 && tile_w == 1) return false;
-      if (tile_h >= tile_w) tile_h = (tile_h + 1) / 2; else tile_w = (tile_w + 1) / 2;
-    }
+      return int64_t(t->halo_h) * t->halo_w <= budget;
+    });
   };
   t->buffers = 2;
   while (!find_tile())

@@ -504,9 +504,7 @@ template <typename T, bool kTrain>
 bool choose_tiling(const ConvBnReluParams& p, Tiling* t) {
   constexpr bool kTensorCores = sizeof(T) == 2;
   const auto find_tile = [&] {
-    int tile_w = int(p.w_out < 8 ? p.w_out : 8);
-    int tile_h = int(p.h_out < kMaxPixels / tile_w ? p.h_out : kMaxPixels / tile_w);
-    while (true) {
+    return largest_tile(p.h_out, p.w_out, kMaxPixels, [&](int tile_h, int tile_w) {
       t->tile_h = tile_h;
       t->tile_w = tile_w;
       t->halo_h = (tile_h - 1) * p.stride + 2 * p.dilation + 1;
@@ -517,9 +515,8 @@ bool choose_tiling(const ConvBnReluParams& p, Tiling* t) {
         t->row = kTensorCores ? mma_row(chunk) : chunk;
         if (shared_bytes<T, kTrain>(*t) <= size_t(kSharedBytes)) return true;
       }
-      if (tile_h == 1 && tile_w == 1) return false;
-      if (tile_h >= tile_w) tile_h = (tile_h + 1) / 2; else tile_w = (tile_w + 1) / 2;
-    }
+      return false;
+    });
   };
   // Tensor cores: two halo buffers wherever some tile fits them, so that copies overlap the MMAs.
   t->buffers = kTensorCores ? 2 : 1;

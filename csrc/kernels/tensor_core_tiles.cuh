@@ -1,6 +1,6 @@
 // The building blocks of the packed tensor-core kernels (forward, dgrad): K ranges of packed groups,
-// shared row sizes, persistent blocks, the per-chunk MMA loop, the exact fallback for non-finite
-// chunks, and the staged 16-byte epilogue.
+// shared row sizes, the tile search (every kernel's), persistent blocks, the per-chunk MMA loop, the
+// exact fallback for non-finite chunks, and the staged 16-byte epilogue.
 #pragma once
 
 #include "platform.cuh"
@@ -40,6 +40,20 @@ __host__ __device__ inline int mma_row(int chunk) {
 inline int tiles_per_block(int64_t work, int sm_count) {
   const int64_t per_block = sm_count > 0 ? work / (int64_t(sm_count) * 16) : kMaxTilesPerBlock;
   return int(per_block < 1 ? 1 : per_block > kMaxTilesPerBlock ? kMaxTilesPerBlock : per_block);
+}
+
+// Tiling search shared by the kernels: the largest tile of at most max_pixels (at most 8 wide) of
+// an h x w image for which fits(tile_h, tile_w) holds, halving its longer side until one does;
+// false when not even 1 x 1 fits.
+template <typename Fits>
+inline bool largest_tile(int64_t h, int64_t w, int max_pixels, Fits fits) {
+  int tile_w = int(w < 8 ? w : 8);
+  int tile_h = int(h < max_pixels / tile_w ? h : max_pixels / tile_w);
+  while (!fits(tile_h, tile_w)) {
+    if (tile_h == 1 && tile_w == 1) return false;
+    if (tile_h >= tile_w) tile_h = (tile_h + 1) / 2; else tile_w = (tile_w + 1) / 2;
+  }
+  return true;
 }
 
 // The A row a lane names to ldmatrix for one tap: its address at K step 0, and how far it moves
