@@ -466,9 +466,7 @@ bool choose_dgrad_tiling(const P& p, DgradTiling* t) {
   }
   t->tiles_h = int(ceil_div(p.h, t->tile_h));
   t->tiles_w = int(ceil_div(p.w, t->tile_w));
-  t->tiles_per_block = 1;
-  if (kTensorCores) t->tiles_per_block = tiles_per_block(p.n * t->tiles_h * t->tiles_w * ceil_div(p.c_in, kChannels),
-                                                         p.sm_count);
+  t->tiles_per_block = 1;  // the tensor-core launch sets its own
   return true;
 }
 
@@ -1052,7 +1050,11 @@ const char* launch(const P& p, void* stream) {
     if (!choose_dgrad_tiling<T>(p, &tiling))
       return "dilation and stride too large: one input pixel's output halo does not fit in shared memory";
     const size_t bytes = dgrad_shared_bytes<T>(tiling);
-    const int64_t dgrad_blocks = ceil_div(p.n * tiling.tiles_h * tiling.tiles_w, tiling.tiles_per_block);
+    const int64_t dgrad_tiles = p.n * tiling.tiles_h * tiling.tiles_w;
+    if constexpr (sizeof(T) == 2)
+      tiling.tiles_per_block = tiles_per_block(dgrad_tiles * ceil_div(p.c_in, kChannels),
+                                               resident_blocks(dgrad_mma<T>, kMmaThreads, bytes, p.sm_count));
+    const int64_t dgrad_blocks = ceil_div(dgrad_tiles, tiling.tiles_per_block);
     if (!grid_fits(dgrad_blocks)) return kGridTooLarge;
     const dim3 grid(unsigned(dgrad_blocks), unsigned(ceil_div(p.c_in, kChannels)));
     if constexpr (sizeof(T) == 2) {  // 16-bit inputs run on tensor cores; fp32 and fp64 on FMA units

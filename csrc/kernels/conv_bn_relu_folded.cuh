@@ -524,10 +524,7 @@ bool choose_tiling(const ConvBnReluParams& p, Tiling* t) {
     if (--t->buffers == 0) return false;
   t->tiles_h = int((p.h_out + t->tile_h - 1) / t->tile_h);
   t->tiles_w = int((p.w_out + t->tile_w - 1) / t->tile_w);
-  t->tiles_per_block = 1;
-  if (kTensorCores)
-    t->tiles_per_block = tiles_per_block(p.n * t->tiles_h * t->tiles_w * ((p.c_out + kChannels - 1) / kChannels),
-                                         p.sm_count);
+  t->tiles_per_block = 1;  // the tensor-core launch sets its own
   return true;
 }
 
@@ -536,12 +533,16 @@ const char* launch(const ConvBnReluParams& p, void* stream) {
   Tiling tiling;
   if (!choose_tiling<T, kTrain>(p, &tiling))
     return "dilation and stride too large: one output pixel's input halo does not fit in shared memory";
+  const size_t bytes = shared_bytes<T, kTrain>(tiling);
   const int64_t tiles = p.n * tiling.tiles_h * tiling.tiles_w;
+  if constexpr (sizeof(T) == 2)
+    tiling.tiles_per_block = tiles_per_block(
+        tiles * ((p.c_out + kChannels - 1) / kChannels),
+        resident_blocks(conv_bn_relu_folded_mma<T, kTrain>, kMmaThreads, bytes, p.sm_count));
   const int64_t blocks = (tiles + tiling.tiles_per_block - 1) / tiling.tiles_per_block;
   const int64_t channel_tiles = (p.c_out + kChannels - 1) / kChannels;
   if (!grid_fits(blocks, channel_tiles)) return kGridTooLarge;
   const dim3 grid{unsigned(blocks), unsigned(channel_tiles)};
-  const size_t bytes = shared_bytes<T, kTrain>(tiling);
   if constexpr (sizeof(T) == 2) {  // 16-bit inputs run on tensor cores; fp32 and fp64 on FMA units
     auto kernel = conv_bn_relu_folded_mma<T, kTrain>;
     RK_LAUNCH(kernel, grid, dim3(kMmaThreads), bytes, static_cast<cudaStream_t>(stream), p, tiling);

@@ -70,6 +70,21 @@ __device__ __forceinline__ int has_non_finite(uint32_t word) {
   return (word & 0x7fffu) >= Numeric<T>::kNonFinite || ((word >> 16) & 0x7fffu) >= Numeric<T>::kNonFinite;
 }
 
+// How many blocks of `kernel` (`threads` threads, `shared_bytes` of dynamic shared memory) the
+// device holds at once: sm_count times what one multiprocessor holds; 0 in the host test build.
+template <typename Kernel>
+inline int64_t resident_blocks(Kernel kernel, int threads, size_t shared_bytes, int sm_count) {
+#ifdef RESNEXT_KERNELS_EMULATE
+  (void)kernel, (void)threads, (void)shared_bytes, (void)sm_count;
+  return 0;
+#else
+  int per_multiprocessor = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, kernel, threads, shared_bytes) != cudaSuccess)
+    per_multiprocessor = 1;  // the launch itself reports what is wrong
+  return int64_t(sm_count) * per_multiprocessor;
+#endif
+}
+
 // Whether a grid of x * y * z blocks is within CUDA's limits (x < 2^31, y and z < 2^16): dim3's
 // unsigned fields would silently truncate larger counts.
 inline bool grid_fits(int64_t x, int64_t y = 1, int64_t z = 1) {

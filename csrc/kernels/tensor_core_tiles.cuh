@@ -34,13 +34,22 @@ __host__ __device__ inline int mma_row(int chunk) {
   return (chunk + kMmaK - 1) / kMmaK * kMmaK + 8;
 }
 
-// How many tiles (of `work` tiles x channel tiles) a persistent tensor-core block computes in turn:
-// enough blocks remain for about four waves of four blocks per multiprocessor. The host test build
-// (sm_count 0) takes the most, so its tests run the multi-tile path.
-inline int tiles_per_block(int64_t work, int sm_count) {
-  const int64_t per_block = sm_count > 0 ? work / (int64_t(sm_count) * 16) : kMaxTilesPerBlock;
-  return int(per_block < 1 ? 1 : per_block > kMaxTilesPerBlock ? kMaxTilesPerBlock : per_block);
+// How many tiles (of `work` tiles x channel tiles) a persistent tensor-core block computes in turn,
+// when `slots` blocks fit on the device at once: as many as whole waves of blocks allow, up to
+// kMaxTilesPerBlock. Long blocks overlap each tile's copies with the previous tile's MMAs and stage
+// their weights once, so small layers get them too (ResNeXt's stage 4 on an H100: 4096 tiles,
+// 132 SMs x 4 blocks, 8 tiles per block in one wave), while blocks of whole waves leave no
+// straggling partial wave. The host test build (no slots) takes the most, so its tests run the
+// multi-tile path.
+constexpr int tiles_per_block(int64_t work, int64_t slots) {
+  if (slots <= 0) return kMaxTilesPerBlock;
+  const int64_t waves = (work + slots * kMaxTilesPerBlock - 1) / (slots * kMaxTilesPerBlock);
+  const int64_t per_block = (work + slots * waves - 1) / (slots * waves);
+  return int(per_block < 1 ? 1 : per_block);
 }
+static_assert(tiles_per_block(4096, 528) == 8 && tiles_per_block(100352, 528) == 8, "ResNeXt-50 stages 4 and 1");
+static_assert(tiles_per_block(100, 528) == 1 && tiles_per_block(1000, 528) == 2, "small work: one block per slot");
+static_assert(tiles_per_block(4224 + 1, 528) == 5, "just over one wave of 8: two waves of 5");
 
 // Tiling search shared by the kernels: the largest tile of at most max_pixels (at most 8 wide) of
 // an h x w image for which fits(tile_h, tile_w) holds, halving its longer side until one does;
