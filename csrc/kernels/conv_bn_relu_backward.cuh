@@ -417,21 +417,26 @@ __global__ void __launch_bounds__(kThreads, 1) dgrad(const P p, const DgradTilin
   }
 }
 
-// Shared memory of a dgrad block. FMA: the dy halo and the weights, `chunk` values per channel, in
-// the accumulation type. Tensor cores: a zero row, the weights and the dy halo, `row` 16-bit values
-// each.
-// Tensor cores: y and dz of a unit's halo as copied, 8 channels of the chunk per 16-byte vector.
+// Tensor cores: bytes of the dy halo's space ([halo][row] 16-bit values), which also holds the
+// epilogue's StagedTile; and of y and dz of a unit's halo as copied, 8 channels of the chunk per
+// 16-byte vector.
+__host__ __device__ inline size_t dgrad_halo_bytes(const DgradTiling& t) {
+  const size_t halo_bytes = size_t(t.halo_h) * t.halo_w * t.row * 2;
+  const size_t stage_bytes = size_t(kMaxPixels) * StagedTile<kChannels>::kRow * 4;
+  return halo_bytes > stage_bytes ? halo_bytes : stage_bytes;
+}
 inline size_t dgrad_copied_bytes(const DgradTiling& t) {
   return 2 * size_t(t.halo_h) * t.halo_w * ((t.chunk + 7) / 8) * 16;
 }
+
+// Shared memory of a dgrad block. FMA: the dy halo and the weights, `chunk` values per channel, in
+// the accumulation type. Tensor cores: a zero row, the weights and the dy halo, `row` 16-bit values
+// each, then (tiling.ahead) the copied y and dz.
 template <typename T>
 size_t dgrad_shared_bytes(const DgradTiling& t) {
   const size_t halo = size_t(t.halo_h) * t.halo_w;
-  if constexpr (sizeof(T) == 2) {  // the halo's space also holds the epilogue's StagedTile
-    const size_t halo_bytes = halo * t.row * 2, stage_bytes = size_t(kMaxPixels) * StagedTile<kChannels>::kRow * 4;
-    return (1 + size_t(9) * kChannels) * t.row * 2 + (halo_bytes > stage_bytes ? halo_bytes : stage_bytes) +
-           (t.ahead ? dgrad_copied_bytes(t) : 0);
-  }
+  if constexpr (sizeof(T) == 2)
+    return (1 + size_t(9) * kChannels) * t.row * 2 + dgrad_halo_bytes(t) + (t.ahead ? dgrad_copied_bytes(t) : 0);
   return (halo + size_t(kChannels) * 9) * t.chunk * sizeof(typename Numeric<T>::Acc);
 }
 
@@ -515,9 +520,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
   // With tiling.ahead, the next unit's y and dz as copied, [halo][chunk / 8] vectors each, after the
   // halo's space: vector (pos, k / 8) is copied and read by the same thread, so they need no barrier.
   const int copied_vectors = halo * ((chunk + 7) / 8);
-  uint4* y_copied = reinterpret_cast<uint4*>(
-      dy_tile + (halo * row > kMaxPixels * StagedTile<kChannels>::kRow * 2 ? halo * row
-                                                                            : kMaxPixels * StagedTile<kChannels>::kRow * 2));
+  uint4* y_copied = reinterpret_cast<uint4*>(dy_tile + dgrad_halo_bytes(tiling) / 2);
   uint4* dz_copied = y_copied + copied_vectors;
   const float* coef = workspace_of<float>(p).coef;
   const uint16_t* weight = static_cast<const uint16_t*>(p.weight);
