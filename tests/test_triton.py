@@ -45,6 +45,7 @@ AWKWARD_SHAPES = [
     Shape(2, 16, 16, 9, 9, groups=4),                          # 162 pixels: a partial last row tile
     Shape(2, 16, 16, 7, 6, groups=4, dilation=2),
     Shape(2, 16, 16, 9, 7, groups=4, stride=2, dilation=2),
+    Shape(2, 16, 16, 1, 4, groups=4, stride=2),                # one row at stride 2: a dgrad phase has no pixels
 ]
 LAYOUTS = ["nchw", "channels_last", "strided"]
 # Each shape runs in one input layout (cycling), and the gradient arrives in another, non-contiguous one.
@@ -325,6 +326,8 @@ def compile_for_sm90(kernel, data, acc, constexprs, config=None):
     if config is not None:
         constexprs = {**constexprs, **config.kwargs}
         options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    missing = [p.name for p in fn.params if p.is_constexpr and p.name not in constexprs]
+    assert not missing, f"{fn.__name__}: no value for {missing} (it would compile as a runtime argument)"
     compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32), options=options)
     shared = compiled.metadata.shared
     print(fn.__name__, data, {k: v for k, v in constexprs.items() if isinstance(v, (int, str))}, shared)
@@ -336,7 +339,7 @@ for data, data_tl, acc, acc_tl, precision in DTYPES:
     widest = dict(BLOCK_N=config.MAX_CHANNEL_TILE, BLOCK_K=config.MAX_CHANNEL_TILE, K_ALIGN=16, EVEN_K=True)
     compile_for_sm90(conv._conv_kernel, data, acc, dict(STRIDE=2, DIL=1, FOLD_BN=False, STATS=True, **widest, **dot),
                      conv._CONV_CONFIGS[-1])
-    compile_for_sm90(backward._dgrad_kernel, data, acc, dict(STRIDE=2, DIL=2, TRAIN=True, **widest, **dot),
+    compile_for_sm90(backward._dgrad_kernel, data, acc, dict(STRIDE=2, DIL=2, TAP_STEP=1, TRAIN=True, **widest, **dot),
                      backward._DGRAD_CONFIGS[-1])
     compile_for_sm90(backward._wgrad_kernel, data, acc,
                      dict(STRIDE=1, DIL=2, TRAIN=True, BLOCK_CO=backward.WGRAD_MAX_TILE,
@@ -354,8 +357,8 @@ for data, data_tl, acc, acc_tl, precision in DTYPES:
 dot = dict(ACC=tl.float32, DOT_IN=tl.bfloat16, PRECISION="ieee", K_ALIGN=1, EVEN_K=False)
 compile_for_sm90(conv._conv_kernel, "bf16", "fp32", dict(STRIDE=1, DIL=1, FOLD_BN=True, STATS=False, BLOCK_N=16,
                                                          BLOCK_K=16, **dot), conv._CONV_CONFIGS[0])
-compile_for_sm90(backward._dgrad_kernel, "bf16", "fp32", dict(STRIDE=1, DIL=1, TRAIN=False, BLOCK_N=16, BLOCK_K=16,
-                                                              **dot), backward._DGRAD_CONFIGS[0])
+compile_for_sm90(backward._dgrad_kernel, "bf16", "fp32", dict(STRIDE=2, DIL=1, TAP_STEP=2, TRAIN=False, BLOCK_N=16,
+                                                              BLOCK_K=16, **dot), backward._DGRAD_CONFIGS[0])
 compile_for_sm90(backward._wgrad_kernel, "bf16", "fp32", dict(STRIDE=2, DIL=1, TRAIN=False, BLOCK_CO=16,
                                                               BLOCK_CI=16, **dot), backward._WGRAD_CONFIGS[0])
 """
