@@ -1,7 +1,7 @@
 """A small run of every CUDA kernel, for compute-sanitizer (memcheck, racecheck) in gpu_check.sh:
 inference, training forward and backward (NCHW and channels-last gradients: the scalar and 16-byte
 dy paths), every dtype, small and large groups, several channel chunks per tile (the tensor-core
-kernels' cp.async copies of the next chunk), stride 2; and one ResNeXt stage-1 sized bf16 case,
+kernels' cp.async copies of the next chunk), stride 2 (8x8 dgrad tiles, one pixel phase per warp); and one ResNeXt stage-1 sized bf16 case,
 large enough that a tensor-core block computes several tiles with its weights staged once."""
 
 import torch
@@ -26,7 +26,7 @@ def main(device="cuda", large=True):
     """``device="cpu", large=False``: the same run through the host test build (tests/test_cuda.py)."""
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for shape in ((2, 64, 9, 7, 16, 1), (1, 128, 7, 7, 32, 2), (2, 32, 5, 5, 1, 1), (1, 96, 6, 5, 1, 1)):
+        for shape in ((2, 64, 9, 7, 16, 1), (1, 128, 9, 9, 32, 2), (2, 32, 5, 5, 1, 1), (1, 96, 6, 5, 1, 1)):
             for training in (False, True):
                 run(*shape, dtype, training, device)
     if large:

@@ -133,10 +133,11 @@ def test_results_do_not_depend_on_the_schedule_of_threads(dtype, training, monke
     # runs each warp alone up to the next __syncthreads(), and blocks, warps and lanes last first (a
     # block writing outside its tile is no longer overwritten by the block owning it). Every kernel,
     # bitwise.
-    # Several tiles per persistent block (stride 1), packed 4-channel groups, stride 2 on odd sizes;
+    # Several tiles per persistent block (stride 1), packed 4-channel groups, stride 2 on odd sizes
+    # (8x8 dgrad tiles, a warp per pixel phase, some warps skipping every tap);
     # several chunks per tile (the next chunk's copies in flight); room for one halo buffer only
     # (wgrad at dilation 9, the forward at 12: copies not ahead).
-    shapes = [Shape(2, 64, 64, 17, 15, groups=16), Shape(2, 32, 48, 9, 7, groups=8, stride=2),
+    shapes = [Shape(2, 64, 64, 17, 15, groups=16), Shape(2, 32, 48, 11, 9, groups=8, stride=2),
               Shape(2, 128, 96, 4, 3, groups=2, stride=2), Shape(1, 16, 16, 5, 6, groups=2, dilation=9),
               Shape(1, 16, 16, 5, 6, groups=2, dilation=12)]
     for shape in shapes:
@@ -156,6 +157,9 @@ def test_results_do_not_depend_on_the_schedule_of_threads(dtype, training, monke
 @pytest.mark.parametrize("shape", [Shape(2, 32, 32, 6, 5, groups=8), Shape(2, 12, 18, 5, 7, groups=6, stride=2),
                                    Shape(1, 32, 32, 7, 6, groups=2, dilation=2), Shape(2, 40, 40, 5, 5, groups=40),
                                    Shape(2, 128, 96, 4, 3, groups=2, stride=2), Shape(2, 32, 32, 17, 16, groups=8),
+                                   # dgrad's 8x8 tiles at stride 2: a warp per pixel phase, skipping the
+                                   # taps that reach none of its pixels
+                                   Shape(2, 32, 32, 11, 9, groups=8, stride=2),
                                    # wgrad: room for one input halo buffer, not two (copies not ahead)
                                    Shape(1, 16, 16, 5, 6, groups=2, dilation=9),
                                    # wgrad's input halo too large for shared memory: the FMA fallback;
@@ -166,7 +170,7 @@ def test_results_do_not_depend_on_the_schedule_of_threads(dtype, training, monke
 @pytest.mark.parametrize("grad_layout", ["nchw", "channels_last"])
 def test_low_precision_gradients_within_pytorchs_own_error(dtype, shape, training, grad_layout):
     # fp16/bf16 dgrad and wgrad run on tensor cores (packed small groups; dgrad: zero rows for taps a
-    # pixel does not receive from with stride 2; wgrad: several splits, tiles overhanging the image);
+    # pixel does not receive from with stride 2, or taps skipped where a warp's pixels share a phase; wgrad: several splits, tiles overhanging the image);
     # every gradient within a small multiple of PyTorch's own error. A channels-last gradient takes
     # the kernels' 16-byte dy path where channels allow.
     case64 = make_case(shape, dtype=torch.float64, layout="channels_last")

@@ -42,6 +42,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -364,24 +365,38 @@ inline T atomicAdd(T* address, T value) {
 }
 
 namespace emu {
+// Every lane publishes `value`, then receives every lane's (its own in place of lanes the block
+// does not have).
+template <typename T>
+inline std::array<T, 32> warp_gather(T value) {
+  static_assert(sizeof(T) <= kExchangeBytes, "value too large for the exchange slot");
+  Block& block = *running_block;
+  const int warp = warp_id();
+  std::memcpy(&block.exchange[size_t(current_fiber().linear) * kExchangeBytes], &value, sizeof(T));
+  __syncwarp();
+  std::array<T, 32> values;
+  for (int lane = 0; lane < 32; ++lane) {
+    values[lane] = value;
+    if (warp * 32 + lane < int(block.fibers.size()))
+      std::memcpy(&values[lane], &block.exchange[size_t(warp * 32 + lane) * kExchangeBytes], sizeof(T));
+  }
+  __syncwarp();  // nobody overwrites a slot before every lane has read
+  return values;
+}
+
 // Every lane publishes `value`, then reads the value of lane `source(lane)` of its warp.
 template <typename T, typename Source>
 inline T warp_exchange(T value, Source source) {
-  static_assert(sizeof(T) <= kExchangeBytes, "value too large for the exchange slot");
-  Block& block = *running_block;
-  int lane = lane_id(), warp = warp_id();
-  std::memcpy(&block.exchange[size_t(current_fiber().linear) * kExchangeBytes], &value, sizeof(T));
-  __syncwarp();
-  int src = source(lane);
-  int linear = warp * 32 + src;
-  T result = value;
-  if (src >= 0 && src < 32 && linear < int(block.fibers.size()))
-    std::memcpy(&result, &block.exchange[size_t(linear) * kExchangeBytes], sizeof(T));
-  __syncwarp();  // nobody overwrites a slot before every lane has read
-  return result;
+  const std::array<T, 32> values = warp_gather(value);
+  const int src = source(lane_id());
+  return src >= 0 && src < 32 ? values[src] : value;
 }
 }  // namespace emu
 
+inline int __any_sync(unsigned, int predicate) {
+  const std::array<int, 32> votes = emu::warp_gather(int(predicate != 0));
+  return std::any_of(votes.begin(), votes.end(), [](int vote) { return vote != 0; });
+}
 template <typename T>
 inline T __shfl_sync(unsigned, T value, int source, int width = 32) {
   return emu::warp_exchange(value, [&](int lane) { return (lane / width) * width + source % width; });

@@ -299,8 +299,23 @@ struct DgradTiling {
   int row;             // shared-memory values per staged halo position or weight row (>= chunk)
   int tiles_h, tiles_w;
   int tiles_per_block;
-  bool ahead;  // tensor cores: room for the next unit's y and dz as copied (dgrad_copied_bytes)
+  bool ahead;        // tensor cores: room for the next unit's y and dz as copied (dgrad_copied_bytes)
+  bool phase_major;  // tensor cores: the tile's pixels numbered phase by phase (dgrad_tile_position)
 };
+
+// Tile row and column of a tensor-core dgrad tile's pixel q: row-major, or with phase_major (stride
+// s > 1, tile sides multiples of s, 16 pixels per phase or a multiple), the pixels of each phase
+// (ih % s, iw % s) in turn. A tap reaches an input pixel only from the output grid, i.e. by its
+// phase: at stride 2, 1 of the 9 taps for phase (0, 0), 2 for (0, 1) and (1, 0), 4 for (1, 1). With
+// every warp's 16 pixels in one phase, a warp skips the taps that reach none of them (mma_chunk).
+struct TilePosition {
+  int h, w;
+};
+__device__ __forceinline__ TilePosition dgrad_tile_position(const DgradTiling& t, int s, int q) {
+  if (!t.phase_major) return {q / t.tile_w, q % t.tile_w};
+  const int phase_w = t.tile_w / s, per_phase = t.tile_h / s * phase_w, phase = q / per_phase, r = q % per_phase;
+  return {r / phase_w * s + phase / s, r % phase_w * s + phase % s};
+}
 
 __device__ __forceinline__ int floor_div(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
@@ -472,6 +487,9 @@ bool choose_dgrad_tiling(const P& p, DgradTiling* t) {
   t->tiles_h = int(ceil_div(p.h, t->tile_h));
   t->tiles_w = int(ceil_div(p.w, t->tile_w));
   t->tiles_per_block = 1;  // the tensor-core launch sets its own
+  const int s = p.stride;
+  t->phase_major = kTensorCores && s > 1 && t->tile_h % s == 0 && t->tile_w % s == 0 &&
+                   (t->tile_h / s) * (t->tile_w / s) % 16 == 0;
   return true;
 }
 
@@ -482,10 +500,11 @@ bool choose_dgrad_tiling(const P& p, DgradTiling* t) {
 // input channel's group and past the chunk, staged dy rows zero past the chunk, and one 16-wide A
 // step serves every n-tile it overlaps. dy is computed in fp32 and rounded to T as it is staged (as
 // PyTorch's own low-precision backward stores dy in T). A pixel that does not receive from a tap
-// (stride > 1) names an all-zero shared row as its A row. As in the forward, a chunk whose staged dy
-// holds any Inf or NaN is summed exactly per group instead, so that Inf * 0 never leaks across
-// packed groups; and a block computes up to kMaxTilesPerBlock tiles of one channel tile, staging
-// the weights once when one chunk covers them.
+// (stride > 1) names an all-zero shared row as its A row, and a warp skips the taps none of its
+// pixels receive from (dgrad_tile_position puts each warp's pixels in one phase where it can). As
+// in the forward, a chunk whose staged dy holds any Inf or NaN is summed exactly per group instead,
+// so that Inf * 0 never leaks across packed groups; and a block computes up to kMaxTilesPerBlock
+// tiles of one channel tile, staging the weights once when one chunk covers them.
 constexpr int kMmaThreads = 128;
 constexpr int kNTiles = kChannels / 8;
 
@@ -530,9 +549,11 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
 
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
   const int pixel[2] = {warp * 16 + g, warp * 16 + g + 8};  // this lane's two fragment rows
+  const auto position = [&](int q) { return dgrad_tile_position(tiling, s, q); };
   // The pixel whose A row this lane names to ldmatrix (-1: beyond the tile), and its column offset.
   const int a_pixel = warp * 16 + lane % 16 < tile_pixels ? warp * 16 + lane % 16 : -1;
-  const int a_ph = a_pixel / tile_w, a_pw = a_pixel % tile_w, a_column = 8 * (lane / 16);
+  const TilePosition a_position = position(a_pixel < 0 ? 0 : a_pixel);
+  const int a_column = 8 * (lane / 16);
   for (int i = int(threadIdx.x); i < row; i += kMmaThreads) zero_row[i] = 0;
   T* dx = static_cast<T*>(p.dx);
   const bool vector_dy = dy_vectorizable(p);
@@ -634,16 +655,16 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
       add_exact_sums(acc, t, [&](int c, int r) {
         const int q = r ? pixel[1] : pixel[0];
         return q < tile_pixels && ci0 + c < ci_end
-                   ? dgrad_exact_sum<T>(dy_tile, w_tile, row, k0, count, q / tile_w, q % tile_w, c, ci0 + c, halo_w,
-                                        s, by_s, d, eh, ew, cin_pg, cout_pg)
+                   ? dgrad_exact_sum<T>(dy_tile, w_tile, row, k0, count, position(q).h, position(q).w, c, ci0 + c,
+                                        halo_w, s, by_s, d, eh, ew, cin_pg, cout_pg)
                    : 0.0f;
       });
     } else {
       int k_begin[kNTiles], k_end[kNTiles];
       ntile_k_ranges(ci0, ci_end, cin_pg, cout_pg, k_begin, k_end);
-      mma_chunk<T>(acc, k_begin, k_end, k0, count, w_tile, row, lane, [&](int tap) {
+      mma_chunk<T, true>(acc, k_begin, k_end, k0, count, w_tile, row, lane, [&](int tap) {
         // The halo row this lane's ldmatrix row receives from through this tap, or the zero row.
-        const int nh = eh - (tap / 3) * d + a_ph, nw = ew - (tap % 3) * d + a_pw;
+        const int nh = eh - (tap / 3) * d + a_position.h, nw = ew - (tap % 3) * d + a_position.w;
         const int qh = by_s.quotient(nh), qw = by_s.quotient(nw);
         return a_pixel >= 0 && qh * s == nh && qw * s == nw
                    ? FragmentRow{dy_tile + (qh * halo_w + qw) * row + a_column, 1}
@@ -653,7 +674,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
     if (k0 + chunk < co_stop) continue;
 
     // A whole channel tile of channels-last dx goes out 16 bytes at a time, through shared memory.
-    auto in_image = [&](int q) { return q < tile_pixels && ih0 + q / tile_w < p.h && iw0 + q % tile_w < p.w; };
+    auto in_image = [&](int q) { return q < tile_pixels && ih0 + position(q).h < p.h && iw0 + position(q).w < p.w; };
     if (vector_stores) {
       __syncthreads();  // the unit's dy halo is free
       const StagedTile<kChannels> staging{reinterpret_cast<float*>(dy_tile)};
@@ -666,7 +687,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
       __syncthreads();
       staging.store<T>(tile_pixels, kMmaThreads, [&](int q) -> T* {
         if (!in_image(q)) return nullptr;
-        return dx + n * p.dx_stride[0] + ci0 + (ih0 + q / tile_w) * p.dx_stride[2] + (iw0 + q % tile_w) * p.dx_stride[3];
+        return dx + n * p.dx_stride[0] + ci0 + (ih0 + position(q).h) * p.dx_stride[2] + (iw0 + position(q).w) * p.dx_stride[3];
       });
       continue;
     }
@@ -675,8 +696,8 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
       for (int i = 0; i < 4; ++i) {
         const int q = pixel[i / 2], ci = ci0 + 8 * j + 2 * t + i % 2;
         if (in_image(q) && ci < ci_end)
-          dx[n * p.dx_stride[0] + ci * p.dx_stride[1] + (ih0 + q / tile_w) * p.dx_stride[2] +
-             (iw0 + q % tile_w) * p.dx_stride[3]] = Numeric<T>::store(acc[j][i]);
+          dx[n * p.dx_stride[0] + ci * p.dx_stride[1] + (ih0 + position(q).h) * p.dx_stride[2] +
+             (iw0 + position(q).w) * p.dx_stride[3]] = Numeric<T>::store(acc[j][i]);
       }
   }
 }

@@ -66,7 +66,8 @@ inline bool largest_tile(int64_t h, int64_t w, int max_pixels, Fits fits) {
 }
 
 // The A row a lane names to ldmatrix for one tap: its address at K step 0, and how far it moves
-// per K column (0: a row read at its start at every step, such as an all-zero row).
+// per K column (0: an all-zero row, read at its start at every step, named by a pixel the tap does
+// not reach).
 struct FragmentRow {
   const uint16_t* start;
   int k_step;
@@ -76,8 +77,10 @@ struct FragmentRow {
 // For every tap and 16-wide K step, one A fragment (from a_row_of(tap)) feeds each n-tile whose K
 // range [k_begin, k_end) it overlaps; B comes from w_tile[tap][8 NTiles][row], which must be zero
 // outside each column's group and past the chunk, and A must be finite (chunks holding Inf or NaN
-// take the exact per-group sums instead: Inf * 0 would leak into other groups).
-template <typename T, int NTiles, typename RowOf>
+// take the exact per-group sums instead: Inf * 0 would leak into other groups). With
+// kSkipUnreachedTaps, a tap that reaches none of the warp's rows (every lane names an all-zero row)
+// is skipped, at the cost of a warp vote per tap (the forward, whose taps reach every row, pays none).
+template <typename T, bool kSkipUnreachedTaps, int NTiles, typename RowOf>
 __device__ __forceinline__ void mma_chunk(float (&acc)[NTiles][4], const int (&k_begin)[NTiles],
                                           const int (&k_end)[NTiles], int k0, int count, const uint16_t* w_tile,
                                           int row, int lane, RowOf a_row_of) {
@@ -90,6 +93,8 @@ __device__ __forceinline__ void mma_chunk(float (&acc)[NTiles][4], const int (&k
   const int b_row = lane % 8, b_column = 8 * ((lane / 8) % 2);  // ldmatrix.x2 of an n-tile's B
   for (int tap = 0; tap < 9; ++tap) {
     const FragmentRow a_row = a_row_of(tap);
+    if constexpr (kSkipUnreachedTaps)
+      if (!__any_sync(0xffffffffu, a_row.k_step != 0)) continue;
     for (int kr = 0; kr < count; kr += kMmaK) {
       uint32_t a[4];
       ldmatrix(a, a_row.start + kr * a_row.k_step);
