@@ -9,12 +9,14 @@ import resnext_kernels
 from conftest import DEVICE, KERNEL_IMPLS, require
 from helpers import (
     LAYOUTS,
+    LOW_PRECISION_FACTOR,
     SHAPES,
     Shape,
     assert_close_to_reference,
     forward_backward,
     layout_as,
     make_case,
+    max_error,
     reference64,
 )
 
@@ -257,6 +259,87 @@ def test_tensors_of_more_than_2_31_elements():
                                           baseline=references[torch.bfloat16][k],
                                           what=f"impl={impl}: {name} of images {images}")
         del z, dz, dx
+        torch.cuda.empty_cache()
+
+
+def _check_periodic_batch_in_training(impl, n, size, c=16, groups=4, period=3, momentum=0.1):
+    """Training forward and backward of ``impl`` in bf16 on a channels-last batch whose images (and
+    gradient) repeat every ``period`` images: the batch statistics, and every image's z and dx, are
+    then those of one period, and dw, dgamma, dbeta n / period times one period's. So float64 on one
+    period checks the first and the last images and every reduction over the whole batch, however
+    large (the last images' offsets are the largest; a wrong one would read images that differ)."""
+    assert n % period == 0
+    copies = n // period
+    generator = torch.Generator().manual_seed(n)
+
+    def values(*shape, scale=1.0):  # bf16 values: the references start from the same rounded inputs
+        return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).bfloat16().double().to(DEVICE)
+
+    base_x, base_dz = values(period, c, size, size), values(period, c, size, size)
+    weight = values(c, c // groups, 3, 3, scale=1 / 6)
+    gamma = (torch.rand(c, generator=generator, dtype=torch.float64) + 0.5).to(DEVICE)
+    beta = values(c, scale=0.1)
+
+    def period_step(dtype):  # one period in dtype, its sums scaled to the whole batch
+        bn_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        leaves = [t.to(d).requires_grad_() for t, d in
+                  ((base_x, dtype), (weight, dtype), (gamma, bn_dtype), (beta, bn_dtype))]
+        z = resnext_kernels.grouped_conv_bn_relu(*leaves, None, None, groups=groups, training=True, impl="torch")
+        dx, dw, dgamma, dbeta = torch.autograd.grad(z, leaves, base_dz.to(dtype))
+        return dict(z=z, dx=dx, dw=dw.double() * copies, dgamma=dgamma.double() * copies,
+                    dbeta=dbeta.double() * copies)
+
+    expected, baseline = period_step(torch.float64), period_step(torch.bfloat16)
+    x = torch.empty(n, c, size, size, device=DEVICE, dtype=torch.bfloat16, memory_format=torch.channels_last)
+    dz = torch.empty_like(x)
+    for i in range(period):
+        x[i::period] = base_x[i]
+        dz[i::period] = base_dz[i]
+    leaves = [x.requires_grad_(), weight.bfloat16().requires_grad_(), gamma.float().requires_grad_(),
+              beta.float().requires_grad_()]
+    running_mean = torch.zeros(c, device=DEVICE)
+    running_var = torch.ones(c, device=DEVICE)
+    z = resnext_kernels.grouped_conv_bn_relu(*leaves, running_mean, running_var, groups=groups, training=True,
+                                             momentum=momentum, impl=impl)
+    dx, dw, dgamma, dbeta = torch.autograd.grad(z, leaves, dz)
+    del dz
+    for images in (slice(0, period), slice(n - period, n)):
+        for name, ours in (("z", z[images]), ("dx", dx[images])):
+            assert_close_to_reference(ours, expected[name], torch.bfloat16, baseline=baseline[name],
+                                      what=f"impl={impl}: {name} of images {images}")
+    for name, ours in (("dw", dw), ("dgamma", dgamma), ("dbeta", dbeta)):
+        assert_close_to_reference(ours, expected[name], torch.bfloat16, baseline=baseline[name],
+                                  what=f"impl={impl}: {name}")
+    # The running statistics: within a few times the error of the float64 statistics of y rounded to
+    # bf16 (as PyTorch's bf16 convolution stores it, and as the kernels take their statistics).
+    pixels = n * size * size
+
+    def running(y):
+        unbiased = y.var((0, 2, 3), unbiased=False) * pixels / (pixels - 1)
+        return momentum * y.mean((0, 2, 3)), (1 - momentum) + momentum * unbiased
+
+    want = running(torch.nn.functional.conv2d(base_x, weight, None, 1, 1, 1, groups))
+    rounded = running(torch.nn.functional.conv2d(base_x.bfloat16(), weight.bfloat16(), None, 1, 1, 1, groups).double())
+    for name, ours, a, b in zip(("running_mean", "running_var"), (running_mean, running_var), want, rounded):
+        error, bound = max_error(ours, a), LOW_PRECISION_FACTOR * max_error(b, a) + 1e-6
+        assert error <= bound, f"impl={impl}: {name} error {error:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_periodic_batch_in_training(impl):
+    # The check below at a size every machine runs: it must hold for any n, not only for 2^31 elements.
+    _check_periodic_batch_in_training(impl, n=6, size=5)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda" or not KERNEL_IMPLS, reason="needs a GPU: tensors of more than 2^31 elements")
+def test_training_on_tensors_of_more_than_2_31_elements():
+    # 64-bit offsets in the training kernels: batch statistics, normalisation, the backward's reductions,
+    # dgrad and wgrad over x, y, z, dz and dx of 2^31 + 2^18 elements each (4 GiB in bf16). One backend
+    # at a time (about 22 GiB), as above.
+    if _free_gpu_gib() < 28:
+        pytest.skip(f"needs 28 GiB of free GPU memory, {_free_gpu_gib():.0f} GiB free")
+    for impl in KERNEL_IMPLS:
+        _check_periodic_batch_in_training(impl, n=8193, size=128)  # 8193 * 16 * 128 * 128 = 2^31 + 2^18
         torch.cuda.empty_cache()
 
 
