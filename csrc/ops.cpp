@@ -60,6 +60,9 @@ std::pair<int64_t, int64_t> check_conv(const at::Tensor& x, const at::Tensor& we
   dtype_of(x);
   check_device(weight, "weight", x);
   TORCH_CHECK(x.size(2) >= 1 && x.size(3) >= 1, "resnext_kernels: x must have a non-empty spatial size, got ", x.sizes());
+  // The kernels index the pixels of one image in 32 bits (whole tensors in 64).
+  TORCH_CHECK(x.size(2) * x.size(3) < (int64_t(1) << 31), "resnext_kernels: images of more than 2^31 - 1 pixels (H x W) ",
+              "are not supported, got ", x.sizes());
   return {(x.size(2) - 1) / stride + 1, (x.size(3) - 1) / stride + 1};
 }
 

@@ -9,6 +9,8 @@ from . import reference
 # Fastest first: "auto" takes the first one available for the input's device.
 _KERNEL_BACKENDS = {"cuda": "resnext_kernels.cuda", "triton": "resnext_kernels.triton"}
 _MODULES = {"torch": reference}  # the backends imported so far
+# The kernels index the pixels of one image in 32 bits (whole tensors in 64).
+MAX_IMAGE_PIXELS = 2**31 - 1
 
 
 def _load(impl):
@@ -33,20 +35,21 @@ def _supports(module, batch_stats, grad):
     return (not batch_stats or module.SUPPORTS_BATCH_STATS) and (not grad or module.SUPPORTS_BACKWARD)
 
 
-def resolve(impl, device, batch_stats=True, grad=True):
+def resolve(impl, device, batch_stats=True, grad=True, image_pixels=1):
     """The backend module for ``impl``; RuntimeError when it cannot run on ``device``.
 
     "auto" takes the fastest backend that runs on ``device`` and implements what the call needs
-    (batch statistics, backward); an explicitly named backend raises NotImplementedError itself."""
-    return _MODULES[_resolve_name(impl, device, batch_stats, grad)]
+    (batch statistics, backward, images of ``image_pixels`` input pixels); an explicitly named backend
+    raises NotImplementedError for what it does not implement."""
+    return _MODULES[_resolve_name(impl, device, batch_stats, grad, image_pixels <= MAX_IMAGE_PIXELS)]
 
 
 # torch.compile runs the choice once while tracing (it imports modules and probes builds) and keeps
 # the name it returns as a constant of the graph.
 @torch.compiler.assume_constant_result
-def _resolve_name(impl, device, batch_stats, grad):
+def _resolve_name(impl, device, batch_stats, grad, indexable_images):
     if impl == "auto":
-        if device.type != "cuda":
+        if device.type != "cuda" or not indexable_images:
             return "torch"
         for name in _KERNEL_BACKENDS:
             if unavailable_reason(name, device) is None and _supports(_load(name)[0], batch_stats, grad):
@@ -55,6 +58,9 @@ def _resolve_name(impl, device, batch_stats, grad):
     reason = unavailable_reason(impl, device)
     if reason is not None:
         raise RuntimeError(reason)
+    if impl != "torch" and not indexable_images:
+        raise NotImplementedError(f"impl={impl!r}: images of more than 2^31 - 1 pixels (H x W) are not supported; "
+                                  f"impl='torch' runs them")
     return impl
 
 

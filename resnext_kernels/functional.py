@@ -52,7 +52,8 @@ def grouped_conv_bn_relu(
                   training, momentum, eps, impl)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bn_weight, bn_bias))
-    backend = backends.resolve(impl, x.device, batch_stats=training or running_mean is None, grad=needs_grad)
+    backend = backends.resolve(impl, x.device, batch_stats=training or running_mean is None, grad=needs_grad,
+                               image_pixels=x.shape[2] * x.shape[3])
     args = (x, weight, bn_weight, bn_bias, running_mean, running_var, stride, dilation, groups,
             bool(training), float(momentum), float(eps))
     if backend is backends.reference or x.shape[0] == 0:

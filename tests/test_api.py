@@ -101,6 +101,22 @@ def test_auto_on_cpu_is_the_reference():
     assert backends.resolve("auto", torch.device("cpu")) is backends.reference
 
 
+# A 46341 x 46341 image (2^31 + 84 681 pixels), as an expanded view with no memory behind it.
+HUGE_IMAGE = (1, 8, 46341, 46341)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_images_beyond_32_bit_pixel_indexing_are_refused(impl):
+    case = make_case(SHAPE, device=DEVICE)
+    x = case.x[:1, :, :1, :1].expand(*HUGE_IMAGE)
+    with pytest.raises(NotImplementedError, match=r"images of more than 2\^31 - 1 pixels"):
+        resnext_kernels.grouped_conv_bn_relu(x, *case.tensors()[1:], groups=4, training=False, impl=impl)
+
+
+def test_auto_leaves_images_beyond_32_bit_pixel_indexing_to_the_reference():
+    assert backends.resolve("auto", torch.device("cuda"), image_pixels=2**31) is backends.reference
+
+
 def test_cuda_on_cpu_tensors_says_why(monkeypatch):
     from resnext_kernels.cuda import emulation
 

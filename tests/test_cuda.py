@@ -94,6 +94,16 @@ def test_opcheck_training_ops(dtype):
 
 
 @needs_cuda_backend
+def test_binding_refuses_images_beyond_32_bit_pixel_indexing():
+    # The ops themselves check what the kernels assume, for callers that bypass the Python API.
+    case = make_case(Shape(1, 8, 8, 1, 1, groups=4))
+    x = case.x.expand(1, 8, 46341, 46341)
+    scale, shift = torch.ones(8, device=DEVICE), torch.zeros(8, device=DEVICE)
+    with pytest.raises(RuntimeError, match=r"images of more than 2\^31 - 1 pixels"):
+        ops().conv_bn_relu_folded(x, case.weight, scale, shift, 1, 1, 4)
+
+
+@needs_cuda_backend
 def test_opcheck_inference_op_with_autograd():
     case = make_case(Shape(2, 8, 8, 4, 5, groups=2))
     scale = (torch.rand(8, device=DEVICE) + 0.5).requires_grad_()

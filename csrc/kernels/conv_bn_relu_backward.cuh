@@ -723,7 +723,7 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad(const P p, int64_t pixels_p
   const int64_t m0 = int64_t(blockIdx.x) * pixels_per_split;
   const int64_t m1 = m0 + pixels_per_split < total ? m0 + pixels_per_split : total;
   // The stage's first pixel as (image, pixel in image), advanced without 64-bit divisions in the loop
-  // (an image has fewer than 2^31 pixels).
+  // (an image has fewer than 2^31 pixels: the binding checks it).
   const int hw = int(p.h_out * p.w_out), w_out = int(p.w_out);
   int64_t stage_n = m0 / hw;
   int stage_r = int(m0 % hw);

@@ -79,8 +79,10 @@ inline int64_t resident_blocks(Kernel kernel, int threads, size_t shared_bytes, 
   return 0;
 #else
   int per_multiprocessor = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, kernel, threads, shared_bytes) != cudaSuccess)
-    per_multiprocessor = 1;  // the launch itself reports what is wrong
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, kernel, threads, shared_bytes) != cudaSuccess) {
+    (void)cudaGetLastError();  // cleared, so that the launch check reports the launch's own error
+    per_multiprocessor = 1;
+  }
   return int64_t(sm_count) * per_multiprocessor;
 #endif
 }
