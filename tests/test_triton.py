@@ -289,6 +289,32 @@ def test_compiled_block_has_no_graph_breaks(backend):
         assert z.isfinite().all() and grad.isfinite().all()
 
 
+def test_the_three_epilogues_share_one_autotuning_key(monkeypatch):
+    # Autotuning keys on every tensor argument's dtype: the folded forward and the plain convolution
+    # that its backward recomputes y with must present the same ones, or they may run different
+    # configs, sum in different orders and disagree on the ReLU mask of a y near the kink.
+    tensor_dtypes = set()
+    kernel = triton_conv._conv_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                tensor_dtypes.add(tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+        def __getattr__(self, name):
+            return getattr(kernel, name)
+
+    monkeypatch.setattr(triton_conv, "_conv_kernel", Recorder())
+    case = make_case(Shape(2, 16, 16, 5, 5, groups=4), dtype=torch.bfloat16, bn_dtype=torch.float32)
+    scale, shift = case.bn_weight, case.bn_bias
+    triton_conv.folded_forward(case.x, case.weight, scale, shift, 1, 1, 4)
+    triton_conv.conv(case.x, case.weight, 1, 1, 4)
+    triton_conv.train_forward(case.x, case.weight, scale, shift, 1e-5, 1, 1, 4)
+    assert len(tensor_dtypes) == 1, tensor_dtypes
+
+
 def test_fp32_dot_precision_follows_cudnn():
     assert config.dot_precision(torch.float32) == "ieee"  # turned off by the _ieee_fp32 fixture
     torch.backends.cudnn.allow_tf32 = True

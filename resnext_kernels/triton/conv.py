@@ -28,6 +28,7 @@ Saving z and inverting the affine instead breaks where ReLU clipped or gamma = 0
 """
 
 import contextlib
+import threading
 
 import torch
 import triton
@@ -44,6 +45,9 @@ _STATS_BLOCK_C = 32
 _STATS_MIN_TILES_PER_PROGRAM = 64
 _STATS_SEGMENTS = 64
 _ELEMENTWISE_BLOCK = 4096
+# Held from a convolution's launch until its caller has read the config autotuning chose for it
+# (the autotuner keeps it in one attribute for every caller).
+_CONV_LAUNCH = threading.Lock()
 
 
 @triton.autotune(configs=_CONV_CONFIGS, key=["C_IN", "C_OUT", "GROUP_IN", "GROUP_OUT", "STRIDE", "DIL"])
@@ -238,6 +242,7 @@ def stats_buffer(x, c_out):
 
 
 def _launch_conv(x, weight, out, stride, dilation, groups, *, scale=None, shift=None, part=None):
+    """Launches the convolution; returns the BLOCK_M it ran with."""
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
     _, _, ho, wo = out.shape
@@ -245,16 +250,22 @@ def _launch_conv(x, weight, out, stride, dilation, groups, *, scale=None, shift=
     k_align, even_k = config.k_range_layout(c_out // groups, c_in // groups, c_out, block_n, block_k)
     fold = scale is not None
     stats = part is not None
-    dummy = out
+    # Unused per-channel pointers get a tensor of the accumulation dtype, as the used ones have: the
+    # autotuning key holds every tensor's dtype, so all three epilogues share one config per shape,
+    # and the folded backward recomputes y in the forward's exact summation order (its ReLU mask is
+    # the forward's).
+    dummy = torch.empty(1, dtype=config.acc_dtype(x.dtype), device=x.device)
     grid = lambda meta: (triton.cdiv(n * ho * wo, meta["BLOCK_M"]), triton.cdiv(c_out, block_n))  # noqa: E731
-    _conv_kernel[grid](
-        x, weight, out, scale if fold else dummy, shift if fold else dummy, part if stats else dummy,
-        n * ho * wo, h, w, ho, wo, c_in, c_out, c_in // groups, c_out // groups, part.shape[1] if stats else 0,
-        *x.stride(), *weight.stride(), *out.stride(),
-        STRIDE=stride, DIL=dilation, FOLD_BN=fold, STATS=stats,
-        ACC=config.tl_acc_dtype(x.dtype), DOT_IN=config.dot_operand_dtype(x.dtype),
-        PRECISION=config.dot_precision(x.dtype), K_ALIGN=k_align, EVEN_K=even_k, BLOCK_N=block_n, BLOCK_K=block_k,
-    )
+    with _CONV_LAUNCH:
+        _conv_kernel[grid](
+            x, weight, out, scale if fold else dummy, shift if fold else dummy, part if stats else dummy,
+            n * ho * wo, h, w, ho, wo, c_in, c_out, c_in // groups, c_out // groups, part.shape[1] if stats else 0,
+            *x.stride(), *weight.stride(), *out.stride(),
+            STRIDE=stride, DIL=dilation, FOLD_BN=fold, STATS=stats,
+            ACC=config.tl_acc_dtype(x.dtype), DOT_IN=config.dot_operand_dtype(x.dtype),
+            PRECISION=config.dot_precision(x.dtype), K_ALIGN=k_align, EVEN_K=even_k, BLOCK_N=block_n, BLOCK_K=block_k,
+        )
+        return _conv_kernel.best_config.kwargs["BLOCK_M"]
 
 
 def conv(x, weight, stride, dilation, groups):
@@ -307,8 +318,8 @@ def train_forward(x, weight, bn_weight, bn_bias, eps, stride, dilation, groups):
     stats = stats_buffer(x, c_out)
     z = torch.empty_like(y)
     with device_guard(x):
-        _launch_conv(x, weight, y, stride, dilation, groups, part=part)
-        _merge_stats(part, part_rows, m, _conv_kernel.best_config.kwargs["BLOCK_M"], stats, bn_weight, bn_bias, eps)
+        block_m = _launch_conv(x, weight, y, stride, dilation, groups, part=part)
+        _merge_stats(part, part_rows, m, block_m, stats, bn_weight, bn_bias, eps)
         block_c = min(triton.next_power_of_2(c_out), 64)
         block_p = _ELEMENTWISE_BLOCK // block_c
         _bn_relu_kernel[(triton.cdiv(m, block_p), triton.cdiv(c_out, block_c))](
