@@ -387,6 +387,25 @@ def test_markdown_has_every_figure():
     assert "5.00" in text  # peak GiB
 
 
+def test_targets_count_the_layers_that_meet_each():
+    doc = _gpu_doc()
+    rows = {(r[0], r[1]): r[2:] for r in report.target_rows(doc)}
+    # The invented figures: triton 3x eager and 2x torch.compile everywhere; far from the floor.
+    assert rows[("train fwd+bwd >= 2x eager cuDNN", "triton")] == ["3/3", "resnext50_32x4d:stage1: 3.00×"]
+    assert rows[("train fwd+bwd >= 1.5x torch.compile", "triton")][0] == "3/3"
+    assert rows[("inference >= 85% of the copy floor", "triton")][0] == "0/3"
+    assert rows[("ResNeXt-50 train step <= 1.05x ResNet-50 eager", "triton")] == ["0/1", "1.09×"]
+    assert ("train fwd+bwd faster than triton", "cuda") not in rows  # cuda did not run there
+    slow = next(r for r in doc["ops"] if r["provider"] == "triton" and r["mode"] == "train_fwd_bwd")
+    slow["speedup_vs_eager"] = 1.5
+    rows = {(r[0], r[1]): r[2:] for r in report.target_rows(doc)}
+    assert rows[("train fwd+bwd >= 2x eager cuDNN", "triton")] == ["2/3", f"{slow['layer']}: 1.50×"]
+    doc["ops"].append(dict(slow, provider="cuda", median_us=slow["median_us"] / 2))
+    rows = {(r[0], r[1]): r[2:] for r in report.target_rows(doc)}
+    assert rows[("train fwd+bwd faster than triton", "cuda")] == ["1/1", f"{slow['layer']}: 2.00×"]
+    assert "### Against the issues' targets" in report.render_markdown(doc)
+
+
 def test_chart(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     path, why_not = report.save_chart(_gpu_doc(), tmp_path / "chart.png")

@@ -416,8 +416,68 @@ def render_kernels(doc, heading="###"):
     ])
 
 
+# The issues' performance targets, per op on the ResNeXt layer shapes in bf16, channels_last:
+# (criterion, mode, providers, the value of a record given every provider's record of its case, the
+# least value that meets it, how it is shown).
+_OP_TARGETS = (
+    ("inference >= 85% of the copy floor", "inference", ("triton", "cuda"), lambda r, _: r["fraction_of_floor"],
+     0.85, "%"),
+    ("inference faster than eager cuDNN", "inference", ("cuda",), lambda r, _: r["speedup_vs_eager"], 1.0, "×"),
+    ("inference faster than torch.compile", "inference", ("cuda",), lambda r, _: r["speedup_vs_compile"], 1.0, "×"),
+    ("train fwd+bwd >= 2x eager cuDNN", "train_fwd_bwd", ("triton", "cuda"), lambda r, _: r["speedup_vs_eager"],
+     2.0, "×"),
+    ("train fwd+bwd >= 1.5x torch.compile", "train_fwd_bwd", ("triton", "cuda"),
+     lambda r, _: r["speedup_vs_compile"], 1.5, "×"),
+    ("train fwd+bwd faster than triton", "train_fwd_bwd", ("cuda",),
+     lambda r, case: case["triton"]["median_us"] / r["median_us"] if "triton" in case else None, 1.0, "×"),
+)
+# The whole training step: ResNeXt-50 with a kernel backend against ResNet-50 in eager cuDNN.
+_STEP_TARGET = 1.05
+
+
+def target_rows(doc):
+    """[criterion, provider, layers that meet it / layers measured, the worst layer and its value]."""
+    ok = [r for r in doc["ops"] if r["status"] == "ok" and r["dtype"] == "bfloat16" and r["layout"] == "channels_last"]
+    by_case = {}
+    for r in ok:
+        by_case.setdefault((r["layer"], r["mode"]), {})[r["provider"]] = r
+    rows = []
+    for criterion, mode, providers, value_of, least, unit in _OP_TARGETS:
+        for provider in providers:
+            values = [(value_of(case[provider], case), layer) for (layer, m), case in by_case.items()
+                      if m == mode and provider in case]
+            values = [(v, layer) for v, layer in values if v is not None]
+            if values:
+                worst, layer = min(values)
+                met = sum(v >= least for v, _ in values)
+                shown = f"{100 * worst:.0f}%" if unit == "%" else f"{worst:.2f}×"
+                rows.append([criterion, provider, f"{met}/{len(values)}", f"{layer}: {shown}"])
+    steps = {(r["model"], r["provider"]): r["median_ms"] for r in doc["batches"]
+             if r["status"] == "ok" and r["mode"] == "train"}
+    for provider in ("triton", "cuda"):
+        if ("resnext50_32x4d", provider) in steps and ("resnet50", "eager") in steps:
+            ratio = steps[("resnext50_32x4d", provider)] / steps[("resnet50", "eager")]
+            rows.append([f"ResNeXt-50 train step <= {_STEP_TARGET}x ResNet-50 eager", provider,
+                         f"{int(ratio <= _STEP_TARGET)}/1", f"{ratio:.2f}×"])
+    return rows
+
+
+def render_targets(doc, heading="###"):
+    rows = target_rows(doc)
+    if not rows:
+        return ""
+    return "\n".join([
+        f"{heading} Against the issues' targets",
+        "",
+        "bf16, channels_last, at this run's N: how many layers meet each target, and the worst layer.",
+        "",
+        _table(["target", "provider", "met", "worst"], rows),
+    ])
+
+
 def render_markdown(doc, heading="###"):
-    parts = [render_header(doc), render_batches(doc, heading), render_ops(doc, heading), render_kernels(doc, heading)]
+    parts = [render_header(doc), render_targets(doc, heading), render_batches(doc, heading), render_ops(doc, heading),
+             render_kernels(doc, heading)]
     return "\n\n".join(p for p in parts if p)
 
 
