@@ -166,8 +166,8 @@ def _dgrad_kernel(
     rows = (H + STRIDE - 1 - phase_h) // STRIDE
     cols = (W + STRIDE - 1 - phase_w) // STRIDE
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < N * rows * cols
-    n_img = offs_m // tl.maximum(rows * cols, 1)
+    n_img = offs_m // tl.maximum(rows * cols, 1)  # int64: the batch may hold more than 2^31 pixels
+    m_ok = (n_img < N) & (rows * cols > 0)
     a = (offs_m % tl.maximum(rows * cols, 1)) // tl.maximum(cols, 1)
     b = offs_m % tl.maximum(cols, 1)
     hi = phase_h + STRIDE * a
