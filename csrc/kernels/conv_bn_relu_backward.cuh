@@ -612,6 +612,10 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
     const int64_t n = block.n;
     const int ih0 = block.ih0, iw0 = block.iw0, oh_lo = block.oh_lo, ow_lo = block.ow_lo, eh = block.eh, ew = block.ew;
     const int ci0 = block.ci0, ci_end = block.ci_end;
+    // Pixels of an edge tile outside the image name the zero row: nothing of theirs is stored, and a
+    // warp with none inside skips its MMAs (ResNeXt's 28x28 layers: 2 of the 4 warps of their bottom
+    // tiles; 14x14: 1).
+    const bool a_in_image = a_pixel >= 0 && ih0 + a_position.h < p.h && iw0 + a_position.w < p.w;
     __syncthreads();  // everyone is done with the previous unit's shared memory
     int non_finite = 0;
     if (by_vectors_of(k0)) {
@@ -666,7 +670,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
         // The halo row this lane's ldmatrix row receives from through this tap, or the zero row.
         const int nh = eh - (tap / 3) * d + a_position.h, nw = ew - (tap % 3) * d + a_position.w;
         const int qh = by_s.quotient(nh), qw = by_s.quotient(nw);
-        return a_pixel >= 0 && qh * s == nh && qw * s == nw
+        return a_in_image && qh * s == nh && qw * s == nw
                    ? FragmentRow{dy_tile + (qh * halo_w + qw) * row + a_column, 1}
                    : FragmentRow{zero_row + a_column, 0};
       });
