@@ -612,10 +612,11 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
     const int64_t n = block.n;
     const int ih0 = block.ih0, iw0 = block.iw0, oh_lo = block.oh_lo, ow_lo = block.ow_lo, eh = block.eh, ew = block.ew;
     const int ci0 = block.ci0, ci_end = block.ci_end;
-    // Pixels of an edge tile outside the image name the zero row: nothing of theirs is stored, and a
+    // Pixels of an edge tile outside the image name the zero row (nothing of theirs is stored), and a
     // warp with none inside skips its MMAs (ResNeXt's 28x28 layers: 2 of the 4 warps of their bottom
     // tiles; 14x14: 1).
     const bool a_in_image = a_pixel >= 0 && ih0 + a_position.h < p.h && iw0 + a_position.w < p.w;
+    const bool warp_in_image = __any_sync(0xffffffffu, a_in_image);
     __syncthreads();  // everyone is done with the previous unit's shared memory
     int non_finite = 0;
     if (by_vectors_of(k0)) {
@@ -663,10 +664,10 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
                                         halo_w, s, by_s, d, eh, ew, cin_pg, cout_pg)
                    : 0.0f;
       });
-    } else {
+    } else if (warp_in_image) {
       int k_begin[kNTiles], k_end[kNTiles];
       ntile_k_ranges(ci0, ci_end, cin_pg, cout_pg, k_begin, k_end);
-      mma_chunk<T, true>(acc, k_begin, k_end, k0, count, w_tile, row, lane, [&](int tap) {
+      mma_chunk<T>(acc, k_begin, k_end, k0, count, w_tile, row, lane, s > 1, [&](int tap) {
         // The halo row this lane's ldmatrix row receives from through this tap, or the zero row.
         const int nh = eh - (tap / 3) * d + a_position.h, nw = ew - (tap % 3) * d + a_position.w;
         const int qh = by_s.quotient(nh), qw = by_s.quotient(nw);

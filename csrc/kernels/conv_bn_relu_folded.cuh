@@ -419,7 +419,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) conv_bn_relu_folded_mma(const 
                    : 0.0f;
       });
     } else if (warp_in_image) {
-      mma_chunk<T, false>(acc, k_begin, k_end, k0, count, w_tile, row, lane, [&](int tap) {
+      mma_chunk<T>(acc, k_begin, k_end, k0, count, w_tile, row, lane, false, [&](int tap) {
         return FragmentRow{x_tile + (a_base + (tap / 3) * d * halo_w + (tap % 3) * d) * row + a_column, 1};
       });
     }

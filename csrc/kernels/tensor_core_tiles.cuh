@@ -78,12 +78,13 @@ struct FragmentRow {
 // range [k_begin, k_end) it overlaps; B comes from w_tile[tap][8 NTiles][row], which must be zero
 // outside each column's group and past the chunk, and A must be finite (chunks holding Inf or NaN
 // take the exact per-group sums instead: Inf * 0 would leak into other groups). With
-// kSkipUnreachedTaps, a tap that reaches none of the warp's rows (every lane names an all-zero row)
-// is skipped, at the cost of a warp vote per tap (the forward, whose taps reach every row, pays none).
-template <typename T, bool kSkipUnreachedTaps, int NTiles, typename RowOf>
+// skip_unreached_taps (uniform over the warp), a tap that reaches none of the warp's rows (every lane
+// names an all-zero row) is skipped, at the cost of a warp vote per tap: for strided dgrad, where
+// most taps reach no pixel of a phase.
+template <typename T, int NTiles, typename RowOf>
 __device__ __forceinline__ void mma_chunk(float (&acc)[NTiles][4], const int (&k_begin)[NTiles],
                                           const int (&k_end)[NTiles], int k0, int count, const uint16_t* w_tile,
-                                          int row, int lane, RowOf a_row_of) {
+                                          int row, int lane, bool skip_unreached_taps, RowOf a_row_of) {
   int lo[NTiles], hi[NTiles];  // each n-tile's K range within this chunk
 #pragma unroll
   for (int j = 0; j < NTiles; ++j) {
@@ -93,8 +94,7 @@ __device__ __forceinline__ void mma_chunk(float (&acc)[NTiles][4], const int (&k
   const int b_row = lane % 8, b_column = 8 * ((lane / 8) % 2);  // ldmatrix.x2 of an n-tile's B
   for (int tap = 0; tap < 9; ++tap) {
     const FragmentRow a_row = a_row_of(tap);
-    if constexpr (kSkipUnreachedTaps)
-      if (!__any_sync(0xffffffffu, a_row.k_step != 0)) continue;
+    if (skip_unreached_taps && !__any_sync(0xffffffffu, a_row.k_step != 0)) continue;
     for (int kr = 0; kr < count; kr += kMmaK) {
       uint32_t a[4];
       ldmatrix(a, a_row.start + kr * a_row.k_step);
