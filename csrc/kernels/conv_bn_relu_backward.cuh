@@ -955,6 +955,9 @@ __global__ void __launch_bounds__(kMmaThreads, 2) wgrad_mma(const P p, const Wgr
   for (int64_t u = u0; u < u1; ++u) {
     const int oh0 = (tile / tiling.tiles_w) * tiling.tile_h, ow0 = (tile % tiling.tiles_w) * tile_w;
     const int ih0 = oh0 * s - d, iw0 = ow0 * s - d;
+    // The K steps run over the tile's rows inside the image only: an edge tile's last rows are zeros
+    // (ResNeXt's 28x28 layers: half the K steps of their bottom tiles; 14x14: a quarter).
+    const int k_pixels = int(p.h_out - oh0 < tiling.tile_h ? p.h_out - oh0 : tiling.tile_h) * tile_w;
     uint16_t* x_halo = x_halo_of(u);
     __syncthreads();  // the previous unit's tiles have been read
     for (int q = int(threadIdx.x); q < kWgradPixels; q += kMmaThreads) {
@@ -1001,7 +1004,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2) wgrad_mma(const P p, const Wgr
     }
     copy_async_commit();
     __syncthreads();
-    for (int ks = 0; ks < tile_pixels; ks += kMmaK) {
+    for (int ks = 0; ks < k_pixels; ks += kMmaK) {
       // A (m-tile mt): lane l names row co = 16 mt + l % 16 at pixels ks + 8 (l / 16).
       uint32_t a[2][4];
 #pragma unroll
