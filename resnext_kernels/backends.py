@@ -41,15 +41,23 @@ def resolve(impl, device, batch_stats=True, grad=True, image_pixels=1):
     "auto" takes the fastest backend that runs on ``device`` and implements what the call needs
     (batch statistics, backward, images of ``image_pixels`` input pixels); an explicitly named backend
     raises NotImplementedError for what it does not implement."""
-    return _MODULES[_resolve_name(impl, device, batch_stats, grad, image_pixels <= MAX_IMAGE_PIXELS)]
+    name = _resolve_name(impl, device, batch_stats, grad)
+    # Outside _resolve_name: a symbolic size (torch.compile, dynamic shapes) is no constant; this test
+    # becomes a guard on it.
+    if name != "torch" and image_pixels > MAX_IMAGE_PIXELS:
+        if impl == "auto":
+            return reference
+        raise NotImplementedError(f"impl={impl!r}: images of more than 2^31 - 1 pixels (H x W) are not supported; "
+                                  f"impl='torch' runs them")
+    return _MODULES[name]
 
 
 # torch.compile runs the choice once while tracing (it imports modules and probes builds) and keeps
 # the name it returns as a constant of the graph.
 @torch.compiler.assume_constant_result
-def _resolve_name(impl, device, batch_stats, grad, indexable_images):
+def _resolve_name(impl, device, batch_stats, grad):
     if impl == "auto":
-        if device.type != "cuda" or not indexable_images:
+        if device.type != "cuda":
             return "torch"
         for name in _KERNEL_BACKENDS:
             if unavailable_reason(name, device) is None and _supports(_load(name)[0], batch_stats, grad):
@@ -58,9 +66,6 @@ def _resolve_name(impl, device, batch_stats, grad, indexable_images):
     reason = unavailable_reason(impl, device)
     if reason is not None:
         raise RuntimeError(reason)
-    if impl != "torch" and not indexable_images:
-        raise NotImplementedError(f"impl={impl!r}: images of more than 2^31 - 1 pixels (H x W) are not supported; "
-                                  f"impl='torch' runs them")
     return impl
 
 

@@ -189,3 +189,16 @@ def test_convert_leaves_timm_blocks_it_cannot_represent():
     with pytest.warns(UserWarning, match="left .* unchanged"):
         converted = resnext_kernels.convert(model)
     assert not any(isinstance(m, ResNeXtBlock) for m in converted.modules())
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_compiled_block_with_dynamic_shapes_has_no_graph_breaks(impl):
+    # Symbolic sizes reach the backend choice and the ops' fake kernels: one graph for every size.
+    torch.manual_seed(0)
+    block = ResNeXtBlock(64, 16, groups=4, base_width=16, impl=impl).to(DEVICE).train()
+    reference = copy.deepcopy(block)
+    reference.impl = "torch"
+    compiled = torch.compile(block, fullgraph=True, dynamic=True, backend="aot_eager")
+    for size in ((5, 5), (7, 6)):
+        x = torch.randn(2, 64, *size, device=DEVICE)
+        torch.testing.assert_close(compiled(x), reference(x), rtol=1e-4, atol=1e-4)
