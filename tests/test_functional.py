@@ -4,6 +4,7 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import resnext_kernels
 from conftest import DEVICE, KERNEL_IMPLS, require
@@ -82,6 +83,38 @@ def test_low_precision_within_pytorchs_own_error(impl, dtype, bn_fp32, training)
     for name, want in (("running_mean", expected_mean), ("running_var", expected_var)):
         assert_close_to_reference(getattr(case, name), want, dtype, what=name,
                                   baseline=None if impl == "torch" else getattr(baseline_case, name))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_eval_normalises_the_conv_output_as_stored(impl, dtype, layout):
+    # Eval normalises y rounded to x's dtype, as the reference's convolution stores it, so the ReLU's
+    # kink falls where the reference's does and where backward's mask, taken from the stored y, puts
+    # it. Integer inputs make y exact in any summation order (|y| < 2^16: no fp16 overflow), and
+    # inputs constant over each image make it one value per (image, channel) away from the border.
+    # The running mean is image 0's value rounded to dtype and the BN scale 1, so the reference's
+    # pre-ReLU value there is exactly 0; normalising the unrounded y instead gives y - round(y).
+    require(impl, grad=True)
+    n, c, size, groups = 2, 16, 5, 4
+    x = torch.randint(128, 256, (n, c, 1, 1), device=DEVICE).expand(n, c, size, size).to(dtype)
+    x = layout_as(x.contiguous(), layout).requires_grad_()
+    weight = torch.randint(-6, 7, (c, c // groups, 3, 3), device=DEVICE).to(dtype)
+    y = F.conv2d(x.detach().double(), weight.double(), padding=1, groups=groups)
+    interior = y[0, :, 2, 2]
+    assert (interior.to(dtype).double() != interior).sum() >= 4, "too few y need rounding: the test would pass anyway"
+    running_mean = interior.to(dtype).float()
+    ones = torch.ones(c, device=DEVICE)
+    bn = dict(bn_weight=ones.clone().requires_grad_(), bn_bias=torch.zeros(c, device=DEVICE).requires_grad_(),
+              running_mean=running_mean, running_var=ones, groups=groups, training=False, eps=0.0)
+    z = resnext_kernels.grouped_conv_bn_relu(x, weight, impl=impl, **bn)
+    expected = resnext_kernels.grouped_conv_bn_relu(x.detach(), weight, impl="torch", **bn)
+    assert torch.equal(z, expected)
+    assert (z[0, :, 1:-1, 1:-1] == 0).all()
+    # dbeta = sum of dz over the pixels backward's mask passes: exact in fp32 for small integer dz.
+    dz = torch.randint(1, 5, z.shape, device=DEVICE).to(dtype)
+    z.backward(dz)
+    assert torch.equal(bn["bn_bias"].grad, (dz.float() * (z > 0)).sum((0, 2, 3)))
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -394,11 +394,8 @@ __global__ void __launch_bounds__(kThreads, 1) dgrad(const P p, const DgradTilin
     }
     for (int i = int(threadIdx.x); i < kChannels * count * 9; i += kThreads) {
       const int c = i / (count * 9), rest = i % (count * 9), k = rest / 9, tap = rest % 9;
-      const int ic = ci0 + c, oc = k0 + k;
-      Acc v = Acc(0);
-      if (ic < ci_end && oc / cout_pg == ic / cin_pg)
-        v = Numeric<T>::load(weight[(int64_t(oc) * cin_pg + ic % cin_pg) * 9 + tap]);
-      w_tile[(c * chunk + k) * 9 + tap] = v;
+      const int ic = ci0 + c;
+      w_tile[(c * chunk + k) * 9 + tap] = ic < ci_end ? grouped_weight(weight, k0 + k, ic, cin_pg, cout_pg, tap) : Acc(0);
     }
     __syncthreads();
     if (!active) continue;

@@ -152,14 +152,8 @@ __global__ void __launch_bounds__(kThreads) conv_bn_relu_folded_fma(const ConvBn
     }
     for (int i = int(threadIdx.x); i < kChannels * count * 9; i += kThreads) {
       const int c = i / (count * 9), rest = i % (count * 9), k = rest / 9, tap = rest % 9;
-      const int oc = co0 + c, ic = k0 + k;
-      Acc v = Acc(0);
-      if (oc < co_end) {
-        const int oc_group_begin = (oc / cout_pg) * cin_pg;
-        if (ic >= oc_group_begin && ic < oc_group_begin + cin_pg)
-          v = Numeric<T>::load(weight[(int64_t(oc) * cin_pg + (ic - oc_group_begin)) * 9 + tap]);
-      }
-      w_tile[(c * chunk + k) * 9 + tap] = v;
+      const int oc = co0 + c;
+      w_tile[(c * chunk + k) * 9 + tap] = oc < co_end ? grouped_weight(weight, oc, k0 + k, cin_pg, cout_pg, tap) : Acc(0);
     }
     __syncthreads();
     if (!active) continue;
@@ -205,7 +199,7 @@ __global__ void __launch_bounds__(kThreads) conv_bn_relu_folded_fma(const ConvBn
     const int64_t oh = oh0 + pixel / tile_w, ow = ow0 + pixel % tile_w;
     if (pixel < tile_pixels && oh < p.h_out && ow < p.w_out)
       out[n * p.out_stride[0] + co * p.out_stride[1] + oh * p.out_stride[2] + ow * p.out_stride[3]] =
-          Numeric<T>::store(relu(acc[j] * scale + shift));
+          Numeric<T>::store(relu(rounded<T>(acc[j]) * scale + shift));
   }
 }
 
@@ -451,7 +445,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) conv_bn_relu_folded_mma(const 
         if (co >= co_end || !pixel_in_image(p, b, q, tile_pixels, tile_w)) continue;
         T v[2];
         for (int e = 0; e < 2; ++e)
-          v[e] = Numeric<T>::store(kTrain ? acc[j][2 * r + e] : relu(acc[j][2 * r + e] * scale[e] + shift[e]));
+          v[e] = Numeric<T>::store(kTrain ? acc[j][2 * r + e] : relu(rounded<T>(acc[j][2 * r + e]) * scale[e] + shift[e]));
         if (staged) {
           staging.put(q, c, Numeric<T>::load(v[0]), Numeric<T>::load(v[1]));
           if (vector_stores) continue;

@@ -54,6 +54,23 @@ struct Numeric<__nv_bfloat16> {
   __device__ __forceinline__ static __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
 };
 
+// v rounded to T and back: the y an unfused convolution stores. The inference epilogue normalises
+// this y, as the reference does and as backward's ReLU mask (recomputed from the stored y) assumes.
+template <typename T>
+__device__ __forceinline__ typename Numeric<T>::Acc rounded(typename Numeric<T>::Acc v) {
+  return Numeric<T>::load(Numeric<T>::store(v));
+}
+
+// The weight joining output channel oc and input channel ic at `tap`, or zero where they lie in
+// different groups (the off-group entries of a tile spanning several groups).
+template <typename T>
+__device__ __forceinline__ typename Numeric<T>::Acc grouped_weight(const T* weight, int oc, int ic, int cin_pg,
+                                                                   int cout_pg, int tap) {
+  const int group_begin = (oc / cout_pg) * cin_pg;
+  if (ic < group_begin || ic >= group_begin + cin_pg) return 0;
+  return Numeric<T>::load(weight[(int64_t(oc) * cin_pg + (ic - group_begin)) * 9 + tap]);
+}
+
 // Division by a runtime divisor d >= 1 of dividends 0 <= a < 2^20 without the integer division
 // sequence (~20 instructions): (a + 0.5) / d lies at least 0.5 / d from an integer, far more than
 // float's rounding error at that size.
