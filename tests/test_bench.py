@@ -312,6 +312,11 @@ def _gpu_doc(date="2026-11-28T10:00:00+00:00", sha="0123456789abcdef"):
             ms *= 1.36 if case.model.startswith("resnext") else 1.0
             batch_records.append(dict(batch.base_batch_record(case, provider), median_ms=ms, p20_ms=ms, p80_ms=ms,
                                       reps=10, images_per_s=32 / (ms / 1e3), peak_memory_bytes=5 * 2 ** 30))
+            if case.mode == "train":  # a step's kernels: the fused op's (triton only) and cuDNN's
+                events = [("_conv_kernel", 20e3), ("_dgrad_kernel", 10e3)] if provider == "triton" else []
+                events += [("void cudnn::sm90_xmma_wgrad(int)", 30e3), ("void at::native::bn_bw(float)", 9e3),
+                           ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", 1e3)]
+                batch_records[-1].update(batch.step_breakdown(ops.summarize_kernels(events, 1)))
     doc = _doc_with(op_records, batch_records, "cuda", "NVIDIA H100 80GB HBM3", date, sha)
     doc["settings"] = {"ops": {"n": 128, "quick": True}, "batches": {"n": 32, "image_size": 224, "dtype": "bfloat16",
                                                                       "layout": "channels_last", "quick": True}}
@@ -338,6 +343,7 @@ def test_schema_accepts_a_complete_gpu_document():
     (lambda d: d["ratios"][0].pop("ratio"), "ratio is missing"),
     (lambda d: d["ops"][2]["kernels"][0].update(us="fast"), "kernels[0].us is str"),
     (lambda d: d["ops"][2].update(kernels="fast"), "kernels is str"),
+    (lambda d: d["batches"][0]["kernels"][0].update(ours=1), "kernels[0].ours is int"),
 ])
 def test_schema_rejects_broken_documents(breakage, message):
     doc = _gpu_doc()
@@ -370,10 +376,13 @@ def test_kernel_breakdown_per_call():
                "resnext_kernels::DgradTiling)", 40.0), ("_wgrad_kernel", 30.0), ("_wgrad_kernel", 34.0),
               ("Memset (Device)", 1.0)] * 2
     assert ops.summarize_kernels(events, runs=2) == [
-        {"name": "_wgrad_kernel", "calls": 2.0, "us": 64.0},
-        {"name": "dgrad_mma<__nv_bfloat16>", "calls": 1.0, "us": 40.0},
-        {"name": "Memset (Device)", "calls": 1.0, "us": 1.0},
+        {"name": "_wgrad_kernel", "calls": 2.0, "us": 64.0, "ours": True},
+        {"name": "dgrad_mma<__nv_bfloat16>", "calls": 1.0, "us": 40.0, "ours": True},
+        {"name": "Memset (Device)", "calls": 1.0, "us": 1.0, "ours": False},
     ]
+    # Names alike but not the project's: PyTorch's own kernels, a Triton kernel Inductor generated.
+    assert not any(map(ops.project_kernel, ["void at::native::vectorized_elementwise_kernel<4>(int)",
+                                            "triton_poi_fused_relu_0", "conv_kernel"]))
     assert ops.kernel_breakdown(lambda: None, "cpu") is None
 
 
@@ -385,6 +394,11 @@ def test_markdown_has_every_figure():
     assert "% floor" in text and "vs compile" in text and "3.00×" in text
     assert "impl='cuda' does not implement training mode yet" in text
     assert "5.00" in text  # peak GiB
+    assert "#### Where a training step's GPU time goes" in text
+    # resnext50 on triton: 108.8 ms a step, 70 ms of kernels, 30 of them the fused op's.
+    assert ("| resnext50_32x4d | triton | 108.8 | 70.0 | 30.0 | 28% | cudnn::sm90_xmma_wgrad 30.0; at::native::bn_bw 9.0; "
+            "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc… 1.0 |") in text
+    assert "fused op could reach by taking no time at all; the target is <= 1.05): triton: 0.79." in text
 
 
 def test_targets_count_the_layers_that_meet_each():

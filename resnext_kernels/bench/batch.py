@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .. import models
 from . import timing
-from .ops import DTYPES, LAYOUTS, KERNEL_PROVIDERS
+from .ops import DTYPES, KERNEL_PROVIDERS, LAYOUTS, kernel_breakdown
 
 MODELS = ("resnet50", "resnext50_32x4d", "resnet101", "resnext101_32x4d")
 MODES = ("train", "inference")
@@ -24,6 +24,8 @@ MODES = ("train", "inference")
 PAIRS = (("resnext50_32x4d", "resnet50"), ("resnext101_32x4d", "resnet101"))
 PAPER_RATIO = {("resnext101_32x4d", "resnet101"): 0.95 / 0.70}
 NUM_CLASSES = 1000
+# Kernels kept in a training step's breakdown, the longest first.
+TOP_KERNELS = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +126,9 @@ def base_batch_record(case, provider):
         "images_per_s": None,
         "peak_memory_bytes": None,
         "compile_s": None,
+        "kernel_ms": None,
+        "fused_ms": None,
+        "kernels": None,
     }
 
 
@@ -138,15 +143,24 @@ def run_batch_case(case, provider, device, timing_options):
         runner = BatchRunner(case, provider, device)
         measured = timing.measure(runner, device, **timing_options)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        # Where a training step's GPU time goes: how much of it the fused op's own kernels take.
+        kernels = kernel_breakdown(runner, device, runs=1) if case.mode == "train" else None
     except Exception as error:  # noqa: BLE001 - a failing provider must not stop the others
         return timing.failure_record(record, error)
     finally:
         compile_s = runner.compile_s if runner is not None else None
         del runner
         _release(device, compiled=provider == "compile")
-    return dict(record, median_ms=measured.median_s * 1e3, p20_ms=measured.p20_s * 1e3,
-                p80_ms=measured.p80_s * 1e3, reps=measured.reps, images_per_s=case.n / max(measured.median_s, 1e-12),
-                peak_memory_bytes=peak, compile_s=compile_s)
+    record = dict(record, median_ms=measured.median_s * 1e3, p20_ms=measured.p20_s * 1e3,
+                  p80_ms=measured.p80_s * 1e3, reps=measured.reps, images_per_s=case.n / max(measured.median_s, 1e-12),
+                  peak_memory_bytes=peak, compile_s=compile_s)
+    return dict(record, **step_breakdown(kernels)) if kernels is not None else record
+
+
+def step_breakdown(kernels):
+    """A batch record's kernel_ms, fused_ms and kernels from ops.kernel_breakdown's rows for one step."""
+    return dict(kernel_ms=sum(k["us"] for k in kernels) / 1e3, fused_ms=sum(k["us"] for k in kernels if k["ours"]) / 1e3,
+                kernels=kernels[:TOP_KERNELS])
 
 
 def _release(device, compiled=False):

@@ -15,6 +15,7 @@ beta for a random dz).
 """
 
 import dataclasses
+import functools
 import re
 import time
 
@@ -226,14 +227,33 @@ def kernel_breakdown(runner, device, runs=5):
 
 
 def summarize_kernels(events, runs):
-    """[{name, calls, us}] per call from (name, microseconds) device events of ``runs`` calls."""
+    """[{name, calls, us, ours}] per call from (name, microseconds) device events of ``runs`` calls;
+    ``ours``: one of this project's kernels (see project_kernel)."""
     totals = {}
     for name, us in events:
         calls, total = totals.get(name, (0, 0.0))
         totals[name] = (calls + 1, total + us)
-    rows = [{"name": short_kernel_name(name), "calls": calls / runs, "us": total / runs}
+    rows = [{"name": short_kernel_name(name), "calls": calls / runs, "us": total / runs, "ours": project_kernel(name)}
             for name, (calls, total) in totals.items()]
     return sorted(rows, key=lambda row: -row["us"])
+
+
+def project_kernel(name):
+    """Whether a kernel, by its full name as the profiler gives it, is one of the fused op's own: the
+    CUDA backend's live in namespace resnext_kernels, the Triton backend's carry their function's name."""
+    return "resnext_kernels::" in name or name in _triton_kernel_names()
+
+
+@functools.cache
+def _triton_kernel_names():
+    try:
+        from triton.runtime.jit import KernelInterface  # jitted, autotuned or interpreted
+
+        from ..triton import backward, conv
+    except ImportError:  # no Triton: no Triton kernels either
+        return frozenset()
+    return frozenset(name for module in (conv, backward) for name, value in vars(module).items()
+                     if isinstance(value, KernelInterface))
 
 
 def short_kernel_name(name):

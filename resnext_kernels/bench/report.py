@@ -17,11 +17,14 @@ Schema, version 1 (every time in the unit its name says; GB/s = 1e9 bytes/s):
         bytes (shapes.op_bytes), flops (shapes.op_flops), floor_us (bytes / copy bandwidth),
         median_us, p20_us, p80_us, reps, gbps, tflops, fraction_of_floor (floor_us / median_us),
         speedup_vs_eager, speedup_vs_compile (baseline time / this time), compile_s,
-        kernels (optional; kernel providers on a GPU): [{name, calls, us}], each kernel the op launches,
-        with its launches and device time per call, longest first
+        kernels (optional; kernel providers on a GPU): [{name, calls, us, ours}], each kernel the op
+        launches, with its launches and device time per call, longest first; ours: one of the fused
+        op's own kernels (not a copy, fill or PyTorch kernel)
     batches         [batch record]: one per (model, mode, provider)
         model, mode ("train"|"inference"), provider, n, image_size, dtype, layout, status, reason,
-        median_ms, p20_ms, p80_ms, reps, images_per_s, peak_memory_bytes (None on a CPU), compile_s
+        median_ms, p20_ms, p80_ms, reps, images_per_s, peak_memory_bytes (None on a CPU), compile_s,
+        kernel_ms, fused_ms, kernels (training steps on a GPU, else None): device time of one step in
+        all kernels and in the fused op's own, and its longest kernels as in an op record
     ratios          [{resnext, resnet, mode, provider ("best": each model's fastest), resnext_provider,
                       resnet_provider, resnext_ms, resnet_ms, ratio, paper_ratio (None: the paper has none)}]
     interrupted     true when the run was stopped before its end (what had finished is kept)
@@ -69,14 +72,16 @@ OP_FIELDS = {
     "fraction_of_floor": _OPTIONAL_NUMBER, "speedup_vs_eager": _OPTIONAL_NUMBER,
     "speedup_vs_compile": _OPTIONAL_NUMBER, "compile_s": _OPTIONAL_NUMBER,
 }
-# Optional in an op record (results written before it existed lack it): "kernels", a list of these.
-KERNEL_FIELDS = {"name": str, "calls": _NUMBER, "us": _NUMBER}
+# "kernels", a list of these: optional in an op record (results written before it existed lack it),
+# None or a list in a batch record.
+KERNEL_FIELDS = {"name": str, "calls": _NUMBER, "us": _NUMBER, "ours": bool}
 OP_OK_FIELDS = ("median_us", "p20_us", "p80_us", "reps", "gbps", "tflops")
 BATCH_FIELDS = {
     "model": str, "mode": str, "provider": str, "n": int, "image_size": int, "dtype": str, "layout": str,
     "status": str, "reason": _OPTIONAL_STR, "median_ms": _OPTIONAL_NUMBER, "p20_ms": _OPTIONAL_NUMBER,
     "p80_ms": _OPTIONAL_NUMBER, "reps": (int, type(None)), "images_per_s": _OPTIONAL_NUMBER,
-    "peak_memory_bytes": (int, type(None)), "compile_s": _OPTIONAL_NUMBER,
+    "peak_memory_bytes": (int, type(None)), "compile_s": _OPTIONAL_NUMBER, "kernel_ms": _OPTIONAL_NUMBER,
+    "fused_ms": _OPTIONAL_NUMBER,
 }
 BATCH_OK_FIELDS = ("median_ms", "p20_ms", "p80_ms", "reps", "images_per_s")
 RATIO_FIELDS = {"resnext": str, "resnet": str, "mode": str, "provider": str, "resnext_provider": str,
@@ -355,6 +360,45 @@ def render_batches(doc, heading="###"):
                          _fmt(r["resnet_ms"]), _fmt(r["ratio"], 2),
                          _fmt(r["paper_ratio"], 2) if r["paper_ratio"] else "–"])
         out.append(_table(["pair", "mode", "provider", "ResNeXt ms", "ResNet ms", "ratio", "paper"], rows))
+    breakdown = render_step_breakdown(doc, heading)
+    if breakdown:
+        out += ["", breakdown]
+    return "\n".join(out)
+
+
+def _clip(name, length=60):
+    # cuDNN's and CUTLASS's kernel names run to hundreds of characters of template arguments.
+    return name if len(name) <= length else name[:length - 1] + "…"
+
+
+def render_step_breakdown(doc, heading="###"):
+    """Where one training step's GPU time goes, the fused op's kernels apart, and what that bounds."""
+    records = [r for r in doc["batches"] if r["status"] == "ok" and r["mode"] == "train" and r.get("kernel_ms")]
+    if not records:
+        return ""
+    rows = []
+    for r in records:
+        others = [k for k in r["kernels"] if not k["ours"]][:3]
+        rows.append([r["model"], provider_label(r["provider"]), _fmt(r["median_ms"]), _fmt(r["kernel_ms"]),
+                     _fmt(r["fused_ms"]), _fmt(r["fused_ms"] / r["median_ms"], 0, 100, "%"),
+                     "; ".join(f"{_clip(k['name'])} {k['us'] / 1e3:.1f}" for k in others)])
+    out = [f"{heading}# Where a training step's GPU time goes",
+           "",
+           "One step under torch.profiler: device time in all kernels and in the fused op's own (grouped "
+           "conv + BN + ReLU, forward and backward), in ms, beside the median step; a step longer than its "
+           "kernels waited on the host. The longest other kernels are listed with their ms.",
+           "",
+           _table(["model", "provider", "step ms", "kernels ms", "fused-op kernels ms", "of the step",
+                   "longest other kernels"], rows)]
+    steps = {(r["model"], r["provider"]): r for r in records}
+    baseline = steps.get(("resnet50", "eager"))
+    bounds = [f"{provider}: {(r['median_ms'] - r['fused_ms']) / baseline['median_ms']:.2f}"
+              for (model, provider), r in steps.items() if model == "resnext50_32x4d" and provider in
+              ("triton", "cuda") and baseline]
+    if bounds:
+        out += ["", "ResNeXt-50's step less its fused-op kernel time, over ResNet-50's eager step (the ratio the "
+                f"fused op could reach by taking no time at all; the target is <= {_STEP_TARGET}): "
+                + ", ".join(bounds) + "."]
     return "\n".join(out)
 
 
