@@ -378,6 +378,45 @@ def test_training_on_tensors_of_more_than_2_31_elements():
         torch.cuda.empty_cache()
 
 
+@pytest.mark.skipif(DEVICE.type != "cuda" or not KERNEL_IMPLS, reason="needs a GPU: CUDA graphs")
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_training_step_replays_in_a_cuda_graph(impl):
+    # CUDA graphs (torch.compile's "reduce-overhead", hand-made captures) record the ops' launches: no
+    # host sync, no memory outside PyTorch's allocator, every launch on the current stream. A captured
+    # training forward + backward, replayed on new x, matches eager calls bitwise (the kernels are
+    # deterministic), running statistics included.
+    case = make_case(Shape(4, 16, 16, 9, 9, groups=4), dtype=torch.bfloat16, layout="channels_last",
+                     bn_dtype=torch.float32)
+    x = case.x.detach().requires_grad_()
+    params = [t.detach().requires_grad_() for t in (case.weight, case.bn_weight, case.bn_bias)]
+    dz = torch.randn(4, 16, 9, 9, device=DEVICE).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    running = (case.running_mean, case.running_var)
+
+    def step(running_mean, running_var):
+        z = resnext_kernels.grouped_conv_bn_relu(x, *params, running_mean, running_var, groups=4, training=True,
+                                                 impl=impl)
+        return (z, *torch.autograd.grad(z, [x, *params], dz))
+
+    side = torch.cuda.Stream(DEVICE)
+    side.wait_stream(torch.cuda.current_stream(DEVICE))
+    with torch.cuda.stream(side):
+        for _ in range(2):  # compiles and autotunes outside the capture
+            step(*running)
+    torch.cuda.current_stream(DEVICE).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step(*running)
+    for _ in range(2):
+        with torch.no_grad():
+            x.copy_(torch.randn_like(x))
+        expected_running = [t.clone() for t in running]
+        graph.replay()
+        expected = step(*expected_running)
+        for name, got, want in zip(("z", "dx", "dw", "dgamma", "dbeta"), captured, expected):
+            assert torch.equal(got, want), name
+        assert all(map(torch.equal, running, expected_running))
+
+
 def clone_case(case):
     clone = make_case(case.shape)
     for name in ("x", "weight", "bn_weight", "bn_bias", "running_mean", "running_var"):
