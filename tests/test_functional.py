@@ -55,6 +55,7 @@ def test_forward_and_running_stats_match_float64(impl, shape, training):
 def test_layouts_and_output_memory_format(impl, layout, training):
     require(impl, batch_stats=training)
     case = make_case(Shape(2, 16, 16, 5, 6, groups=4), layout=layout)
+    case.weight = layout_as(case.weight, layout)  # model.to(memory_format=...) lays out conv weights too
     expected, _, _ = reference64(case, training)
     z = run(case, impl, training)
     assert_close_to_reference(z, expected, torch.float32)
@@ -125,6 +126,7 @@ def test_eval_normalises_the_conv_output_as_stored(impl, dtype, layout):
 def test_gradients_match_float64(impl, shape, training):
     require(impl, batch_stats=training, grad=True)
     case = make_case(shape, layout="channels_last")
+    case.weight = layout_as(case.weight, "channels_last")  # as in a model converted to channels_last
     leaves = [t.detach().requires_grad_() for t in case.tensors()[:4]]
     case64 = make_case(shape)
     for name, t in zip(("x", "weight", "bn_weight", "bn_bias"), leaves):
