@@ -23,8 +23,9 @@ Schema, version 1 (every time in the unit its name says; GB/s = 1e9 bytes/s):
     batches         [batch record]: one per (model, mode, provider)
         model, mode ("train"|"inference"), provider, n, image_size, dtype, layout, status, reason,
         median_ms, p20_ms, p80_ms, reps, images_per_s, peak_memory_bytes (None on a CPU), compile_s,
-        kernel_ms, fused_ms, kernels (training steps on a GPU, else None): device time of one step in
-        all kernels and in the fused op's own, and its longest kernels as in an op record
+        kernel_ms, fused_ms, kernels (training steps of batch.PROFILED_MODELS on a GPU, else None):
+        device time of one step in all kernels and in the fused op's own, and its longest kernels as in
+        an op record
     ratios          [{resnext, resnet, mode, provider ("best": each model's fastest), resnext_provider,
                       resnet_provider, resnext_ms, resnet_ms, ratio, paper_ratio (None: the paper has none)}]
     interrupted     true when the run was stopped before its end (what had finished is kept)
