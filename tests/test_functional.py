@@ -92,8 +92,9 @@ def test_low_precision_within_pytorchs_own_error(impl, dtype, bn_fp32, training)
 def test_eval_normalises_the_conv_output_as_stored(impl, dtype, layout):
     # Eval normalises y rounded to x's dtype, as the reference's convolution stores it, so the ReLU's
     # kink falls where the reference's does and where backward's mask, taken from the stored y, puts
-    # it. Integer inputs make y exact in any summation order (|y| < 2^16: no fp16 overflow), and
-    # inputs constant over each image make it one value per (image, channel) away from the border.
+    # it. Integer inputs make y exact in any summation order (|y| <= 36 * 255 * 6 < 65504: no fp16
+    # overflow), and inputs constant over each image make it one value per (image, channel) away from
+    # the border.
     # The running mean is image 0's value rounded to dtype and the BN scale 1, so the reference's
     # pre-ReLU value there is exactly 0; normalising the unrounded y instead gives y - round(y).
     require(impl, grad=True)
