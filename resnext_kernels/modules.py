@@ -14,8 +14,21 @@ def _check_impl(impl):
     return impl
 
 
+def _is_frozen_batch_norm(bn):
+    """torchvision's FrozenBatchNorm2d (detection backbones): BatchNorm with fixed statistics and
+    affine. Known by name, so that torchvision stays optional and torch.compile traces no import."""
+    kind = type(bn)
+    return kind.__name__ == "FrozenBatchNorm2d" and kind.__module__ == "torchvision.ops.misc"
+
+
 def conv3x3_is_fusable(conv, bn):
     """Whether ``relu(bn(conv(x)))`` is exactly what grouped_conv_bn_relu computes."""
+    if type(bn) is nn.BatchNorm2d:
+        channels = bn.num_features
+    elif _is_frozen_batch_norm(bn):
+        channels = bn.running_mean.shape[0]
+    else:
+        return False
     return (
         type(conv) is nn.Conv2d
         and conv.kernel_size == (3, 3)
@@ -24,14 +37,18 @@ def conv3x3_is_fusable(conv, bn):
         and conv.stride[0] == conv.stride[1]
         and conv.dilation[0] == conv.dilation[1]
         and conv.padding == conv.dilation
-        and type(bn) is nn.BatchNorm2d
-        and bn.num_features == conv.out_channels
+        and channels == conv.out_channels
     )
 
 
 def fused_conv_bn_relu(conv, bn, x, impl):
     """``relu(bn(conv(x)))`` through grouped_conv_bn_relu, with nn.BatchNorm2d.forward's bookkeeping:
-    num_batches_tracked, momentum=None as a cumulative average, track_running_stats=False."""
+    num_batches_tracked, momentum=None as a cumulative average, track_running_stats=False. A
+    FrozenBatchNorm2d always normalises with its fixed statistics, in training too."""
+    if _is_frozen_batch_norm(bn):
+        return grouped_conv_bn_relu(x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                    stride=conv.stride[0], dilation=conv.dilation[0], groups=conv.groups,
+                                    training=False, eps=bn.eps, impl=impl)
     momentum = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
@@ -57,8 +74,9 @@ def fused_conv_bn_relu(conv, bn, x, impl):
 
 class ResNeXtBlock(nn.Module):
     """torchvision's ``Bottleneck`` (expansion 4, stride on the 3x3 conv) with the same submodule
-    names, so state_dicts are interchangeable. conv2 + bn2 + relu run through grouped_conv_bn_relu;
-    a norm_layer other than nn.BatchNorm2d runs unfused, as in torchvision."""
+    names, so state_dicts are interchangeable. conv2 + bn2 + relu run through grouped_conv_bn_relu
+    with nn.BatchNorm2d or torchvision's FrozenBatchNorm2d; another norm_layer runs unfused, as in
+    torchvision."""
 
     expansion = 4
 

@@ -1,12 +1,14 @@
 """ResNeXtBlock, the models and convert() against torchvision's (and timm's) modules."""
 
 import copy
+import functools
 
 import pytest
 import torch
 import torchvision
 from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 import resnext_kernels
 from conftest import DEVICE, KERNEL_IMPLS, require
@@ -19,8 +21,8 @@ def randomise_bn(module):
     """Non-trivial affine parameters and running stats, so that a swapped buffer would show."""
     with torch.no_grad():
         for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                if m.affine:
+            if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+                if getattr(m, "affine", True):
                     m.weight.uniform_(0.5, 1.5)
                     m.bias.normal_(0, 0.2)
                 if m.running_mean is not None:
@@ -86,6 +88,32 @@ def test_block_with_another_norm_layer_runs_unfused():
     ours.load_state_dict(theirs.state_dict())
     x = torch.randn(2, 64, 5, 5, device=DEVICE)
     assert torch.allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_block_with_frozen_batch_norm_runs_fused(impl, monkeypatch):
+    # Detection backbones (torchvision's with FrozenBatchNorm2d) train with fixed BN statistics and
+    # affine: conv2 + bn2 + relu still fuse, through the eval path, in training mode too.
+    require(impl, grad=True)
+    norm_layer = functools.partial(FrozenBatchNorm2d, eps=1e-3)  # not the default: eps must reach the op
+    theirs = randomise_bn(Bottleneck(64, 16, 1, None, 4, 16, norm_layer=norm_layer)).to(DEVICE)
+    ours = ResNeXtBlock(64, 16, 1, None, 4, 16, norm_layer=norm_layer, impl=impl).to(DEVICE)
+    ours.load_state_dict(theirs.state_dict())
+    fused = resnext_kernels.modules.grouped_conv_bn_relu
+    modes = []
+    monkeypatch.setattr(resnext_kernels.modules, "grouped_conv_bn_relu",
+                        lambda *args, **kwargs: modes.append(kwargs["training"]) or fused(*args, **kwargs))
+    x = torch.randn(2, 64, 7, 5, device=DEVICE, requires_grad=True)
+    x_theirs = x.detach().clone().requires_grad_()
+    out, expected = ours.train()(x), theirs.train()(x_theirs)
+    assert modes == [False]
+    assert torch.allclose(out, expected, rtol=1e-4, atol=1e-4)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    assert torch.allclose(x.grad, x_theirs.grad, rtol=1e-3, atol=1e-3)
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-3, atol=1e-3), name
+    assert_same_state(ours, theirs)
 
 
 def test_block_defaults_are_resnext_32x4d():
