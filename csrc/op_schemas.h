@@ -22,10 +22,11 @@ inline void define_ops(torch::Library& m) {
   // Backward of z = relu(y * scale + shift), y = conv2d(x, weight): (dx, dw, dparams). With mean and
   // var (training; scale, shift from conv_bn_relu_train's stats) dparams = (d bn_weight, d bn_bias);
   // without (folded) dparams = (d scale, d shift). dparams (2, C_out) in the accumulation dtype; dx
-  // (x's memory format) and dw are empty (0,) when not needed. grad_output may have any strides.
+  // (x's memory format), dw and dparams are empty (0,) when not needed (folded, the reductions are
+  // then skipped: dgrad and wgrad do not need them). grad_output may have any strides.
   m.def("conv_bn_relu_backward(Tensor grad_output, Tensor x, Tensor weight, Tensor y, Tensor scale, Tensor shift, "
-        "Tensor? mean, Tensor? var, float eps, int stride, int dilation, int groups, bool need_dx, bool need_dw) "
-        "-> (Tensor, Tensor, Tensor)");
+        "Tensor? mean, Tensor? var, float eps, int stride, int dilation, int groups, bool need_dx, bool need_dw, "
+        "bool need_dparams) -> (Tensor, Tensor, Tensor)");
 }
 
 }  // namespace resnext_kernels

@@ -233,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train(const at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_backward(
     const at::Tensor& dz, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& y, const at::Tensor& scale,
     const at::Tensor& shift, const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& var, double eps,
-    int64_t stride, int64_t dilation, int64_t groups, bool need_dx, bool need_dw) {
+    int64_t stride, int64_t dilation, int64_t groups, bool need_dx, bool need_dw, bool need_dparams) {
   const auto [h_out, w_out] = check_conv(x, weight, stride, dilation, groups);
   const int64_t c_out = weight.size(0);
   const std::vector<int64_t> out_sizes{x.size(0), c_out, h_out, w_out};
@@ -258,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_backward(
   at::Tensor dx = need_dx ? empty_like_format(x, x.sizes()) : at::empty({0}, x.options());
   at::Tensor dw = need_dw ? at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous))
                           : at::empty({0}, weight.options());
-  at::Tensor dparams = at::empty({2, c_out}, x.options().dtype(acc));
+  at::Tensor dparams = need_dparams ? at::empty({2, c_out}, x.options().dtype(acc)) : at::empty({0}, x.options().dtype(acc));
   if (x.size(0) == 0) {
     dx.zero_();
     dw.zero_();
@@ -279,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_backward(
   p.eps = eps;
   p.dx = need_dx ? dx.data_ptr() : nullptr;
   p.dw = need_dw ? dw.data_ptr() : nullptr;
-  p.dparams = dparams.data_ptr();
+  p.dparams = need_dparams ? dparams.data_ptr() : nullptr;
   p.dtype = dtype_of(x);
   p.n = x.size(0);
   p.c_in = x.size(1);

@@ -23,9 +23,9 @@ def register(train_op, folded_op, grouped_conv, backward_op):
         eps, stride, dilation, groups = ctx.args
         need = ctx.needs_input_grad
         dx, dw, dparams = backward_op(dz, x, weight, y, stats[2], stats[3], stats[0], stats[1], eps, stride, dilation,
-                                      groups, need[0], need[1])
-        dgamma, dbeta = (d.to(dtype) if dtype is not None and needed else None
-                         for d, dtype, needed in zip(dparams, ctx.param_dtypes, need[2:4]))
+                                      groups, need[0], need[1], need[2] or need[3])
+        dgamma = dparams[0].to(ctx.param_dtypes[0]) if need[2] else None
+        dbeta = dparams[1].to(ctx.param_dtypes[1]) if need[3] else None
         return dx if need[0] else None, dw if need[1] else None, dgamma, dbeta, None, None, None, None
 
     def folded_setup(ctx, inputs, output):
@@ -40,7 +40,7 @@ def register(train_op, folded_op, grouped_conv, backward_op):
         # The fused inference forward keeps no y: recomputing it costs one read of x and one write of y.
         y = grouped_conv(x, weight, stride, dilation, groups)
         dx, dw, dparams = backward_op(dz, x, weight, y, scale, shift, None, None, 0.0, stride, dilation, groups,
-                                      need[0], need[1])
+                                      need[0], need[1], need[2] or need[3])
         return (dx if need[0] else None, dw if need[1] else None,
                 dparams[0].to(scale.dtype) if need[2] else None, dparams[1].to(shift.dtype) if need[3] else None,
                 None, None, None)

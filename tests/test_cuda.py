@@ -88,7 +88,7 @@ def test_opcheck_training_ops(dtype):
         z, y, stats = ops().conv_bn_relu_train(x, case.weight, gamma, beta, 1e-5, 2, 1, 4)
         dz = torch.randn_like(z)[..., ::1]
         for mean_var in ((stats[0], stats[1]), (None, None)):
-            for need in ((True, True), (True, False), (False, True)):
+            for need in ((True, True, True), (True, False, True), (False, True, False), (True, True, False)):
                 torch.library.opcheck(ops().conv_bn_relu_backward.default,
                                       (dz, x, case.weight, y, stats[2], stats[3], *mean_var, 1e-5, 2, 1, 4, *need))
 
@@ -379,11 +379,11 @@ def test_every_kernel_stays_in_bounds_and_aligned_under_the_sanitizers():
         "            z, y, stats = ops.conv_bn_relu_train(x, w, gamma, beta, 1e-5, stride, 1, 8)\n"
         "            dz = shifted(torch.randn_like(z), offset)\n"
         "            ops.conv_bn_relu_backward(dz, x, w, y, stats[2], stats[3], stats[0], stats[1], 1e-5, stride, 1, 8,\n"
-        "                                      True, True)\n"
+        "                                      True, True, True)\n"
         "            ops.conv_bn_relu_folded(x, w, stats[2], stats[3], stride, 1, 8)\n"
         "            y = shifted(ops.grouped_conv(x, w, stride, 1, 8), offset)\n"
         "            ops.conv_bn_relu_backward(dz, x, w, y, stats[2], stats[3], None, None, 1e-5, stride, 1, 8,\n"
-        "                                      True, True)\n"
+        "                                      True, True, False)\n"
         "print('every kernel ran', flush=True)\n"
     )
     assert "every kernel ran" in output and "runtime error" not in output and "Sanitizer" not in output, output[-3000:]

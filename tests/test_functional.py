@@ -149,6 +149,27 @@ def test_gradients_match_float64(impl, shape, training):
         assert_close_to_reference(leaf.grad, leaf64.grad, torch.float32, what=f"grad of {name}")
 
 
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradients_without_bn_parameter_gradients(impl, training):
+    # Frozen BN affine (FrozenBatchNorm2d's buffers, or requires_grad=False): the backward then skips
+    # the BN parameters' reductions where dy does not need them (eval); dx and dw must not change.
+    require(impl, batch_stats=training, grad=True)
+    case = make_case(Shape(2, 16, 16, 7, 6, groups=4), dtype=torch.bfloat16, layout="channels_last",
+                     bn_dtype=torch.float32)
+    grads = []
+    for affine_grad in (True, False):
+        x, weight = (t.detach().requires_grad_() for t in (case.x, case.weight))
+        gamma, beta = (t.detach().requires_grad_(affine_grad) for t in (case.bn_weight, case.bn_bias))
+        z = resnext_kernels.grouped_conv_bn_relu(x, weight, gamma, beta, case.running_mean.clone(),
+                                                 case.running_var.clone(), groups=4, training=training, impl=impl)
+        z.backward(torch.randn(z.shape, generator=torch.Generator(device=DEVICE).manual_seed(0), device=DEVICE
+                               ).to(z.dtype))
+        grads.append((x.grad, weight.grad))
+        assert (gamma.grad is not None) == affine_grad
+    assert all(map(torch.equal, *grads))
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])

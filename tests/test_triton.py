@@ -274,8 +274,9 @@ def test_custom_ops_pass_opcheck():
     _, _, stats = ops.conv_bn_relu_train(case.x, case.weight, case.bn_weight, case.bn_bias, 1e-5, 2, 1, 4)
     dz = grad_like(y, "strided")
     for mean, var in ((stats[0], stats[1]), (None, None)):
-        torch.library.opcheck(ops.conv_bn_relu_backward,
-                              (dz, case.x, case.weight, y, stats[2], stats[3], mean, var, 1e-5, 2, 1, 4, True, True))
+        for need_dparams in (True, False):
+            torch.library.opcheck(ops.conv_bn_relu_backward, (dz, case.x, case.weight, y, stats[2], stats[3], mean, var,
+                                                              1e-5, 2, 1, 4, True, True, need_dparams))
 
 
 @pytest.mark.parametrize("backend", ["aot_eager"])

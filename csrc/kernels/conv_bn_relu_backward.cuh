@@ -3,7 +3,8 @@
 //
 //  1. reduce_partials (reduce_partials_vector for dense channels-last 16-bit y and dz): per (pixel
 //     block, channel) sums of g and g * (y - center), g = dz * 1[z > 0] (z > 0 tested as
-//     y * scale + shift > 0, the same expression the forward's pass 2 rounds from);
+//     y * scale + shift > 0, the same expression the forward's pass 2 rounds from); skipped when
+//     folded and no dparams are wanted (frozen BatchNorm);
 //  2. finalize: sums the partials in a fixed order into dparams and per-channel coefficients with
 //     dy = scale * g + B * (y - center) + C (training: center = mean, B = -scale * rstd * mean(g xhat),
 //     C = -scale * mean(g); folded: B = C = center = 0);
@@ -265,7 +266,7 @@ __global__ void __launch_bounds__(kThreads) finalize(const P p, int64_t blocks) 
   if (lane != 0 || c >= p.c_out) return;
   for (int l = 1; l < kFinalLanes; ++l) sum_g += shared[0][l][c_local], sum_gy += shared[1][l][c_local];
   const Acc scale = static_cast<const Acc*>(p.scale)[c];
-  Acc* dparams = static_cast<Acc*>(p.dparams);
+  Acc* dparams = static_cast<Acc*>(p.dparams);  // null: only the coefficients are wanted
   Acc* coef = ws.coef;
   coef[kScale * p.c_out + c] = scale;
   coef[kShift * p.c_out + c] = static_cast<const Acc*>(p.shift)[c];
@@ -273,14 +274,12 @@ __global__ void __launch_bounds__(kThreads) finalize(const P p, int64_t blocks) 
     const Acc rstd = Acc(1) / sqrt(static_cast<const Acc*>(p.var)[c] + Acc(p.eps));
     const Acc count = Acc(pixels(p));
     const Acc sum_gxhat = sum_gy * rstd;
-    dparams[c] = sum_gxhat;
-    dparams[p.c_out + c] = sum_g;
+    if (dparams != nullptr) dparams[c] = sum_gxhat, dparams[p.c_out + c] = sum_g;
     coef[kB * p.c_out + c] = -scale * rstd * (sum_gxhat / count);
     coef[kC * p.c_out + c] = -scale * (sum_g / count);
     coef[kCenter * p.c_out + c] = static_cast<const Acc*>(p.mean)[c];
   } else {
-    dparams[c] = sum_gy;
-    dparams[p.c_out + c] = sum_g;
+    if (dparams != nullptr) dparams[c] = sum_gy, dparams[p.c_out + c] = sum_g;
     coef[kB * p.c_out + c] = Acc(0);
     coef[kC * p.c_out + c] = Acc(0);
     coef[kCenter * p.c_out + c] = Acc(0);
@@ -1055,22 +1054,25 @@ const char* launch(const P& p, void* stream) {
       !grid_fits(1, ceil_div(p.c_in, kChannels)))
     return kGridTooLarge;
   const unsigned channel_tiles = unsigned(ceil_div(p.c_out, kChannels));
-  const int64_t blocks = reduce_blocks(p);
-  bool reduced_by_vectors = false;
-  if constexpr (sizeof(T) == 2) {
-    if (dense_channels_last_vectors(p)) {
-      auto reduce_kernel = reduce_partials_vector<T>;
-      RK_LAUNCH(reduce_kernel, dim3(unsigned(blocks), channel_tiles), dim3(kThreads), 0, s, p,
-                reduce_pixels_per_block(p));
-      reduced_by_vectors = true;
+  // Folded, dy = scale * g needs no sums: without dparams wanted, finalize only writes the coefficients.
+  const int64_t blocks = p.mean != nullptr || p.dparams != nullptr ? reduce_blocks(p) : 0;
+  if (blocks > 0) {
+    bool reduced_by_vectors = false;
+    if constexpr (sizeof(T) == 2) {
+      if (dense_channels_last_vectors(p)) {
+        auto reduce_kernel = reduce_partials_vector<T>;
+        RK_LAUNCH(reduce_kernel, dim3(unsigned(blocks), channel_tiles), dim3(kThreads), 0, s, p,
+                  reduce_pixels_per_block(p));
+        reduced_by_vectors = true;
+      }
     }
+    if (!reduced_by_vectors) {
+      auto reduce_kernel = reduce_partials<T>;
+      RK_LAUNCH(reduce_kernel, dim3(unsigned(blocks), channel_tiles), dim3(kThreads), 0, s, p,
+                reduce_pixels_per_block(p), p.y_stride[1] == 1);
+    }
+    if (const char* error = RK_LAUNCH_ERROR()) return error;
   }
-  if (!reduced_by_vectors) {
-    auto reduce_kernel = reduce_partials<T>;
-    RK_LAUNCH(reduce_kernel, dim3(unsigned(blocks), channel_tiles), dim3(kThreads), 0, s, p,
-              reduce_pixels_per_block(p), p.y_stride[1] == 1);
-  }
-  if (const char* error = RK_LAUNCH_ERROR()) return error;
   auto finalize_kernel = finalize<Acc>;
   RK_LAUNCH(finalize_kernel, dim3(unsigned(ceil_div(p.c_out, kFinalChannels))), dim3(kThreads), 0, s, p, blocks);
   if (const char* error = RK_LAUNCH_ERROR()) return error;

@@ -77,7 +77,7 @@ struct ConvBnReluBackwardParams {
   double eps;
   void* dx;            // null: not wanted
   void* dw;            // null: not wanted; (c_out, c_in / groups, 3, 3), contiguous, weight's dtype
-  void* dparams;       // out: [2][c_out], accumulation type
+  void* dparams;       // out: [2][c_out], accumulation type; null: not wanted (folded: no reductions)
   void* workspace;     // backward_workspace_elements(...) elements of the accumulation type
   DType dtype;
   int64_t n, c_in, h, w;

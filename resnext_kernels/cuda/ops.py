@@ -50,10 +50,12 @@ def register_namespace(namespace):
         return
 
     @torch.library.register_fake(f"{namespace}::conv_bn_relu_backward")
-    def _(grad_output, x, weight, y, scale, shift, mean, var, eps, stride, dilation, groups, need_dx, need_dw):
+    def _(grad_output, x, weight, y, scale, shift, mean, var, eps, stride, dilation, groups, need_dx, need_dw,
+          need_dparams):
         dx = torch.empty_like(x, memory_format=output_memory_format(x)) if need_dx else x.new_empty((0,))
         dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else weight.new_empty((0,))
-        return dx, dw, torch.empty((2, weight.shape[0]), dtype=accumulate_dtype(x), device=x.device)
+        dparams_shape = (2, weight.shape[0]) if need_dparams else (0,)
+        return dx, dw, torch.empty(dparams_shape, dtype=accumulate_dtype(x), device=x.device)
 
     register_autograd(ops.conv_bn_relu_train.default, ops.conv_bn_relu_folded.default, ops.grouped_conv.default,
                       ops.conv_bn_relu_backward.default)

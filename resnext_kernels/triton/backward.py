@@ -344,24 +344,26 @@ def _sum_splits_kernel(part_ptr, out_ptr, NUMEL, SPLITS, ACC: tl.constexpr, BLOC
     tl.store(out_ptr + offs, config.cast(total, out_ptr.dtype.element_ty), mask=ok)
 
 
-def gradient_buffers(x, weight, need_dx, need_dw):
+def gradient_buffers(x, weight, need_dx, need_dw, need_dparams):
     """Uninitialised (dx, dw, dparams) as backward() returns them."""
     if need_dx:
         dx = torch.empty_like(x, memory_format=output_memory_format(x))
     else:
         dx = torch.empty(0, dtype=x.dtype, device=x.device)
     dw = torch.empty(weight.shape if need_dw else (0,), dtype=weight.dtype, device=weight.device)
-    dparams = torch.empty((2, weight.shape[0]), dtype=config.acc_dtype(x.dtype), device=x.device)
+    dparams = torch.empty((2, weight.shape[0]) if need_dparams else (0,), dtype=config.acc_dtype(x.dtype),
+                          device=x.device)
     return dx, dw, dparams
 
 
-def backward(dz, x, weight, y, scale, shift, mean, var, eps, stride, dilation, groups, need_dx, need_dw):
+def backward(dz, x, weight, y, scale, shift, mean, var, eps, stride, dilation, groups, need_dx, need_dw,
+             need_dparams):
     """Gradients of relu(bn(conv(x))) given dz: ``(dx, dw, dparams)``.
 
     ``mean``/``var`` given: training BatchNorm with batch statistics, dparams rows (dgamma, dbeta);
     None: BN folded into (scale, shift), dparams rows (dscale, dshift). dparams is in the accumulation
-    dtype; dx (x's dtype and memory format) and dw (weight's dtype, contiguous) are empty tensors when not
-    needed.
+    dtype; dx (x's dtype and memory format), dw (weight's dtype, contiguous) and dparams are empty tensors
+    when not needed (folded, the reductions are then skipped: dy = scale * g needs none).
     """
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
@@ -379,16 +381,18 @@ def backward(dz, x, weight, y, scale, shift, mean, var, eps, stride, dilation, g
     coef = torch.empty((2, c_out), dtype=acc, device=x.device)
     mean = mean if train else scale  # a placeholder pointer, never read, when not training
     per_channel = (scale, shift, mean, coef)
-    dx, dw, dparams = gradient_buffers(x, weight, need_dx, need_dw)
+    dx, dw, dparams = gradient_buffers(x, weight, need_dx, need_dw, need_dparams)
     with device_guard(x):
-        _reduce_kernel[(rows, c_blocks)](
-            dz, y, scale, shift, mean, part, m, ho, wo, c_out, tiles_per_program, rows, *dz.stride(), *y.stride(),
-            TRAIN=train, ACC=tl_acc, BLOCK_M=_REDUCE_BLOCK_M, BLOCK_C=_REDUCE_BLOCK_C,
-        )
-        _finalize_kernel[(c_blocks,)](
-            part, scale, var if train else scale, coef, dparams, m, c_out, rows, eps,
-            TRAIN=train, ACC=tl_acc, BLOCK_T=_FINALIZE_BLOCK_T, BLOCK_C=_REDUCE_BLOCK_C,
-        )
+        if train or need_dparams:
+            sums = dparams if need_dparams else torch.empty((2, c_out), dtype=acc, device=x.device)
+            _reduce_kernel[(rows, c_blocks)](
+                dz, y, scale, shift, mean, part, m, ho, wo, c_out, tiles_per_program, rows, *dz.stride(),
+                *y.stride(), TRAIN=train, ACC=tl_acc, BLOCK_M=_REDUCE_BLOCK_M, BLOCK_C=_REDUCE_BLOCK_C,
+            )
+            _finalize_kernel[(c_blocks,)](
+                part, scale, var if train else scale, coef, sums, m, c_out, rows, eps,
+                TRAIN=train, ACC=tl_acc, BLOCK_T=_FINALIZE_BLOCK_T, BLOCK_C=_REDUCE_BLOCK_C,
+            )
         if need_dx:
             block_n, block_k = config.gemm_channel_tiles(c_in // groups, c_out // groups, groups)
             k_align, even_k = config.k_range_layout(c_in // groups, c_out // groups, c_in, block_n, block_k)

@@ -60,16 +60,16 @@ def _(x, weight, stride, dilation, groups):
 def conv_bn_relu_backward(
     dz: Tensor, x: Tensor, weight: Tensor, y: Tensor, scale: Tensor, shift: Tensor,
     mean: Optional[Tensor], var: Optional[Tensor], eps: float, stride: int, dilation: int, groups: int,
-    need_dx: bool, need_dw: bool,
+    need_dx: bool, need_dw: bool, need_dparams: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dw, dparams)`` of relu(bn(conv(x))); see backward.backward."""
     return _backward.backward(dz, x, weight, y, scale, shift, mean, var, eps, stride, dilation, groups,
-                              need_dx, need_dw)
+                              need_dx, need_dw, need_dparams)
 
 
 @conv_bn_relu_backward.register_fake
-def _(dz, x, weight, y, scale, shift, mean, var, eps, stride, dilation, groups, need_dx, need_dw):
-    return _backward.gradient_buffers(x, weight, need_dx, need_dw)
+def _(dz, x, weight, y, scale, shift, mean, var, eps, stride, dilation, groups, need_dx, need_dw, need_dparams):
+    return _backward.gradient_buffers(x, weight, need_dx, need_dw, need_dparams)
 
 
 register_autograd(conv_bn_relu_train, conv_scale_shift_relu, grouped_conv, conv_bn_relu_backward)
