@@ -1,8 +1,10 @@
 """A small run of every CUDA kernel, for compute-sanitizer (memcheck, racecheck) in gpu_check.sh:
 inference, training forward and backward (NCHW and channels-last gradients: the scalar and 16-byte
 dy paths), every dtype, small and large groups, several channel chunks per tile (the tensor-core
-kernels' cp.async copies of the next chunk), stride 2 (8x8 dgrad tiles, one pixel phase per warp); and one ResNeXt stage-1 sized bf16 case,
-large enough that a tensor-core block computes several tiles with its weights staged once."""
+kernels' cp.async copies of the next chunk), stride 2 (8x8 dgrad tiles, one pixel phase per warp); the
+standalone BatchNorm + ReLU with and without a residual (scalar and 16-byte paths); and one ResNeXt
+stage-1 sized bf16 case, large enough that a tensor-core block computes several tiles with its weights
+staged once."""
 
 import torch
 
@@ -22,6 +24,20 @@ def run(n, c, h, w, groups, stride, dtype, training, device):
         assert all(g is not None for g in grads)
 
 
+def run_batch_norm_relu(n, c, h, w, dtype, training, device):
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(n, c, h, w, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+        residual = torch.randn_like(x)
+        gamma, beta = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)
+        mean, var = torch.randn(c, device=device), torch.rand(c, device=device) + 0.5
+        leaves = [t.requires_grad_() for t in (x, residual, gamma, beta)]
+        for r in (None, residual):
+            z = resnext_kernels.batch_norm_relu(x, gamma, beta, mean, var, r, training=training, impl="cuda")
+            grads = torch.autograd.grad(z, [t for t in leaves if t is not residual or r is not None],
+                                        torch.randn_like(z))
+            assert all(g is not None for g in grads)
+
+
 def main(device="cuda", large=True):
     """``device="cpu", large=False``: the same run through the host test build (tests/test_cuda.py)."""
     torch.manual_seed(0)
@@ -29,8 +45,11 @@ def main(device="cuda", large=True):
         for shape in ((2, 64, 9, 7, 16, 1), (1, 128, 9, 9, 32, 2), (2, 32, 5, 5, 1, 1), (1, 96, 6, 5, 1, 1)):
             for training in (False, True):
                 run(*shape, dtype, training, device)
+        for training in (False, True):
+            run_batch_norm_relu(2, 40, 5, 7, dtype, training, device)
     if large:
         run(32, 128, 56, 56, 32, 1, torch.bfloat16, True, device)
+        run_batch_norm_relu(32, 128, 56, 56, torch.bfloat16, True, device)  # statistics merged in slabs
     if device == "cuda":
         torch.cuda.synchronize()
     print("sanitizer case done")

@@ -27,6 +27,16 @@ inline void define_ops(torch::Library& m) {
   m.def("conv_bn_relu_backward(Tensor grad_output, Tensor x, Tensor weight, Tensor y, Tensor scale, Tensor shift, "
         "Tensor? mean, Tensor? var, float eps, int stride, int dilation, int groups, bool need_dx, bool need_dw, "
         "bool need_dparams) -> (Tensor, Tensor, Tensor)");
+  // The standalone BatchNorm + ReLU, z = relu(batch_norm(x) [+ residual]), z in x's memory format.
+  // Training: (z, stats) with stats as conv_bn_relu_train's.
+  m.def("batch_norm_relu_train(Tensor x, Tensor? residual, Tensor? bn_weight, Tensor? bn_bias, float eps) "
+        "-> (Tensor, Tensor)");
+  // Inference: relu(x * scale + shift [+ residual]).
+  m.def("batch_norm_relu_folded(Tensor x, Tensor? residual, Tensor scale, Tensor shift) -> Tensor");
+  // Backward: (dx, dparams) as conv_bn_relu_backward's. relu_mask: grad_output is z's gradient (no
+  // residual; the mask is x * scale + shift > 0); otherwise it is already masked (g = dz * 1[z > 0]).
+  m.def("batch_norm_relu_backward(Tensor grad_output, Tensor x, Tensor scale, Tensor shift, Tensor? mean, "
+        "Tensor? var, float eps, bool relu_mask, bool need_dx, bool need_dparams) -> (Tensor, Tensor)");
 }
 
 }  // namespace resnext_kernels

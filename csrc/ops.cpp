@@ -186,48 +186,113 @@ at::Tensor grouped_conv(const at::Tensor& x, const at::Tensor& weight, int64_t s
   return conv_pass1(x, weight, stride, dilation, groups, nullptr);
 }
 
+// gamma and beta in the accumulation type, checked; undefined where absent.
+std::pair<at::Tensor, at::Tensor> batch_norm_affine(const std::optional<at::Tensor>& bn_weight,
+                                                    const std::optional<at::Tensor>& bn_bias, const at::Tensor& x,
+                                                    int64_t channels) {
+  at::Tensor gamma, beta;
+  if (bn_weight.has_value()) {
+    check_per_channel(*bn_weight, "bn_weight", x, channels, false);
+    gamma = bn_weight->to(acc_type_of(x)).contiguous();
+  }
+  if (bn_bias.has_value()) {
+    check_per_channel(*bn_bias, "bn_bias", x, channels, false);
+    beta = bn_bias->to(acc_type_of(x)).contiguous();
+  }
+  return {gamma, beta};
+}
+
+// Params of the normalisation: z from y (and the residual), all dense in z's memory format.
+BatchNormReluParams normalize_params(const at::Tensor& y, const at::Tensor& residual, const at::Tensor& z) {
+  BatchNormReluParams p{};
+  p.y = y.data_ptr();
+  p.residual = residual.defined() ? residual.data_ptr() : nullptr;
+  p.z = z.data_ptr();
+  p.dtype = dtype_of(y);
+  p.numel = z.numel();
+  p.c = z.size(1);
+  p.hw = z.size(2) * z.size(3);
+  p.channels_last = is_channels_last(z);
+  return p;
+}
+
+// Training pass 2: merges pass 1's partial statistics of y into the statistics it returns (rows
+// mean, biased var, scale, shift), then z = relu(y * scale + shift [+ residual]).
+at::Tensor merge_and_normalize(const at::Tensor& y, const at::Tensor& residual, const at::Tensor& z,
+                               const at::Tensor& partials, const std::pair<at::Tensor, at::Tensor>& affine,
+                               double eps) {
+  at::Tensor stats = at::empty({4, z.size(1)}, y.options().dtype(acc_type_of(y)));
+  BatchNormReluParams p = normalize_params(y, residual, z);
+  p.partials = partials.data_ptr();
+  p.blocks = partials.size(1);
+  p.gamma = affine.first.defined() ? affine.first.data_ptr() : nullptr;
+  p.beta = affine.second.defined() ? affine.second.data_ptr() : nullptr;
+  p.eps = eps;
+  p.stats = stats.data_ptr();
+  const int64_t slabs = batch_norm_train_slabs(p.blocks);
+  at::Tensor merged = slabs > 0 ? at::empty({3, slabs, z.size(1)}, stats.options()) : at::Tensor();
+  p.slabs = slabs > 0 ? merged.data_ptr() : nullptr;
+  check_launch(launch_batch_norm_train(p, stream_of(y)), "batch norm");
+  return stats;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train(const at::Tensor& x, const at::Tensor& weight,
                                                                   const std::optional<at::Tensor>& bn_weight,
                                                                   const std::optional<at::Tensor>& bn_bias, double eps,
                                                                   int64_t stride, int64_t dilation, int64_t groups) {
   check_conv(x, weight, stride, dilation, groups);
-  const int64_t c_out = weight.size(0);
-  const auto acc = acc_type_of(x);
-  at::Tensor gamma, beta;
-  if (bn_weight.has_value()) {
-    check_per_channel(*bn_weight, "bn_weight", x, c_out, false);
-    gamma = bn_weight->to(acc).contiguous();
-  }
-  if (bn_bias.has_value()) {
-    check_per_channel(*bn_bias, "bn_bias", x, c_out, false);
-    beta = bn_bias->to(acc).contiguous();
-  }
+  const auto affine = batch_norm_affine(bn_weight, bn_bias, x, weight.size(0));
   const DeviceScope scope(x);
   at::Tensor partials;
   at::Tensor y = conv_pass1(x, weight, stride, dilation, groups, &partials);
-  at::Tensor z = at::empty_like(y);
-  at::Tensor stats = at::empty({4, c_out}, x.options().dtype(acc));
   TORCH_CHECK(y.numel() > 0, "resnext_kernels: batch statistics need a non-empty batch, got x of shape ", x.sizes());
-  BatchNormTrainParams p{};
-  p.partials = partials.data_ptr();
-  p.blocks = partials.size(1);
-  p.gamma = gamma.defined() ? gamma.data_ptr() : nullptr;
-  p.beta = beta.defined() ? beta.data_ptr() : nullptr;
-  p.eps = eps;
-  p.stats = stats.data_ptr();
-  p.y = y.data_ptr();
-  p.z = z.data_ptr();
-  p.dtype = dtype_of(x);
-  p.numel = y.numel();
-  p.c = c_out;
-  p.hw = y.size(2) * y.size(3);
-  p.channels_last = is_channels_last(y);
-  const int64_t slabs = batch_norm_train_slabs(p.blocks);
-  at::Tensor merged = slabs > 0 ? at::empty({3, slabs, c_out}, stats.options()) : at::Tensor();
-  p.slabs = slabs > 0 ? merged.data_ptr() : nullptr;
-  const char* error = launch_batch_norm_train(p, stream_of(x));
-  check_launch(error, "batch norm");
+  at::Tensor z = at::empty_like(y);
+  at::Tensor stats = merge_and_normalize(y, at::Tensor(), z, partials, affine, eps);
   return {z, y, stats};
+}
+
+// The per-channel inputs of a BatchNorm + ReLU backward, checked, contiguous.
+struct BackwardPerChannel {
+  at::Tensor scale, shift, mean, var;  // mean and var undefined when folded
+};
+
+BackwardPerChannel backward_per_channel(const at::Tensor& scale, const at::Tensor& shift,
+                                        const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& var,
+                                        const at::Tensor& x, int64_t channels) {
+  check_per_channel(scale, "scale", x, channels, true);
+  check_per_channel(shift, "shift", x, channels, true);
+  TORCH_CHECK(mean.has_value() == var.has_value(), "resnext_kernels: mean and var must both be given or both be None");
+  BackwardPerChannel pc{scale.contiguous(), shift.contiguous(), at::Tensor(), at::Tensor()};
+  if (mean.has_value()) {
+    check_per_channel(*mean, "mean", x, channels, true);
+    check_per_channel(*var, "var", x, channels, true);
+    pc.mean = mean->contiguous();
+    pc.var = var->contiguous();
+  }
+  return pc;
+}
+
+// The BatchNorm part of the backward params: y (the BatchNorm's input), dz, the per-channel tensors
+// and dparams (null when not wanted).
+void set_batch_norm_backward(ConvBnReluBackwardParams& p, const at::Tensor& y, const at::Tensor& dz,
+                             const BackwardPerChannel& pc, double eps, at::Tensor& dparams, bool need_dparams) {
+  p.y = y.data_ptr();
+  p.dz = dz.data_ptr();
+  p.scale = pc.scale.data_ptr();
+  p.shift = pc.shift.data_ptr();
+  p.mean = pc.mean.defined() ? pc.mean.data_ptr() : nullptr;
+  p.var = pc.var.defined() ? pc.var.data_ptr() : nullptr;
+  p.eps = eps;
+  p.dparams = need_dparams ? dparams.data_ptr() : nullptr;
+  p.dtype = dtype_of(y);
+  p.n = y.size(0);
+  p.c_out = y.size(1);
+  p.h_out = y.size(2);
+  p.w_out = y.size(3);
+  for (int i = 0; i < 4; ++i) {
+    p.y_stride[i] = y.stride(i);
+    p.dz_stride[i] = dz.stride(i);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_backward(
@@ -244,16 +309,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_backward(
                 t->scalar_type());
     check_device(*t, name, x);
   }
-  check_per_channel(scale, "scale", x, c_out, true);
-  check_per_channel(shift, "shift", x, c_out, true);
-  TORCH_CHECK(mean.has_value() == var.has_value(), "resnext_kernels: mean and var must both be given or both be None");
-  at::Tensor mean_c, var_c;
-  if (mean.has_value()) {
-    check_per_channel(*mean, "mean", x, c_out, true);
-    check_per_channel(*var, "var", x, c_out, true);
-    mean_c = mean->contiguous();
-    var_c = var->contiguous();
-  }
+  const BackwardPerChannel per_channel = backward_per_channel(scale, shift, mean, var, x, c_out);
   const auto acc = acc_type_of(x);
   at::Tensor dx = need_dx ? empty_like_format(x, x.sizes()) : at::empty({0}, x.options());
   at::Tensor dw = need_dw ? at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous))
@@ -266,32 +322,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_backward(
     return {dx, dw, dparams};
   }
   const DeviceScope scope(x);
-  const at::Tensor weight_c = weight.contiguous(), scale_c = scale.contiguous(), shift_c = shift.contiguous();
+  const at::Tensor weight_c = weight.contiguous();
   ConvBnReluBackwardParams p{};
+  set_batch_norm_backward(p, y, dz, per_channel, eps, dparams, need_dparams);
   p.x = x.data_ptr();
   p.weight = weight_c.data_ptr();
-  p.y = y.data_ptr();
-  p.dz = dz.data_ptr();
-  p.scale = scale_c.data_ptr();
-  p.shift = shift_c.data_ptr();
-  p.mean = mean_c.defined() ? mean_c.data_ptr() : nullptr;
-  p.var = var_c.defined() ? var_c.data_ptr() : nullptr;
-  p.eps = eps;
   p.dx = need_dx ? dx.data_ptr() : nullptr;
   p.dw = need_dw ? dw.data_ptr() : nullptr;
-  p.dparams = need_dparams ? dparams.data_ptr() : nullptr;
-  p.dtype = dtype_of(x);
-  p.n = x.size(0);
   p.c_in = x.size(1);
   p.h = x.size(2);
   p.w = x.size(3);
-  p.c_out = c_out;
-  p.h_out = h_out;
-  p.w_out = w_out;
   for (int i = 0; i < 4; ++i) {
     p.x_stride[i] = x.stride(i);
-    p.y_stride[i] = y.stride(i);
-    p.dz_stride[i] = dz.stride(i);
     p.dx_stride[i] = need_dx ? dx.stride(i) : 0;
   }
   p.stride = int(stride);
@@ -305,9 +347,100 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_backward(
   return {dx, dw, dparams};
 }
 
+// The standalone BatchNorm + ReLU: x and the residual dense in z's memory format.
+at::Tensor dense_like_output(const at::Tensor& t, const at::Tensor& x) {
+  return t.contiguous(is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+}
+
+// x, and `other` (the residual or grad_output) of x's shape, dtype and device.
+void check_batch_norm_input(const at::Tensor& x, const std::optional<at::Tensor>& other, const char* name) {
+  TORCH_CHECK(x.dim() == 4, "resnext_kernels: x must be 4-D (N, C, H, W), got ", x.sizes());
+  dtype_of(x);
+  // As check_conv: the reductions index one image's pixels in 32 bits.
+  TORCH_CHECK(x.size(2) * x.size(3) < (int64_t(1) << 31), "resnext_kernels: images of more than 2^31 - 1 pixels ",
+              "(H x W) are not supported, got ", x.sizes());
+  if (other.has_value()) {
+    TORCH_CHECK(other->sizes() == x.sizes(), "resnext_kernels: ", name, " must have x's shape ", x.sizes(), ", got ",
+                other->sizes());
+    TORCH_CHECK(other->scalar_type() == x.scalar_type(), "resnext_kernels: ", name, " must be ", x.scalar_type(),
+                ", got ", other->scalar_type());
+    check_device(*other, name, x);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_relu_train(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                                         const std::optional<at::Tensor>& bn_weight,
+                                                         const std::optional<at::Tensor>& bn_bias, double eps) {
+  check_batch_norm_input(x, residual, "residual");
+  const int64_t c = x.size(1);
+  const auto affine = batch_norm_affine(bn_weight, bn_bias, x, c);
+  TORCH_CHECK(x.numel() > 0, "resnext_kernels: batch statistics need a non-empty batch, got x of shape ", x.sizes());
+  const DeviceScope scope(x);
+  const at::Tensor x_c = dense_like_output(x, x);
+  const at::Tensor residual_c = residual.has_value() ? dense_like_output(*residual, x) : at::Tensor();
+  at::Tensor z = at::empty_like(x_c);
+  BatchNormStatsParams stats_params{};
+  stats_params.x = x_c.data_ptr();
+  stats_params.dtype = dtype_of(x);
+  stats_params.n = x.size(0);
+  stats_params.c = c;
+  stats_params.hw = x.size(2) * x.size(3);
+  stats_params.channels_last = is_channels_last(x_c);
+  at::Tensor partials = at::empty({3, batch_norm_stats_blocks(stats_params), c}, x.options().dtype(acc_type_of(x)));
+  stats_params.partials = partials.data_ptr();
+  check_launch(launch_batch_norm_stats(stats_params, stream_of(x)), "batch norm statistics");
+  at::Tensor stats = merge_and_normalize(x_c, residual_c, z, partials, affine, eps);
+  return {z, stats};
+}
+
+at::Tensor batch_norm_relu_folded(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                  const at::Tensor& scale, const at::Tensor& shift) {
+  check_batch_norm_input(x, residual, "residual");
+  check_per_channel(scale, "scale", x, x.size(1), true);
+  check_per_channel(shift, "shift", x, x.size(1), true);
+  const DeviceScope scope(x);
+  const at::Tensor x_c = dense_like_output(x, x);
+  at::Tensor z = at::empty_like(x_c);
+  if (z.numel() == 0) return z;
+  const at::Tensor residual_c = residual.has_value() ? dense_like_output(*residual, x) : at::Tensor();
+  const at::Tensor scale_c = scale.contiguous(), shift_c = shift.contiguous();
+  const BatchNormReluParams p = normalize_params(x_c, residual_c, z);
+  check_launch(launch_normalize_relu(p, scale_c.data_ptr(), shift_c.data_ptr(), stream_of(x)), "batch norm");
+  return z;
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_relu_backward(const at::Tensor& dz, const at::Tensor& x,
+                                                            const at::Tensor& scale, const at::Tensor& shift,
+                                                            const std::optional<at::Tensor>& mean,
+                                                            const std::optional<at::Tensor>& var, double eps,
+                                                            bool relu_mask, bool need_dx, bool need_dparams) {
+  check_batch_norm_input(x, dz, "grad_output");
+  const int64_t c = x.size(1);
+  const BackwardPerChannel per_channel = backward_per_channel(scale, shift, mean, var, x, c);
+  const auto acc = acc_type_of(x);
+  at::Tensor dx = need_dx ? empty_like_format(x, x.sizes()) : at::empty({0}, x.options());
+  at::Tensor dparams = need_dparams ? at::empty({2, c}, x.options().dtype(acc)) : at::empty({0}, x.options().dtype(acc));
+  if (x.numel() == 0) {
+    dparams.zero_();
+    return {dx, dparams};
+  }
+  const DeviceScope scope(x);
+  ConvBnReluBackwardParams p{};
+  set_batch_norm_backward(p, x, dz, per_channel, eps, dparams, need_dparams);
+  p.dx = need_dx ? dx.data_ptr() : nullptr;
+  for (int i = 0; i < 4; ++i) p.dx_stride[i] = need_dx ? dx.stride(i) : 0;
+  at::Tensor workspace = at::empty({batch_norm_relu_backward_workspace_elements(p)}, x.options().dtype(acc));
+  p.workspace = workspace.data_ptr();
+  check_launch(launch_batch_norm_relu_backward(p, relu_mask, stream_of(x)), "batch_norm_relu_backward");
+  return {dx, dparams};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(RK_NAMESPACE, RK_DISPATCH_KEY, m) {
+  m.impl("batch_norm_relu_train", &batch_norm_relu_train);
+  m.impl("batch_norm_relu_folded", &batch_norm_relu_folded);
+  m.impl("batch_norm_relu_backward", &batch_norm_relu_backward);
   m.impl("conv_bn_relu_folded", &conv_bn_relu_folded);
   m.impl("grouped_conv", &grouped_conv);
   m.impl("conv_bn_relu_train", &conv_bn_relu_train);

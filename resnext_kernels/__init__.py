@@ -1,7 +1,8 @@
-"""Fused grouped 3x3 convolution + BatchNorm + ReLU for ResNeXt: Triton and CUDA kernels behind one op."""
+"""Fused grouped 3x3 convolution + BatchNorm + ReLU for ResNeXt, and the bottleneck's other BatchNorm + ReLU
+(+ residual) as one pass: Triton and CUDA kernels behind each op."""
 
 from .backends import available_impls
-from .functional import IMPLS, grouped_conv_bn_relu
+from .functional import IMPLS, batch_norm_relu, grouped_conv_bn_relu
 from .models import (
     resnet50,
     resnet101,
@@ -20,6 +21,7 @@ __all__ = [
     "IMPLS",
     "ResNeXtBlock",
     "available_impls",
+    "batch_norm_relu",
     "convert",
     "grouped_conv_bn_relu",
     "resnet50",

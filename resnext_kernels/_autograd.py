@@ -1,8 +1,13 @@
-"""Autograd of the fused ops, shared by the kernel backends. Each backend declares the same four ops
-(training forward, folded forward, plain convolution, backward) and differs only in the kernels
-behind them. A gradient of a gradient is refused with NotImplementedError, never silently wrong."""
+"""Autograd of the fused ops, shared by the kernel backends. Each backend declares the same ops (for
+the convolution: training forward, folded forward, plain convolution, backward; for the standalone
+BatchNorm + ReLU: training forward, folded forward, backward) and differs only in the kernels behind
+them. A gradient of a gradient is refused with NotImplementedError, never silently wrong."""
 
 import torch
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("resnext_kernels: double backward (the gradient of a gradient) is not supported")
 
 
 def register(train_op, folded_op, grouped_conv, backward_op):
@@ -45,9 +50,57 @@ def register(train_op, folded_op, grouped_conv, backward_op):
                 dparams[0].to(scale.dtype) if need[2] else None, dparams[1].to(shift.dtype) if need[3] else None,
                 None, None, None)
 
-    def no_double_backward(ctx, *grads):
-        raise NotImplementedError("resnext_kernels: double backward (the gradient of a gradient) is not supported")
+    torch.library.register_autograd(train_op, train_backward, setup_context=train_setup)
+    torch.library.register_autograd(folded_op, folded_backward, setup_context=folded_setup)
+    torch.library.register_autograd(backward_op, _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def register_batch_norm_relu(train_op, folded_op, backward_op):
+    """Registers autograd for the standalone ``train_op`` (x, residual, bn_weight, bn_bias, eps) ->
+    (z, stats) and ``folded_op`` (x, residual, scale, shift) -> z, both differentiated by
+    ``backward_op``. With a residual the ReLU mask needs z (it depends on the residual too): the
+    backward masks dz itself, as torch.relu's backward does, and hands the kernels g = dz * 1[z > 0],
+    which is also the residual's gradient. Without one, the kernels recompute the mask from x."""
+
+    def relu_grad(ctx, dz):
+        if not ctx.has_residual:
+            return dz, None
+        g = torch.ops.aten.threshold_backward(dz, ctx.saved_tensors[-1], 0)
+        return g, g
+
+    def train_setup(ctx, inputs, output):
+        x, residual, bn_weight, bn_bias, eps = inputs
+        z, stats = output
+        ctx.mark_non_differentiable(stats)
+        ctx.has_residual = residual is not None
+        ctx.save_for_backward(x, stats, *((z,) if ctx.has_residual else ()))
+        ctx.eps = eps
+        ctx.param_dtypes = tuple(None if t is None else t.dtype for t in (bn_weight, bn_bias))
+
+    def train_backward(ctx, dz, _dstats):
+        x, stats = ctx.saved_tensors[:2]
+        need = ctx.needs_input_grad
+        grad, g = relu_grad(ctx, dz)
+        dx, dparams = backward_op(grad, x, stats[2], stats[3], stats[0], stats[1], ctx.eps, not ctx.has_residual,
+                                  need[0], need[2] or need[3])
+        dgamma = dparams[0].to(ctx.param_dtypes[0]) if need[2] else None
+        dbeta = dparams[1].to(ctx.param_dtypes[1]) if need[3] else None
+        return dx if need[0] else None, g if need[1] else None, dgamma, dbeta, None
+
+    def folded_setup(ctx, inputs, output):
+        x, residual, scale, shift = inputs
+        ctx.has_residual = residual is not None
+        ctx.save_for_backward(x, scale, shift, *((output,) if ctx.has_residual else ()))
+
+    def folded_backward(ctx, dz):
+        x, scale, shift = ctx.saved_tensors[:3]
+        need = ctx.needs_input_grad
+        grad, g = relu_grad(ctx, dz)
+        dx, dparams = backward_op(grad, x, scale, shift, None, None, 0.0, not ctx.has_residual, need[0],
+                                  need[2] or need[3])
+        return (dx if need[0] else None, g if need[1] else None,
+                dparams[0].to(scale.dtype) if need[2] else None, dparams[1].to(shift.dtype) if need[3] else None)
 
     torch.library.register_autograd(train_op, train_backward, setup_context=train_setup)
     torch.library.register_autograd(folded_op, folded_backward, setup_context=folded_setup)
-    torch.library.register_autograd(backward_op, no_double_backward, setup_context=lambda ctx, inputs, output: None)
+    torch.library.register_autograd(backward_op, _no_double_backward, setup_context=lambda ctx, inputs, output: None)

@@ -1,15 +1,17 @@
-"""The public op, ``grouped_conv_bn_relu``: input checks, autocast, backend choice, BatchNorm bookkeeping.
+"""The public ops, ``grouped_conv_bn_relu`` and ``batch_norm_relu``: input checks, autocast, backend
+choice, BatchNorm bookkeeping.
 
-Kernel backends (Triton, CUDA) only see validated inputs and implement two differentiable
-primitives; everything BatchNorm-specific that is not per-element work lives here once:
+Kernel backends (Triton, CUDA) only see validated inputs and implement differentiable primitives;
+everything BatchNorm-specific that is not per-element work lives here once:
 
 * ``batch_stats_forward(x, weight, bn_weight, bn_bias, eps, stride, dilation, groups)``
   -> ``(z, mean, var)`` with the biased batch variance, in ``accumulate_dtype(x)``;
 * ``folded_forward(x, weight, scale, shift, stride, dilation, groups)`` -> ``z``, BN folded into a
-  per-channel scale and shift in ``accumulate_dtype(x)`` (fp32, or fp64 for fp64 inputs).
+  per-channel scale and shift in ``accumulate_dtype(x)`` (fp32, or fp64 for fp64 inputs);
+* ``batch_norm_relu_batch_stats(x, residual, bn_weight, bn_bias, eps)`` -> ``(z, mean, var)`` and
+  ``batch_norm_relu_folded(x, residual, scale, shift)`` -> ``z``, the same for the standalone op;
 
-and declare ``SUPPORTS_BATCH_STATS`` and ``SUPPORTS_BACKWARD``, which "auto" consults.
-"""
+and declare ``SUPPORTS_BATCH_STATS`` and ``SUPPORTS_BACKWARD``, which "auto" consults."""
 
 import numbers
 
@@ -73,17 +75,68 @@ def _fused(backend, x, weight, bn_weight, bn_bias, running_mean, running_var, st
             x = x.to(low)
         if weight.dtype == torch.float32:
             weight = weight.to(low)
+    return _batch_norm(
+        x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
+        lambda: backend.batch_stats_forward(x, weight, bn_weight, bn_bias, eps, stride, dilation, groups),
+        lambda scale, shift: backend.folded_forward(x, weight, scale, shift, stride, dilation, groups),
+    )
+
+
+def _batch_norm(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, batch_stats, folded):
+    """BatchNorm's choice between the batch statistics (``batch_stats()`` -> (z, mean, var), then the
+    running-stats update) and the running ones (``folded(scale, shift)`` -> z); z in x's memory format."""
     memory_format = output_memory_format(x)
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False):
         if training or running_mean is None:
-            z, mean, var = backend.batch_stats_forward(x, weight, bn_weight, bn_bias, eps, stride, dilation, groups)
+            z, mean, var = batch_stats()
             if training and running_mean is not None:
                 count = z.numel() // z.shape[1]
                 _update_running_stats(running_mean, running_var, mean, var, count, momentum)
         else:
             scale, shift = fold_batch_norm(bn_weight, bn_bias, running_mean, running_var, eps, accumulate_dtype(x))
-            z = backend.folded_forward(x, weight, scale, shift, stride, dilation, groups)
+            z = folded(scale, shift)
     return z.contiguous(memory_format=memory_format)
+
+
+def batch_norm_relu(
+    x,
+    bn_weight,
+    bn_bias,
+    running_mean,
+    running_var,
+    residual=None,
+    *,
+    training,
+    momentum=0.1,
+    eps=1e-5,
+    impl="auto",
+):
+    """``relu(batch_norm(x) + residual)``, or ``relu(batch_norm(x))`` without a residual: the
+    bottleneck's bn1 + relu and bn3 + add + relu, one pass over x after the statistics where eager
+    PyTorch makes three (four with the residual), and a backward of two passes instead of four.
+
+    ``batch_norm`` is ``F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training,
+    momentum, eps)`` exactly as in grouped_conv_bn_relu; its output is rounded to x's dtype before the
+    residual is added, as the unfused ``out = bn(x); out += residual`` stores it. ``residual`` has x's
+    shape and dtype (any layout). Differentiable in ``x``, ``residual``, ``bn_weight`` and
+    ``bn_bias``. The output has ``x``'s dtype and memory format. Under autocast nothing is cast, as
+    for PyTorch's batch_norm.
+    """
+    _check_batch_norm_relu_inputs(x, bn_weight, bn_bias, running_mean, running_var, residual, training,
+                                  momentum, eps, impl)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, residual, bn_weight, bn_bias))
+    backend = backends.resolve(impl, x.device, batch_stats=training or running_mean is None, grad=needs_grad,
+                               image_pixels=x.shape[2] * x.shape[3])
+    training, momentum, eps = bool(training), float(momentum), float(eps)
+    if backend is backends.reference or x.shape[0] == 0:
+        return backends.reference.batch_norm_relu(x, residual, bn_weight, bn_bias, running_mean, running_var,
+                                                  training, momentum, eps)
+    return _batch_norm(
+        x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
+        lambda: backend.batch_norm_relu_batch_stats(x, residual, bn_weight, bn_bias, eps),
+        lambda scale, shift: backend.batch_norm_relu_folded(x, residual, scale, shift),
+    )
 
 
 def accumulate_dtype(x):
@@ -132,27 +185,12 @@ def _positive_int(value, name):
 
 def _check_inputs(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, dilation, groups,
                   training, momentum, eps, impl):
-    if not isinstance(impl, str) or impl not in IMPLS:
-        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"x must be a Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    _check_common(x, training, momentum, eps, impl)
     _positive_int(stride, "stride")
     _positive_int(dilation, "dilation")
     _positive_int(groups, "groups")
-    if not isinstance(training, bool):
-        raise ValueError(f"training must be a bool, got {type(training).__name__}")
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-        raise ValueError(f"momentum must be a number, got {type(momentum).__name__}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
 
     n, c_in, h, w = x.shape
-    if h < 1 or w < 1:
-        raise ValueError(f"x must have a non-empty spatial size, got shape {tuple(x.shape)}")
     if c_in % groups:
         raise ValueError(f"x's {c_in} channels are not divisible by groups={groups}")
 
@@ -169,6 +207,13 @@ def _check_inputs(x, weight, bn_weight, bn_bias, running_mean, running_var, stri
     if weight.device != x.device:
         raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
 
+    _check_batch_norm_args(x, c_out, bn_weight, bn_bias, running_mean, running_var, training)
+    if training:
+        per_channel = n * output_size(h, stride, dilation) * output_size(w, stride, dilation)
+        _check_values_per_channel(per_channel, x)
+
+
+def _check_batch_norm_args(x, channels, bn_weight, bn_bias, running_mean, running_var, training):
     bn_tensors = {"bn_weight": bn_weight, "bn_bias": bn_bias, "running_mean": running_mean,
                   "running_var": running_var}
     allowed = {x.dtype, torch.float32} if x.dtype in (torch.float16, torch.bfloat16) else {x.dtype}
@@ -178,8 +223,8 @@ def _check_inputs(x, weight, bn_weight, bn_bias, running_mean, running_var, stri
             continue
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a Tensor or None, got {type(t).__name__}")
-        if tuple(t.shape) != (c_out,):
-            raise ValueError(f"{name} must have shape ({c_out},), got {tuple(t.shape)}")
+        if tuple(t.shape) != (channels,):
+            raise ValueError(f"{name} must have shape ({channels},), got {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
         if t.dtype not in allowed:
@@ -193,10 +238,49 @@ def _check_inputs(x, weight, bn_weight, bn_bias, running_mean, running_var, stri
         raise ValueError("running_mean and running_var must both be Tensors or both be None")
     if not training and running_mean is None:
         raise ValueError("running_mean and running_var are required when training=False")
+
+
+def _check_values_per_channel(per_channel, x):
+    if per_channel == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)} "
+            f"(one output value per channel)"
+        )
+
+
+def _check_common(x, training, momentum, eps, impl):
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if not isinstance(training, bool):
+        raise ValueError(f"training must be a bool, got {type(training).__name__}")
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise ValueError(f"momentum must be a number, got {type(momentum).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"x must have a non-empty spatial size, got shape {tuple(x.shape)}")
+
+
+def _check_batch_norm_relu_inputs(x, bn_weight, bn_bias, running_mean, running_var, residual, training,
+                                  momentum, eps, impl):
+    _check_common(x, training, momentum, eps, impl)
+    if x.shape[1] < 1:
+        raise ValueError(f"x must have at least one channel, got shape {tuple(x.shape)}")
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise ValueError(f"residual must be a Tensor or None, got {type(residual).__name__}")
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype:
+            raise ValueError(f"residual's dtype {residual.dtype} differs from x's {x.dtype}")
+        if residual.device != x.device:
+            raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
+    _check_batch_norm_args(x, x.shape[1], bn_weight, bn_bias, running_mean, running_var, training)
     if training:
-        per_channel = n * output_size(h, stride, dilation) * output_size(w, stride, dilation)
-        if per_channel == 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)} "
-                f"(one output value per channel)"
-            )
+        _check_values_per_channel(x.numel() // x.shape[1] if x.shape[0] else 0, x)

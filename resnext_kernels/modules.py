@@ -1,11 +1,12 @@
-"""ResNeXtBlock, a drop-in for torchvision's Bottleneck whose conv2 + bn2 + relu run fused, and
-``convert`` which swaps it into existing torchvision and timm models."""
+"""ResNeXtBlock, a drop-in for torchvision's Bottleneck whose conv2 + bn2 + relu run fused (and bn1 +
+relu, bn3 + add + relu as one pass each), and ``convert`` which swaps it into existing torchvision and
+timm models."""
 
 import warnings
 
 from torch import nn
 
-from .functional import IMPLS, grouped_conv_bn_relu
+from .functional import IMPLS, batch_norm_relu, grouped_conv_bn_relu
 
 
 def _check_impl(impl):
@@ -21,16 +22,21 @@ def _is_frozen_batch_norm(bn):
     return kind.__name__ == "FrozenBatchNorm2d" and kind.__module__ == "torchvision.ops.misc"
 
 
+def _fusable_batch_norm_channels(bn):
+    """The channels of an nn.BatchNorm2d or FrozenBatchNorm2d; None for any other norm layer."""
+    if type(bn) is nn.BatchNorm2d:
+        return bn.num_features
+    if _is_frozen_batch_norm(bn):
+        return bn.running_mean.shape[0]
+    return None
+
+
 def conv3x3_is_fusable(conv, bn):
     """Whether ``relu(bn(conv(x)))`` is exactly what grouped_conv_bn_relu computes."""
-    if type(bn) is nn.BatchNorm2d:
-        channels = bn.num_features
-    elif _is_frozen_batch_norm(bn):
-        channels = bn.running_mean.shape[0]
-    else:
-        return False
+    channels = _fusable_batch_norm_channels(bn)
     return (
-        type(conv) is nn.Conv2d
+        channels is not None
+        and type(conv) is nn.Conv2d
         and conv.kernel_size == (3, 3)
         and conv.bias is None
         and conv.padding_mode == "zeros"
@@ -41,42 +47,51 @@ def conv3x3_is_fusable(conv, bn):
     )
 
 
-def fused_conv_bn_relu(conv, bn, x, impl):
-    """``relu(bn(conv(x)))`` through grouped_conv_bn_relu, with nn.BatchNorm2d.forward's bookkeeping:
+def batch_norm_is_fusable(bn, x, residual=None):
+    """Whether ``relu(bn(x) + residual)`` (or ``relu(bn(x))``) is exactly what batch_norm_relu computes."""
+    return (
+        x.dim() == 4
+        and _fusable_batch_norm_channels(bn) == x.shape[1]
+        and (residual is None
+             or (residual.shape == x.shape and residual.dtype == x.dtype and residual.device == x.device))
+    )
+
+
+def _batch_norm_arguments(bn):
+    """The BatchNorm arguments of the fused ops for ``bn``, with nn.BatchNorm2d.forward's bookkeeping:
     num_batches_tracked, momentum=None as a cumulative average, track_running_stats=False. A
     FrozenBatchNorm2d always normalises with its fixed statistics, in training too."""
     if _is_frozen_batch_norm(bn):
-        return grouped_conv_bn_relu(x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                                    stride=conv.stride[0], dilation=conv.dilation[0], groups=conv.groups,
-                                    training=False, eps=bn.eps, impl=impl)
+        return dict(bn_weight=bn.weight, bn_bias=bn.bias, running_mean=bn.running_mean, running_var=bn.running_var,
+                    training=False, eps=bn.eps)
     momentum = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     keep_running = not bn.training or bn.track_running_stats
-    return grouped_conv_bn_relu(
-        x,
-        conv.weight,
-        bn.weight,
-        bn.bias,
-        bn.running_mean if keep_running else None,
-        bn.running_var if keep_running else None,
-        stride=conv.stride[0],
-        dilation=conv.dilation[0],
-        groups=conv.groups,
-        training=use_batch_stats,
-        momentum=momentum,
-        eps=bn.eps,
-        impl=impl,
-    )
+    return dict(bn_weight=bn.weight, bn_bias=bn.bias, running_mean=bn.running_mean if keep_running else None,
+                running_var=bn.running_var if keep_running else None, training=use_batch_stats, momentum=momentum,
+                eps=bn.eps)
+
+
+def fused_conv_bn_relu(conv, bn, x, impl):
+    """``relu(bn(conv(x)))`` through grouped_conv_bn_relu, BatchNorm as bn's forward would run it."""
+    return grouped_conv_bn_relu(x, conv.weight, stride=conv.stride[0], dilation=conv.dilation[0], groups=conv.groups,
+                                impl=impl, **_batch_norm_arguments(bn))
+
+
+def fused_batch_norm_relu(bn, x, impl, residual=None):
+    """``relu(bn(x) + residual)`` (or ``relu(bn(x))``) through batch_norm_relu, BatchNorm as bn's forward
+    would run it."""
+    return batch_norm_relu(x, residual=residual, impl=impl, **_batch_norm_arguments(bn))
 
 
 class ResNeXtBlock(nn.Module):
     """torchvision's ``Bottleneck`` (expansion 4, stride on the 3x3 conv) with the same submodule
-    names, so state_dicts are interchangeable. conv2 + bn2 + relu run through grouped_conv_bn_relu
-    with nn.BatchNorm2d or torchvision's FrozenBatchNorm2d; another norm_layer runs unfused, as in
-    torchvision."""
+    names, so state_dicts are interchangeable. With nn.BatchNorm2d or torchvision's FrozenBatchNorm2d,
+    conv2 + bn2 + relu run through grouped_conv_bn_relu, and bn1 + relu and bn3 + add + relu through
+    batch_norm_relu; another norm_layer runs unfused, as in torchvision."""
 
     expansion = 4
 
@@ -110,13 +125,19 @@ class ResNeXtBlock(nn.Module):
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
+        out = self._bn_relu(self.bn1, self.conv1(x))
         if conv3x3_is_fusable(self.conv2, self.bn2):
             out = fused_conv_bn_relu(self.conv2, self.bn2, out, self.impl)
         else:
             out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        out += identity
+        return self._bn_relu(self.bn3, self.conv3(out), identity)
+
+    def _bn_relu(self, bn, x, residual=None):
+        if batch_norm_is_fusable(bn, x, residual):
+            return fused_batch_norm_relu(bn, x, self.impl, residual)
+        out = bn(x)
+        if residual is not None:
+            out += residual
         return self.relu(out)
 
     def extra_repr(self):

@@ -398,7 +398,7 @@ def test_markdown_has_every_figure():
     # resnext50 on triton: 108.8 ms a step, 70 ms of kernels, 30 of them the fused op's.
     assert ("| resnext50_32x4d | triton | 108.8 | 70.0 | 30.0 | 28% | cudnn::sm90_xmma_wgrad 30.0; at::native::bn_bw 9.0; "
             "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc… 1.0 |") in text
-    assert "fused op could reach by taking no time at all; the target is <= 1.05): triton: 0.79." in text
+    assert "fused ops could reach by taking no time at all; the target is <= 1.05): triton: 0.79." in text
     doc = _gpu_doc()
     resnet = next(r for r in doc["batches"] if (r["model"], r["mode"], r["provider"]) == ("resnet50", "train", "eager"))
     resnet.update(kernel_ms=None, fused_ms=None, kernels=None)  # not profiled: still the baseline

@@ -384,6 +384,12 @@ def test_every_kernel_stays_in_bounds_and_aligned_under_the_sanitizers():
         "            y = shifted(ops.grouped_conv(x, w, stride, 1, 8), offset)\n"
         "            ops.conv_bn_relu_backward(dz, x, w, y, stats[2], stats[3], None, None, 1e-5, stride, 1, 8,\n"
         "                                      True, True, False)\n"
+        "            for residual in (None, shifted(torch.randn_like(x), offset)):\n"
+        "                z, stats = ops.batch_norm_relu_train(x, residual, gamma, beta, 1e-5)\n"
+        "                ops.batch_norm_relu_folded(x, residual, stats[2], stats[3])\n"
+        "                for mean_var in ((stats[0], stats[1]), (None, None)):\n"
+        "                    ops.batch_norm_relu_backward(shifted(torch.randn_like(z), offset), x, stats[2], stats[3],\n"
+        "                                                 *mean_var, 1e-5, residual is None, True, True)\n"
         "print('every kernel ran', flush=True)\n"
     )
     assert "every kernel ran" in output and "runtime error" not in output and "Sanitizer" not in output, output[-3000:]

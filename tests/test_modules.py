@@ -81,6 +81,31 @@ def test_block_matches_torchvision_bottleneck_in_train_and_eval(impl, bn_kwargs,
     assert torch.allclose(ours(x), theirs(x), rtol=1e-4, atol=1e-4)
 
 
+def record_fused_calls(monkeypatch):
+    """The block's calls of the fused ops from now on, as (op, residual given, training)."""
+    calls = []
+    for name in ("grouped_conv_bn_relu", "batch_norm_relu"):
+        def record(*args, _name=name, _op=getattr(resnext_kernels.modules, name), **kwargs):
+            calls.append((_name, kwargs.get("residual") is not None, kwargs["training"]))
+            return _op(*args, **kwargs)
+        monkeypatch.setattr(resnext_kernels.modules, name, record)
+    return calls
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_block_runs_its_three_batch_norms_fused(impl, monkeypatch):
+    # bn1 + relu, conv2 + bn2 + relu, and bn3 + the residual + relu: each one op, in train and eval.
+    require(impl, batch_stats=True)
+    ours, _ = make_block_pair(impl, stride=2)
+    calls = record_fused_calls(monkeypatch)
+    x = torch.randn(2, 32, 9, 7, device=DEVICE)
+    ours.train()(x)
+    ours.eval()(x)
+    assert calls == [(op, residual, training) for training in (True, False)
+                     for op, residual in (("batch_norm_relu", False), ("grouped_conv_bn_relu", False),
+                                          ("batch_norm_relu", True))]
+
+
 def test_block_with_another_norm_layer_runs_unfused():
     gn = lambda c: nn.GroupNorm(4, c)  # noqa: E731
     theirs = Bottleneck(64, 16, 1, None, 4, 16, norm_layer=gn).to(DEVICE)
@@ -99,14 +124,12 @@ def test_block_with_frozen_batch_norm_runs_fused(impl, monkeypatch):
     theirs = randomise_bn(Bottleneck(64, 16, 1, None, 4, 16, norm_layer=norm_layer)).to(DEVICE)
     ours = ResNeXtBlock(64, 16, 1, None, 4, 16, norm_layer=norm_layer, impl=impl).to(DEVICE)
     ours.load_state_dict(theirs.state_dict())
-    fused = resnext_kernels.modules.grouped_conv_bn_relu
-    modes = []
-    monkeypatch.setattr(resnext_kernels.modules, "grouped_conv_bn_relu",
-                        lambda *args, **kwargs: modes.append(kwargs["training"]) or fused(*args, **kwargs))
+    modes = record_fused_calls(monkeypatch)
     x = torch.randn(2, 64, 7, 5, device=DEVICE, requires_grad=True)
     x_theirs = x.detach().clone().requires_grad_()
     out, expected = ours.train()(x), theirs.train()(x_theirs)
-    assert modes == [False]
+    assert modes == [("batch_norm_relu", False, False), ("grouped_conv_bn_relu", False, False),
+                     ("batch_norm_relu", True, False)]
     assert torch.allclose(out, expected, rtol=1e-4, atol=1e-4)
     out.square().sum().backward()
     expected.square().sum().backward()

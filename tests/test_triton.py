@@ -332,7 +332,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from resnext_kernels.triton import backward, config, conv
+from resnext_kernels.triton import backward, batch_norm_relu, config, conv
 
 MAX_SHARED = 232448  # bytes of shared memory one H100 block may use
 PER_CHANNEL = {"scale_ptr", "shift_ptr", "mean_ptr", "coef_ptr", "part_ptr", "gamma_ptr", "beta_ptr", "stats_ptr"}
@@ -376,8 +376,14 @@ for data, data_tl, acc, acc_tl, precision in DTYPES:
     for final in (False, True):
         compile_for_sm90(conv._stats_kernel, acc, acc, dict(FINAL=final, HAS_GAMMA=True, HAS_BETA=False,
                                                             ACC=acc_tl, BLOCK_T=32, BLOCK_C=32))
-    compile_for_sm90(conv._bn_relu_kernel, data, acc, dict(ACC=acc_tl, BLOCK_P=64, BLOCK_C=64))
-    compile_for_sm90(backward._reduce_kernel, data, acc, dict(TRAIN=True, ACC=acc_tl, BLOCK_M=128, BLOCK_C=32))
+    for residual in (False, True):
+        compile_for_sm90(conv._bn_relu_kernel, data, acc, dict(HAS_RESIDUAL=residual, ACC=acc_tl, BLOCK_P=64, BLOCK_C=64))
+    for mask in (False, True):
+        compile_for_sm90(backward._reduce_kernel, data, acc, dict(TRAIN=True, MASK=mask, ACC=acc_tl, BLOCK_M=128,
+                                                                  BLOCK_C=32))
+        compile_for_sm90(batch_norm_relu._input_grad_kernel, data, acc, dict(TRAIN=True, MASK=mask, ACC=acc_tl,
+                                                                             BLOCK_M=64, BLOCK_C=64))
+    compile_for_sm90(batch_norm_relu._moments_kernel, data, acc, dict(ACC=acc_tl, BLOCK_M=64, BLOCK_C=64))
     compile_for_sm90(backward._finalize_kernel, acc, acc, dict(TRAIN=True, ACC=acc_tl, BLOCK_T=32, BLOCK_C=32))
     compile_for_sm90(backward._sum_splits_kernel, data, acc, dict(ACC=acc_tl, BLOCK=1024))
 # The inference epilogue and the folded backward, with the first (pipelined) configs, ResNeXt's tiles and

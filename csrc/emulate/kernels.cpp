@@ -3,3 +3,4 @@
 #include "../kernels/conv_bn_relu_folded.cuh"
 #include "../kernels/batch_norm_train.cuh"
 #include "../kernels/conv_bn_relu_backward.cuh"
+#include "../kernels/batch_norm_relu.cuh"

@@ -1,6 +1,7 @@
 // Training forward, pass 2: merge the per-block statistics of pass 1 (conv_bn_relu_folded.cuh with
-// kTrain) into per-channel mean and biased variance, fold them with gamma and beta into a scale and
-// shift, then z = relu(y * scale + shift) elementwise.
+// kTrain, or batch_norm_relu.cuh's for the standalone op) into per-channel mean and biased variance,
+// fold them with gamma and beta into a scale and shift, then z = relu(y * scale + shift) elementwise,
+// with the standalone op's residual added before the ReLU. The normalisation also serves inference.
 //
 // Why y is written rather than recomputed, in activation-sized transfers (C_in = C_out, as in
 // ResNeXt): the forward with write-y reads x, writes y, reads y, writes z (4); with recompute it
@@ -28,7 +29,7 @@ constexpr int kSlab = 8 * kLanes;              // blocks per first-stage merge b
 // in order, then lane 0 merges the lanes in order. Not final: writes row b of `out`
 // ([3][row blocks][c]). Final (one row block): writes stats = mean, var, scale, shift.
 template <typename Acc>
-__global__ void __launch_bounds__(kThreads) merge_statistics(const BatchNormTrainParams p, const Acc* in, int64_t rows,
+__global__ void __launch_bounds__(kThreads) merge_statistics(const BatchNormReluParams p, const Acc* in, int64_t rows,
                                                              int64_t rows_per_block, Acc* out, bool final) {
   __shared__ Acc shared[3][kLanes][kChannels];
   const int c_local = int(threadIdx.x) % kChannels, lane = int(threadIdx.x) / kChannels;
@@ -66,17 +67,28 @@ __global__ void __launch_bounds__(kThreads) merge_statistics(const BatchNormTrai
   stats[3 * p.c + c] = shift;
 }
 
-// z = relu(y * scale + shift) over the dense y and z (same layout), grid-stride.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) normalize_relu(const BatchNormTrainParams p) {
-  using Acc = typename Numeric<T>::Acc;
-  const Acc* stats = static_cast<const Acc*>(p.stats);
+// z of one element: relu(y * scale + shift), or relu(round(y * scale + shift) + residual), each
+// rounded to T where an unfused batch_norm and add would store it.
+template <typename T, bool kResidual, typename Acc = typename Numeric<T>::Acc>
+__device__ __forceinline__ T normalized(Acc y, Acc scale, Acc shift, Acc residual) {
+  const Acc v = y * scale + shift;
+  if constexpr (kResidual) return Numeric<T>::store(relu(rounded<T>(v) + residual));
+  return Numeric<T>::store(relu(v));
+}
+
+// z over the dense y (residual) and z (same layout), grid-stride.
+template <typename T, bool kResidual>
+__global__ void __launch_bounds__(kThreads) normalize_relu(const BatchNormReluParams p,
+                                                           const typename Numeric<T>::Acc* scale,
+                                                           const typename Numeric<T>::Acc* shift) {
   const T* y = static_cast<const T*>(p.y);
+  const T* residual = static_cast<const T*>(p.residual);
   T* z = static_cast<T*>(p.z);
   const int64_t step = int64_t(gridDim.x) * kThreads;
   for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < p.numel; i += step) {
     const int64_t c = p.channels_last ? i % p.c : (i / p.hw) % p.c;
-    z[i] = Numeric<T>::store(relu(Numeric<T>::load(y[i]) * stats[2 * p.c + c] + stats[3 * p.c + c]));
+    z[i] = normalized<T, kResidual>(Numeric<T>::load(y[i]), scale[c], shift[c],
+                                    kResidual ? Numeric<T>::load(residual[i]) : 0);
   }
 }
 
@@ -84,25 +96,30 @@ __global__ void __launch_bounds__(kThreads) normalize_relu(const BatchNormTrainP
 // takes the 8 channels (t % (c / 8)) * 8 .. + 7, of pixels t / (c / 8), + stride / (c / 8), ... (the
 // stride, in 8-value vectors, is a multiple of c / 8), so its scales and shifts stay in registers
 // and no element needs a division.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) normalize_relu_vectors(const BatchNormTrainParams p, int64_t stride) {
+template <typename T, bool kResidual>
+__global__ void __launch_bounds__(kThreads) normalize_relu_vectors(const BatchNormReluParams p, const float* scales,
+                                                                   const float* shifts, int64_t stride) {
   const int64_t first = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (first >= stride) return;
-  const float* stats = static_cast<const float*>(p.stats);
   const int c0 = int(first % (p.c / 8)) * 8;
   float scale[8], shift[8];
 #pragma unroll
-  for (int e = 0; e < 8; ++e) scale[e] = stats[2 * p.c + c0 + e], shift[e] = stats[3 * p.c + c0 + e];
+  for (int e = 0; e < 8; ++e) scale[e] = scales[c0 + e], shift[e] = shifts[c0 + e];
   const uint4* y = static_cast<const uint4*>(p.y);
+  const uint4* residual = static_cast<const uint4*>(p.residual);
   uint4* z = static_cast<uint4*>(p.z);
   for (int64_t v = first; v < p.numel / 8; v += stride) {
     const uint4 in = y[v];
     const uint32_t words[4] = {in.x, in.y, in.z, in.w};
+    uint4 added{};
+    if constexpr (kResidual) added = residual[v];
+    const uint32_t residual_words[4] = {added.x, added.y, added.z, added.w};
     uint32_t out[4];
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
-      const T value = Numeric<T>::store(relu(Numeric<T>::from_bits(uint16_t(words[e / 2] >> (16 * (e % 2)))) * scale[e] +
-                                             shift[e]));
+      const int half = 16 * (e % 2);
+      const T value = normalized<T, kResidual>(Numeric<T>::from_bits(uint16_t(words[e / 2] >> half)), scale[e], shift[e],
+                                               Numeric<T>::from_bits(uint16_t(residual_words[e / 2] >> half)));
       uint16_t bits;
       memcpy(&bits, &value, 2);
       out[e / 2] = e % 2 ? out[e / 2] | uint32_t(bits) << 16 : uint32_t(bits);
@@ -111,8 +128,40 @@ __global__ void __launch_bounds__(kThreads) normalize_relu_vectors(const BatchNo
   }
 }
 
+// z from y (and the residual) with the per-channel scale and shift.
+template <typename T, bool kResidual>
+const char* launch_normalize(const BatchNormReluParams& p, const typename Numeric<T>::Acc* scale,
+                             const typename Numeric<T>::Acc* shift, cudaStream_t s) {
+  if constexpr (sizeof(T) == 2) {
+    if (p.channels_last && p.c % 8 == 0 && reinterpret_cast<uintptr_t>(p.y) % 16 == 0 &&
+        reinterpret_cast<uintptr_t>(p.z) % 16 == 0 && reinterpret_cast<uintptr_t>(p.residual) % 16 == 0) {
+      const int64_t vectors = p.numel / 8, most = int64_t(65536) * kThreads;
+      const int64_t threads = vectors < most ? vectors : most, stride = threads / (p.c / 8) * (p.c / 8);
+      auto normalize_kernel = normalize_relu_vectors<T, kResidual>;
+      RK_LAUNCH(normalize_kernel, dim3(unsigned((stride + kThreads - 1) / kThreads)), dim3(kThreads), 0, s, p, scale,
+                shift, stride);
+      return RK_LAUNCH_ERROR();
+    }
+  }
+  const int64_t blocks = (p.numel + kThreads - 1) / kThreads;
+  auto normalize_kernel = normalize_relu<T, kResidual>;
+  RK_LAUNCH(normalize_kernel, dim3(unsigned(blocks < 65536 ? blocks : 65536)), dim3(kThreads), 0, s, p, scale, shift);
+  return RK_LAUNCH_ERROR();
+}
+
 template <typename T>
-const char* launch(const BatchNormTrainParams& p, void* stream) {
+const char* launch_normalize(const BatchNormReluParams& p, const void* scale, const void* shift, void* stream) {
+  using Acc = typename Numeric<T>::Acc;
+  const auto s = static_cast<cudaStream_t>(stream);
+  const Acc* scales = static_cast<const Acc*>(scale);
+  const Acc* shifts = static_cast<const Acc*>(shift);
+  return p.residual != nullptr ? launch_normalize<T, true>(p, scales, shifts, s)
+                               : launch_normalize<T, false>(p, scales, shifts, s);
+}
+
+// Merge, then normalise with the merged scale and shift (rows 2 and 3 of the statistics).
+template <typename T>
+const char* launch(const BatchNormReluParams& p, void* stream) {
   using Acc = typename Numeric<T>::Acc;
   const auto s = static_cast<cudaStream_t>(stream);
   const int64_t channel_tiles = (p.c + kChannels - 1) / kChannels;
@@ -131,20 +180,8 @@ const char* launch(const BatchNormTrainParams& p, void* stream) {
               nullptr, true);
   }
   if (const char* error = RK_LAUNCH_ERROR()) return error;
-  if constexpr (sizeof(T) == 2) {
-    if (p.channels_last && p.c % 8 == 0 && reinterpret_cast<uintptr_t>(p.y) % 16 == 0 &&
-        reinterpret_cast<uintptr_t>(p.z) % 16 == 0) {
-      const int64_t vectors = p.numel / 8, most = int64_t(65536) * kThreads;
-      const int64_t threads = vectors < most ? vectors : most, stride = threads / (p.c / 8) * (p.c / 8);
-      auto normalize_kernel = normalize_relu_vectors<T>;
-      RK_LAUNCH(normalize_kernel, dim3(unsigned((stride + kThreads - 1) / kThreads)), dim3(kThreads), 0, s, p, stride);
-      return RK_LAUNCH_ERROR();
-    }
-  }
-  const int64_t blocks = (p.numel + kThreads - 1) / kThreads;
-  auto normalize_kernel = normalize_relu<T>;
-  RK_LAUNCH(normalize_kernel, dim3(unsigned(blocks < 65536 ? blocks : 65536)), dim3(kThreads), 0, s, p);
-  return RK_LAUNCH_ERROR();
+  const Acc* stats = static_cast<const Acc*>(p.stats);
+  return launch_normalize<T>(p, stats + 2 * p.c, stats + 3 * p.c, stream);
 }
 
 }  // namespace bn_train
@@ -153,12 +190,22 @@ int64_t batch_norm_train_slabs(int64_t blocks) {
   return blocks > bn_train::kSlab ? (blocks + bn_train::kSlab - 1) / bn_train::kSlab : 0;
 }
 
-const char* launch_batch_norm_train(const BatchNormTrainParams& p, void* stream) {
+const char* launch_batch_norm_train(const BatchNormReluParams& p, void* stream) {
   switch (p.dtype) {
     case DType::kFloat32: return bn_train::launch<float>(p, stream);
     case DType::kFloat64: return bn_train::launch<double>(p, stream);
     case DType::kFloat16: return bn_train::launch<__half>(p, stream);
     case DType::kBFloat16: return bn_train::launch<__nv_bfloat16>(p, stream);
+  }
+  return "unsupported dtype";
+}
+
+const char* launch_normalize_relu(const BatchNormReluParams& p, const void* scale, const void* shift, void* stream) {
+  switch (p.dtype) {
+    case DType::kFloat32: return bn_train::launch_normalize<float>(p, scale, shift, stream);
+    case DType::kFloat64: return bn_train::launch_normalize<double>(p, scale, shift, stream);
+    case DType::kFloat16: return bn_train::launch_normalize<__half>(p, scale, shift, stream);
+    case DType::kBFloat16: return bn_train::launch_normalize<__nv_bfloat16>(p, scale, shift, stream);
   }
   return "unsupported dtype";
 }

@@ -38,16 +38,19 @@ const char* launch_conv_bn_relu_folded(const ConvBnReluParams& params, void* str
 int64_t conv_stats_blocks(const ConvBnReluParams& params);
 const char* launch_conv_stats(const ConvBnReluParams& params, void* stream);
 
-// Training pass 2: merges the partials of pass 1 in a fixed order (Chan's parallel variance
-// formula), then z = relu(y * scale + shift).
-struct BatchNormTrainParams {
-  const void* partials;  // [3][blocks][c], from launch_conv_stats
+// Training pass 2 (and the standalone BatchNorm + ReLU's normalisation): merges the partials of pass
+// 1 in a fixed order (Chan's parallel variance formula), then z = relu(y * scale + shift), or with a
+// residual z = relu(round(y * scale + shift) + residual), rounding where an unfused batch_norm and add
+// store their outputs.
+struct BatchNormReluParams {
+  const void* partials;  // [3][blocks][c], from launch_conv_stats or launch_batch_norm_stats
   int64_t blocks;
   const void* gamma;     // (c,), accumulation type, or null (1)
   const void* beta;      // (c,), or null (0)
   double eps;
   void* stats;           // out: [4][c] mean, biased var, scale, shift (accumulation type)
-  const void* y;         // y and z: dense, both NCHW or both channels-last
+  const void* y;         // y, residual and z: dense, all NCHW or all channels-last
+  const void* residual;  // or null
   void* z;
   DType dtype;
   int64_t numel, c, hw;
@@ -56,7 +59,22 @@ struct BatchNormTrainParams {
 };
 // The merge is itself two-stage when there are many blocks: slabs of blocks first, then the slabs.
 int64_t batch_norm_train_slabs(int64_t blocks);
-const char* launch_batch_norm_train(const BatchNormTrainParams& params, void* stream);
+const char* launch_batch_norm_train(const BatchNormReluParams& params, void* stream);
+// The normalisation alone, with given per-channel scale and shift (accumulation type): inference.
+const char* launch_normalize_relu(const BatchNormReluParams& params, const void* scale, const void* shift,
+                                  void* stream);
+
+// The standalone BatchNorm + ReLU's training pass 1: the partial statistics of a dense x (NCHW or
+// channels-last), as launch_conv_stats writes them for y.
+struct BatchNormStatsParams {
+  const void* x;
+  DType dtype;
+  int64_t n, c, hw;
+  bool channels_last;
+  void* partials;  // out: [3][batch_norm_stats_blocks(params)][c]
+};
+int64_t batch_norm_stats_blocks(const BatchNormStatsParams& params);
+const char* launch_batch_norm_stats(const BatchNormStatsParams& params, void* stream);
 
 // Backward of z = relu(y * scale + shift), y = conv2d(x, weight), where (training) scale and shift
 // come from the batch statistics mean, var of y. With g = dz * 1[y * scale + shift > 0]:
@@ -88,5 +106,13 @@ struct ConvBnReluBackwardParams {
 };
 int64_t backward_workspace_elements(const ConvBnReluBackwardParams& params);
 const char* launch_conv_bn_relu_backward(const ConvBnReluBackwardParams& params, void* stream);
+
+// Backward of the standalone z = relu(y * scale + shift [+ residual]) (y the BatchNorm's input), with
+// the fields of ConvBnReluBackwardParams that the BatchNorm part reads: y, dz, the per-channel
+// tensors, eps, dx (out: dense, y's memory format; null: not wanted), dparams, workspace, dtype, n,
+// c_out, h_out, w_out (y's sizes) and y_stride, dz_stride, dx_stride. relu_mask: dz is z's gradient;
+// otherwise (a residual) dz is already g = dz * 1[z > 0].
+int64_t batch_norm_relu_backward_workspace_elements(const ConvBnReluBackwardParams& params);
+const char* launch_batch_norm_relu_backward(const ConvBnReluBackwardParams& params, bool relu_mask, void* stream);
 
 }  // namespace resnext_kernels

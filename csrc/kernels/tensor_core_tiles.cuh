@@ -155,11 +155,4 @@ struct StagedTile {
   }
 };
 
-// Whether a 16-bit tensor with these strides and data is read or written 8 channels at a time by
-// 16-byte accesses: unit channel stride and 16-byte aligned pixels.
-__host__ __device__ inline bool vector_layout(const int64_t (&stride)[4], const void* base) {
-  return stride[1] == 1 && (stride[0] % 8 | stride[2] % 8 | stride[3] % 8) == 0 &&
-         reinterpret_cast<uintptr_t>(base) % 16 == 0;
-}
-
 }  // namespace resnext_kernels

@@ -145,7 +145,7 @@ def run_batch_case(case, provider, device, timing_options):
         runner = BatchRunner(case, provider, device)
         measured = timing.measure(runner, device, **timing_options)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        # Where a training step's GPU time goes: how much of it the fused op's own kernels take.
+        # Where a training step's GPU time goes: how much of it the fused ops' own kernels take.
         profiled = case.mode == "train" and case.model in PROFILED_MODELS
         kernels = kernel_breakdown(runner, device, runs=1) if profiled else None
     except Exception as error:  # noqa: BLE001 - a failing provider must not stop the others

@@ -239,7 +239,7 @@ def summarize_kernels(events, runs):
 
 
 def project_kernel(name):
-    """Whether a kernel, by its full name as the profiler gives it, is one of the fused op's own: the
+    """Whether a kernel, by its full name as the profiler gives it, is one of the fused ops' own: the
     CUDA backend's live in namespace resnext_kernels, the Triton backend's carry their function's name."""
     return "resnext_kernels::" in name or name in _triton_kernel_names()
 
@@ -249,10 +249,10 @@ def _triton_kernel_names():
     try:
         from triton.runtime.jit import KernelInterface  # jitted, autotuned or interpreted
 
-        from ..triton import backward, conv
+        from ..triton import backward, batch_norm_relu, conv
     except ImportError:  # no Triton: no Triton kernels either
         return frozenset()
-    return frozenset(name for module in (conv, backward) for name, value in vars(module).items()
+    return frozenset(name for module in (conv, backward, batch_norm_relu) for name, value in vars(module).items()
                      if isinstance(value, KernelInterface))
 
 

@@ -19,12 +19,12 @@ Schema, version 1 (every time in the unit its name says; GB/s = 1e9 bytes/s):
         speedup_vs_eager, speedup_vs_compile (baseline time / this time), compile_s,
         kernels (optional; kernel providers on a GPU): [{name, calls, us, ours}], each kernel the op
         launches, with its launches and device time per call, longest first; ours: one of the fused
-        op's own kernels (not a copy, fill or PyTorch kernel)
+        ops' own kernels (not a copy, fill or PyTorch kernel)
     batches         [batch record]: one per (model, mode, provider)
         model, mode ("train"|"inference"), provider, n, image_size, dtype, layout, status, reason,
         median_ms, p20_ms, p80_ms, reps, images_per_s, peak_memory_bytes (None on a CPU), compile_s,
         kernel_ms, fused_ms, kernels (training steps of batch.PROFILED_MODELS on a GPU, else None):
-        device time of one step in all kernels and in the fused op's own, and its longest kernels as in
+        device time of one step in all kernels and in the fused ops' own, and its longest kernels as in
         an op record
     ratios          [{resnext, resnet, mode, provider ("best": each model's fastest), resnext_provider,
                       resnet_provider, resnext_ms, resnet_ms, ratio, paper_ratio (None: the paper has none)}]
@@ -373,7 +373,7 @@ def _clip(name, length=60):
 
 
 def render_step_breakdown(doc, heading="###"):
-    """Where one training step's GPU time goes, the fused op's kernels apart, and what that bounds."""
+    """Where one training step's GPU time goes, the fused ops' kernels apart, and what that bounds."""
     records = [r for r in doc["batches"] if r["status"] == "ok" and r["mode"] == "train" and r.get("kernel_ms")]
     if not records:
         return ""
@@ -385,8 +385,9 @@ def render_step_breakdown(doc, heading="###"):
                      "; ".join(f"{_clip(k['name'])} {k['us'] / 1e3:.1f}" for k in others)])
     out = [f"{heading}# Where a training step's GPU time goes",
            "",
-           "One step under torch.profiler: device time in all kernels and in the fused op's own (grouped "
-           "conv + BN + ReLU, forward and backward), in ms, beside the median step; a step longer than its "
+           "One step under torch.profiler: device time in all kernels and in the fused ops' own (grouped "
+           "conv + BN + ReLU and the other BatchNorms + ReLU, forward and backward), in ms, beside the "
+           "median step; a step longer than its "
            "kernels waited on the host. The longest other kernels are listed with their ms.",
            "",
            _table(["model", "provider", "step ms", "kernels ms", "fused-op kernels ms", "of the step",
@@ -397,7 +398,7 @@ def render_step_breakdown(doc, heading="###"):
               if baseline and r["model"] == "resnext50_32x4d" and r["provider"] in ("triton", "cuda")]
     if bounds:
         out += ["", "ResNeXt-50's step less its fused-op kernel time, over ResNet-50's eager step (the ratio the "
-                f"fused op could reach by taking no time at all; the target is <= {_STEP_TARGET}): "
+                f"fused ops could reach by taking no time at all; the target is <= {_STEP_TARGET}): "
                 + ", ".join(bounds) + "."]
     return "\n".join(out)
 

@@ -47,3 +47,14 @@ def batch_stats_forward(x, weight, bn_weight, bn_bias, eps, stride, dilation, gr
     z, _, stats = _ops(x.device).conv_bn_relu_train(x, weight, bn_weight, bn_bias, float(eps), stride, dilation,
                                                     groups)
     return z, stats[0], stats[1]
+
+
+def batch_norm_relu_batch_stats(x, residual, bn_weight, bn_bias, eps):
+    """``(z, mean, var)`` of ``relu(batch_norm(x) [+ residual])`` with the batch's statistics."""
+    z, stats = _ops(x.device).batch_norm_relu_train(x, residual, bn_weight, bn_bias, float(eps))
+    return z, stats[0], stats[1]
+
+
+def batch_norm_relu_folded(x, residual, scale, shift):
+    """``relu(x * scale + shift [+ residual])``."""
+    return _ops(x.device).batch_norm_relu_folded(x, residual, scale, shift)

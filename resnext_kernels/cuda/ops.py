@@ -6,6 +6,7 @@ import functools
 import torch
 
 from .._autograd import register as register_autograd
+from .._autograd import register_batch_norm_relu
 from ..functional import accumulate_dtype, output_memory_format
 
 
@@ -59,3 +60,24 @@ def register_namespace(namespace):
 
     register_autograd(ops.conv_bn_relu_train.default, ops.conv_bn_relu_folded.default, ops.grouped_conv.default,
                       ops.conv_bn_relu_backward.default)
+
+    if not _defined(namespace, "batch_norm_relu_train"):
+        return
+
+    @torch.library.register_fake(f"{namespace}::batch_norm_relu_train")
+    def _(x, residual, bn_weight, bn_bias, eps):
+        z = torch.empty_like(x, memory_format=output_memory_format(x))
+        return z, torch.empty((4, x.shape[1]), dtype=accumulate_dtype(x), device=x.device)
+
+    @torch.library.register_fake(f"{namespace}::batch_norm_relu_folded")
+    def _(x, residual, scale, shift):
+        return torch.empty_like(x, memory_format=output_memory_format(x))
+
+    @torch.library.register_fake(f"{namespace}::batch_norm_relu_backward")
+    def _(grad_output, x, scale, shift, mean, var, eps, relu_mask, need_dx, need_dparams):
+        dx = torch.empty_like(x, memory_format=output_memory_format(x)) if need_dx else x.new_empty((0,))
+        dparams_shape = (2, x.shape[1]) if need_dparams else (0,)
+        return dx, torch.empty(dparams_shape, dtype=accumulate_dtype(x), device=x.device)
+
+    register_batch_norm_relu(ops.batch_norm_relu_train.default, ops.batch_norm_relu_folded.default,
+                             ops.batch_norm_relu_backward.default)

@@ -2,7 +2,8 @@
 
 Modules: ``config`` (tile shapes, group packing, precision policy, autotuning), ``conv`` (forward
 kernels; why training writes y rather than recomputing it), ``backward`` (BN + ReLU backward folded into
-dgrad and wgrad), ``ops`` (torch.library registration and autograd). On CPU tensors the same kernels run
+dgrad and wgrad), ``batch_norm_relu`` (the standalone BatchNorm + ReLU), ``ops`` (torch.library
+registration and autograd). On CPU tensors the same kernels run
 in Triton's interpreter when TRITON_INTERPRET=1 is set before this package is imported: a test
 instrument, not a CPU backend.
 """
@@ -47,3 +48,14 @@ def batch_stats_forward(x, weight, bn_weight, bn_bias, eps, stride, dilation, gr
 def folded_forward(x, weight, scale, shift, stride, dilation, groups):
     """``relu(conv(x) * scale + shift)``, BatchNorm folded into per-channel scale and shift."""
     return ops.conv_scale_shift_relu(x, weight, scale, shift, stride, dilation, groups)
+
+
+def batch_norm_relu_batch_stats(x, residual, bn_weight, bn_bias, eps):
+    """``(z, mean, var)`` of ``relu(batch_norm(x) [+ residual])`` with the batch's statistics."""
+    z, stats = ops.batch_norm_relu_train(x, residual, bn_weight, bn_bias, float(eps))
+    return z, stats[0], stats[1]
+
+
+def batch_norm_relu_folded(x, residual, scale, shift):
+    """``relu(x * scale + shift [+ residual])``."""
+    return ops.batch_norm_relu_folded(x, residual, scale, shift)

@@ -43,20 +43,23 @@ _WGRAD_MIN_SPLIT_PIXELS = 64 if config.INTERPRET else 1024
 
 
 @triton.jit
-def _relu_grad(dz, y, scale, shift):
+def _relu_grad(dz, y, scale, shift, MASK: tl.constexpr):
     # As torch.relu's backward: zero where the output is <= 0, so a NaN output passes its gradient.
-    return tl.where(y * scale + shift <= 0, 0.0, dz)
+    # MASK=False: dz is already masked (the standalone BatchNorm + ReLU with a residual).
+    if MASK:
+        return tl.where(y * scale + shift <= 0, 0.0, dz)
+    return dz
 
 
 @triton.jit
 def _dy_tile(dz_ptrs, y_ptrs, ok, offs_c, c_ok, scale_ptr, shift_ptr, mean_ptr, coef_ptr, C,
-             TRAIN: tl.constexpr, ACC: tl.constexpr):
+             TRAIN: tl.constexpr, ACC: tl.constexpr, MASK: tl.constexpr = True):
     """dy on a [pixels, channels] tile, zero outside ``ok``."""
     scale = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)[None, :]
     shift = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)[None, :]
     dz = tl.load(dz_ptrs, mask=ok, other=0.0).to(ACC)
     y = tl.load(y_ptrs, mask=ok, other=0.0).to(ACC)
-    dy = _relu_grad(dz, y, scale, shift) * scale
+    dy = _relu_grad(dz, y, scale, shift, MASK) * scale
     if TRAIN:
         mean = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)[None, :]
         coef_b = tl.load(coef_ptr + offs_c, mask=c_ok, other=0.0)[None, :]
@@ -69,7 +72,7 @@ def _dy_tile(dz_ptrs, y_ptrs, ok, offs_c, c_ok, scale_ptr, shift_ptr, mean_ptr, 
 def _reduce_kernel(
     dz_ptr, y_ptr, scale_ptr, shift_ptr, mean_ptr, part_ptr, M, HO, WO, C, TILES_PER_PROGRAM, PART_ROWS,
     sdn, sdc, sdh, sdw, syn, syc, syh, syw,
-    TRAIN: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    TRAIN: tl.constexpr, MASK: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # Each program sums a run of row tiles into one partial row: few enough rows for the final sum.
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -92,7 +95,7 @@ def _reduce_kernel(
         dz = tl.load(dz_ptr + (n_img * sdn + ho * sdh + wo * sdw)[:, None] + offs_c[None, :] * sdc, mask=ok, other=0.0)
         y = tl.load(y_ptr + (n_img * syn + ho * syh + wo * syw)[:, None] + offs_c[None, :] * syc, mask=ok, other=0.0)
         y = y.to(ACC)
-        g = _relu_grad(dz.to(ACC), y, scale, shift)
+        g = _relu_grad(dz.to(ACC), y, scale, shift, MASK)
         s1 += tl.sum(g, axis=0)
         s2 += tl.sum(tl.where(ok, g * (y - center), 0.0), axis=0)
     part = part_ptr + tl.program_id(0) * C + offs_c
@@ -344,6 +347,35 @@ def _sum_splits_kernel(part_ptr, out_ptr, NUMEL, SPLITS, ACC: tl.constexpr, BLOC
     tl.store(out_ptr + offs, config.cast(total, out_ptr.dtype.element_ty), mask=ok)
 
 
+def coefficients(dz, y, scale, shift, mean, var, eps, dparams, mask):
+    """Passes (1) and (2): the coefficients B, C of dy (rows of a (2, C) tensor; unused when folded)
+    and, when ``dparams`` is given, the parameter gradients into it. ``mask``: dz is z's gradient and
+    g = dz * 1[y * scale + shift > 0]; otherwise dz is g already. Folded without dparams nothing runs."""
+    n, c, ho, wo = y.shape
+    m = n * ho * wo
+    train = mean is not None
+    acc = config.acc_dtype(y.dtype)
+    coef = torch.empty((2, c), dtype=acc, device=y.device)
+    if not (train or dparams is not None):
+        return coef
+    c_blocks = triton.cdiv(c, _REDUCE_BLOCK_C)
+    row_tiles = triton.cdiv(m, _REDUCE_BLOCK_M)
+    tiles_per_program = triton.cdiv(row_tiles, max(1, min(row_tiles, config.parallel_programs(y.device) // c_blocks)))
+    rows = triton.cdiv(row_tiles, tiles_per_program)
+    part = torch.empty((2, rows, c), dtype=acc, device=y.device)
+    sums = dparams if dparams is not None else torch.empty((2, c), dtype=acc, device=y.device)
+    tl_acc = config.tl_acc_dtype(y.dtype)
+    _reduce_kernel[(rows, c_blocks)](
+        dz, y, scale, shift, mean if train else scale, part, m, ho, wo, c, tiles_per_program, rows, *dz.stride(),
+        *y.stride(), TRAIN=train, MASK=mask, ACC=tl_acc, BLOCK_M=_REDUCE_BLOCK_M, BLOCK_C=_REDUCE_BLOCK_C,
+    )
+    _finalize_kernel[(c_blocks,)](
+        part, scale, var if train else scale, coef, sums, m, c, rows, eps,
+        TRAIN=train, ACC=tl_acc, BLOCK_T=_FINALIZE_BLOCK_T, BLOCK_C=_REDUCE_BLOCK_C,
+    )
+    return coef
+
+
 def gradient_buffers(x, weight, need_dx, need_dw, need_dparams):
     """Uninitialised (dx, dw, dparams) as backward() returns them."""
     if need_dx:
@@ -373,26 +405,11 @@ def backward(dz, x, weight, y, scale, shift, mean, var, eps, stride, dilation, g
     acc = config.acc_dtype(x.dtype)
     tl_acc = config.tl_acc_dtype(x.dtype)
     dot = dict(ACC=tl_acc, DOT_IN=config.dot_operand_dtype(x.dtype), PRECISION=config.dot_precision(x.dtype))
-    c_blocks = triton.cdiv(c_out, _REDUCE_BLOCK_C)
-    row_tiles = triton.cdiv(m, _REDUCE_BLOCK_M)
-    tiles_per_program = triton.cdiv(row_tiles, max(1, min(row_tiles, config.parallel_programs(x.device) // c_blocks)))
-    rows = triton.cdiv(row_tiles, tiles_per_program)
-    part = torch.empty((2, rows, c_out), dtype=acc, device=x.device)
-    coef = torch.empty((2, c_out), dtype=acc, device=x.device)
-    mean = mean if train else scale  # a placeholder pointer, never read, when not training
-    per_channel = (scale, shift, mean, coef)
     dx, dw, dparams = gradient_buffers(x, weight, need_dx, need_dw, need_dparams)
     with device_guard(x):
-        if train or need_dparams:
-            sums = dparams if need_dparams else torch.empty((2, c_out), dtype=acc, device=x.device)
-            _reduce_kernel[(rows, c_blocks)](
-                dz, y, scale, shift, mean, part, m, ho, wo, c_out, tiles_per_program, rows, *dz.stride(),
-                *y.stride(), TRAIN=train, ACC=tl_acc, BLOCK_M=_REDUCE_BLOCK_M, BLOCK_C=_REDUCE_BLOCK_C,
-            )
-            _finalize_kernel[(c_blocks,)](
-                part, scale, var if train else scale, coef, sums, m, c_out, rows, eps,
-                TRAIN=train, ACC=tl_acc, BLOCK_T=_FINALIZE_BLOCK_T, BLOCK_C=_REDUCE_BLOCK_C,
-            )
+        coef = coefficients(dz, y, scale, shift, mean, var, eps, dparams if need_dparams else None, mask=True)
+        mean = mean if train else scale  # a placeholder pointer, never read, when not training
+        per_channel = (scale, shift, mean, coef)
         if need_dx:
             block_n, block_k = config.gemm_channel_tiles(c_in // groups, c_out // groups, groups)
             k_align, even_k = config.k_range_layout(c_in // groups, c_out // groups, c_in, block_n, block_k)

@@ -113,19 +113,25 @@ def _conv_kernel(
     else:
         tl.store(out_ptrs, y, mask=ok)
         if STATS:
-            # Per (tile, channel): a shift near the tile's mean (its rounded mean), the mean of the
-            # deviations from it, and their sum of squares. y - shift is exact when |mean| >> spread,
-            # and the tile mean lives on as shift + offset without being rounded at |mean|'s magnitude.
             count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(ACC)
-            yv = tl.where(ok, y.to(ACC), 0.0)
-            tile_shift = tl.sum(yv, axis=0) / count
-            dev = tl.where(ok, yv - tile_shift[None, :], 0.0)
-            offset = tl.sum(dev, axis=0) / count
-            dev = tl.where(ok, dev - offset[None, :], 0.0)
+            tile_shift, offset, m2 = tile_moments(tl.where(ok, y.to(ACC), 0.0), ok, count)
             part = part_ptr + pid_m * C_OUT + offs_n
             tl.store(part, tile_shift, mask=n_ok)
             tl.store(part + PART_ROWS * C_OUT, offset, mask=n_ok)
-            tl.store(part + 2 * PART_ROWS * C_OUT, tl.sum(dev * dev, axis=0), mask=n_ok)
+            tl.store(part + 2 * PART_ROWS * C_OUT, m2, mask=n_ok)
+
+
+@triton.jit
+def tile_moments(v, ok, count):
+    """Per channel of a [pixels, channels] tile ``v`` (zero outside ``ok``, ``count`` pixels inside): a
+    shift near the tile's mean (its rounded mean), the mean of the deviations from it, and their sum of
+    squares. v - shift is exact when |mean| >> spread, and the tile mean lives on as shift + offset
+    without being rounded at |mean|'s magnitude."""
+    tile_shift = tl.sum(v, axis=0) / count
+    dev = tl.where(ok, v - tile_shift[None, :], 0.0)
+    offset = tl.sum(dev, axis=0) / count
+    dev = tl.where(ok, dev - offset[None, :], 0.0)
+    return tile_shift, offset, tl.sum(dev * dev, axis=0)
 
 
 @triton.jit
@@ -209,10 +215,11 @@ def _stats_kernel(
 
 
 @triton.jit
-def _bn_relu_kernel(y_ptr, z_ptr, scale_ptr, shift_ptr, P, HW, C, s_n, s_c, s_hw,
-                    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # A [pixels, channels] tile of y and z, which are dense in the same memory format (h and w merge):
-    # per-channel values load once per tile and indices divide once per pixel, not per element.
+def _bn_relu_kernel(y_ptr, r_ptr, z_ptr, scale_ptr, shift_ptr, P, HW, C, s_n, s_c, s_hw,
+                    HAS_RESIDUAL: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # A [pixels, channels] tile of y (the residual) and z, which are dense in the same memory format (h
+    # and w merge): per-channel values load once per tile and indices divide once per pixel, not per
+    # element.
     offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
@@ -221,7 +228,23 @@ def _bn_relu_kernel(y_ptr, z_ptr, scale_ptr, shift_ptr, P, HW, C, s_n, s_c, s_hw
     scale = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
     shift = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
     v = tl.load(y_ptr + offs, mask=ok, other=0.0).to(ACC) * scale[None, :] + shift[None, :]
+    if HAS_RESIDUAL:
+        # The standalone BatchNorm + ReLU: batch_norm's output rounded as an unfused one stores it,
+        # then the residual added.
+        v = config.cast(v, z_ptr.dtype.element_ty).to(ACC) + tl.load(r_ptr + offs, mask=ok, other=0.0).to(ACC)
     tl.store(z_ptr + offs, config.cast(tl.where(v < 0, 0.0, v), z_ptr.dtype.element_ty), mask=ok)
+
+
+def normalize_relu(y, residual, z, scale, shift):
+    """z = relu(y * scale + shift [+ residual]); y, residual and z dense in one memory format."""
+    n, c, h, w = y.shape
+    block_c = min(triton.next_power_of_2(c), 64)
+    block_p = _ELEMENTWISE_BLOCK // block_c
+    _bn_relu_kernel[(triton.cdiv(n * h * w, block_p), triton.cdiv(c, block_c))](
+        y, y if residual is None else residual, z, scale, shift, n * h * w, h * w, c, y.stride(0), y.stride(1),
+        y.stride(3), HAS_RESIDUAL=residual is not None, ACC=config.tl_acc_dtype(y.dtype), BLOCK_P=block_p,
+        BLOCK_C=block_c,
+    )
 
 
 def device_guard(t):
@@ -284,7 +307,8 @@ def folded_forward(x, weight, scale, shift, stride, dilation, groups):
     return z
 
 
-def _merge_stats(part, part_rows, m, tile_m, stats, bn_weight, bn_bias, eps):
+def merge_stats(part, part_rows, m, tile_m, stats, bn_weight, bn_bias, eps):
+    """The statistics rows from the (shift, offset, m2) partials of row tiles of tile_m pixels."""
     c_out = stats.shape[1]
     tiles = triton.cdiv(m, tile_m)
     c_blocks = triton.cdiv(c_out, _STATS_BLOCK_C)
@@ -319,11 +343,6 @@ def train_forward(x, weight, bn_weight, bn_bias, eps, stride, dilation, groups):
     z = torch.empty_like(y)
     with device_guard(x):
         block_m = _launch_conv(x, weight, y, stride, dilation, groups, part=part)
-        _merge_stats(part, part_rows, m, block_m, stats, bn_weight, bn_bias, eps)
-        block_c = min(triton.next_power_of_2(c_out), 64)
-        block_p = _ELEMENTWISE_BLOCK // block_c
-        _bn_relu_kernel[(triton.cdiv(m, block_p), triton.cdiv(c_out, block_c))](
-            y, z, stats[2], stats[3], m, ho * wo, c_out, y.stride(0), y.stride(1), y.stride(3),
-            ACC=config.tl_acc_dtype(x.dtype), BLOCK_P=block_p, BLOCK_C=block_c,
-        )
+        merge_stats(part, part_rows, m, block_m, stats, bn_weight, bn_bias, eps)
+        normalize_relu(y, None, z, stats[2], stats[3])
     return z, y, stats

@@ -10,8 +10,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..functional import output_memory_format
+
 from .._autograd import register as register_autograd
+from .._autograd import register_batch_norm_relu
 from . import backward as _backward
+from . import batch_norm_relu as _batch_norm_relu
 from . import conv as _conv
 
 
@@ -73,3 +77,44 @@ def _(dz, x, weight, y, scale, shift, mean, var, eps, stride, dilation, groups, 
 
 
 register_autograd(conv_bn_relu_train, conv_scale_shift_relu, grouped_conv, conv_bn_relu_backward)
+
+
+@torch.library.custom_op("resnext_kernels::triton_batch_norm_relu_train", mutates_args=())
+def batch_norm_relu_train(
+    x: Tensor, residual: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float,
+) -> tuple[Tensor, Tensor]:
+    """The standalone BatchNorm + ReLU with batch statistics: ``(z, stats)``."""
+    return _batch_norm_relu.train_forward(x, residual, bn_weight, bn_bias, eps)
+
+
+@batch_norm_relu_train.register_fake
+def _(x, residual, bn_weight, bn_bias, eps):
+    return torch.empty_like(x, memory_format=output_memory_format(x)), _conv.stats_buffer(x, x.shape[1])
+
+
+@torch.library.custom_op("resnext_kernels::triton_batch_norm_relu_folded", mutates_args=())
+def batch_norm_relu_folded(x: Tensor, residual: Optional[Tensor], scale: Tensor, shift: Tensor) -> Tensor:
+    """Inference: ``relu(x * scale + shift [+ residual])``."""
+    return _batch_norm_relu.folded_forward(x, residual, scale, shift)
+
+
+@batch_norm_relu_folded.register_fake
+def _(x, residual, scale, shift):
+    return torch.empty_like(x, memory_format=output_memory_format(x))
+
+
+@torch.library.custom_op("resnext_kernels::triton_batch_norm_relu_backward", mutates_args=())
+def batch_norm_relu_backward(
+    grad_output: Tensor, x: Tensor, scale: Tensor, shift: Tensor, mean: Optional[Tensor], var: Optional[Tensor],
+    eps: float, relu_mask: bool, need_dx: bool, need_dparams: bool,
+) -> tuple[Tensor, Tensor]:
+    """``(dx, dparams)`` of the standalone BatchNorm + ReLU; see batch_norm_relu.backward."""
+    return _batch_norm_relu.backward(grad_output, x, scale, shift, mean, var, eps, relu_mask, need_dx, need_dparams)
+
+
+@batch_norm_relu_backward.register_fake
+def _(grad_output, x, scale, shift, mean, var, eps, relu_mask, need_dx, need_dparams):
+    return _batch_norm_relu.gradient_buffers(x, need_dx, need_dparams)
+
+
+register_batch_norm_relu(batch_norm_relu_train, batch_norm_relu_folded, batch_norm_relu_backward)
