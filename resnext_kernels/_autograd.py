@@ -81,6 +81,8 @@ def register_batch_norm_relu(train_op, folded_op, backward_op):
         x, stats = ctx.saved_tensors[:2]
         need = ctx.needs_input_grad
         grad, g = relu_grad(ctx, dz)
+        if not (need[0] or need[2] or need[3]):  # the residual's gradient alone: no kernel to run
+            return None, g, None, None, None
         dx, dparams = backward_op(grad, x, stats[2], stats[3], stats[0], stats[1], ctx.eps, not ctx.has_residual,
                                   need[0], need[2] or need[3])
         dgamma = dparams[0].to(ctx.param_dtypes[0]) if need[2] else None
@@ -96,6 +98,8 @@ def register_batch_norm_relu(train_op, folded_op, backward_op):
         x, scale, shift = ctx.saved_tensors[:3]
         need = ctx.needs_input_grad
         grad, g = relu_grad(ctx, dz)
+        if not (need[0] or need[2] or need[3]):
+            return None, g, None, None
         dx, dparams = backward_op(grad, x, scale, shift, None, None, 0.0, not ctx.has_residual, need[0],
                                   need[2] or need[3])
         return (dx if need[0] else None, g if need[1] else None,

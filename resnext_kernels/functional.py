@@ -283,4 +283,4 @@ def _check_batch_norm_relu_inputs(x, bn_weight, bn_bias, running_mean, running_v
             raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
     _check_batch_norm_args(x, x.shape[1], bn_weight, bn_bias, running_mean, running_var, training)
     if training:
-        _check_values_per_channel(x.numel() // x.shape[1] if x.shape[0] else 0, x)
+        _check_values_per_channel(x.numel() // x.shape[1], x)

@@ -17,17 +17,17 @@
 namespace resnext_kernels {
 namespace bn_relu {
 
+// Blocked as the backward's reductions: kChannels channels by pixel ranges of at least kReducePixels,
+// at most kMaxReduceBlocks of them (the merge is two-stage beyond 256).
+using backward::ceil_div;
+using backward::kChannels;
+using backward::kLanes;
 using backward::kThreads;
-constexpr int kChannels = 32;                   // channels per moments block
-constexpr int kLanes = kThreads / kChannels;    // pixel lanes per channel
-constexpr int kVectorLanes = kThreads / (kChannels / 8);
-constexpr int kMinPixels = 256;                 // per moments block
-constexpr int kMaxBlocks = 1024;                // pixel blocks (the merge is two-stage beyond 256)
+using backward::kVectorLanes;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t pixels_per_block(const BatchNormStatsParams& p) {
-  const int64_t per = ceil_div(p.n * p.hw, kMaxBlocks);
-  return per > kMinPixels ? per : kMinPixels;
+  const int64_t per = ceil_div(p.n * p.hw, backward::kMaxReduceBlocks);
+  return per > backward::kReducePixels ? per : backward::kReducePixels;
 }
 
 // Moments of one thread's values, kept as sums of deviations from its first value: exact enough

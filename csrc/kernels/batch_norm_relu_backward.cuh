@@ -3,9 +3,10 @@
 // (conv_bn_relu_backward.cuh) and the standalone BatchNorm + ReLU (batch_norm_relu.cuh) share.
 //
 //  1. reduce_partials (reduce_partials_vector for dense channels-last 16-bit y and dz): per (pixel
-//     block, channel) sums of g and g * (y - center), g = dz * 1[z > 0] (z > 0 tested as
-//     y * scale + shift > 0, the same expression the forward's pass 2 rounds from); skipped when
-//     folded and no dparams are wanted (frozen BatchNorm);
+//     block, channel) sums of g and g * (y - center), g = dz * 1[not z <= 0] (z tested as
+//     y * scale + shift, the same expression the forward's pass 2 rounds from; as torch.relu's
+//     backward, a NaN z passes its gradient); skipped when folded and no dparams are wanted (frozen
+//     BatchNorm);
 //  2. finalize: sums the partials in a fixed order into dparams and per-channel coefficients with
 //     dy = scale * g + B * (y - center) + C (training: center = mean, B = -scale * rstd * mean(g xhat),
 //     C = -scale * mean(g); folded: B = C = center = 0).
@@ -41,7 +42,6 @@ inline int64_t reduce_pixels_per_block(const P& p) {
 }
 inline int64_t reduce_blocks(const P& p) { return ceil_div(pixels(p), reduce_pixels_per_block(p)); }
 
-
 template <typename Acc>
 struct Workspace {
   Acc* coef;      // [kRows][c_out]
@@ -57,7 +57,7 @@ __device__ __forceinline__ Workspace<Acc> workspace_of(const P& p) {
 // kernel. A zero B (always, folded) contributes nothing, even where y is infinite (0 * Inf = NaN).
 template <typename Acc, bool kMask = true>
 __device__ __forceinline__ Acc dy_of(Acc yv, Acc dz, Acc scale, Acc shift, Acc b, Acc center, Acc c) {
-  const Acc g = !kMask || yv * scale + shift > Acc(0) ? dz : Acc(0);
+  const Acc g = kMask && yv * scale + shift <= Acc(0) ? Acc(0) : dz;
   return scale * g + (b == Acc(0) ? Acc(0) : b * (yv - center)) + c;
 }
 
@@ -68,10 +68,12 @@ __device__ __forceinline__ typename Numeric<T>::Acc dy_at(const P& p, const type
   const T* y = static_cast<const T*>(p.y);
   const T* dz = static_cast<const T*>(p.dz);
   const int64_t c_out = p.c_out;
-  return dy_of<typename Numeric<T>::Acc, kMask>(Numeric<T>::load(y[n * p.y_stride[0] + co * p.y_stride[1] + oh * p.y_stride[2] + ow * p.y_stride[3]]),
-               Numeric<T>::load(dz[n * p.dz_stride[0] + co * p.dz_stride[1] + oh * p.dz_stride[2] + ow * p.dz_stride[3]]),
-               coef[kScale * c_out + co], coef[kShift * c_out + co], coef[kB * c_out + co],
-               coef[kCenter * c_out + co], coef[kC * c_out + co]);
+  using Acc = typename Numeric<T>::Acc;
+  return dy_of<Acc, kMask>(
+      Numeric<T>::load(y[n * p.y_stride[0] + co * p.y_stride[1] + oh * p.y_stride[2] + ow * p.y_stride[3]]),
+      Numeric<T>::load(dz[n * p.dz_stride[0] + co * p.dz_stride[1] + oh * p.dz_stride[2] + ow * p.dz_stride[3]]),
+      coef[kScale * c_out + co], coef[kShift * c_out + co], coef[kB * c_out + co], coef[kCenter * c_out + co],
+      coef[kC * c_out + co]);
 }
 
 // Whether dy_vector may serve 16-bit y and dz: both channels-last with 16-byte aligned pixels, and
@@ -105,8 +107,8 @@ __device__ __forceinline__ uint4 dy_vector(const P& p, const float* coef, int co
       auto at = [&](int r) { return e % 4 == 0 ? rows[r].x : e % 4 == 1 ? rows[r].y : e % 4 == 2 ? rows[r].z : rows[r].w; };
       const int shift = 16 * (e % 2);
       const float value = dy_of<float, kMask>(Numeric<T>::from_bits(uint16_t(y_words[e / 2] >> shift)),
-                                Numeric<T>::from_bits(uint16_t(dz_words[e / 2] >> shift)), at(kScale), at(kShift),
-                                at(kB), at(kCenter), at(kC));
+                                              Numeric<T>::from_bits(uint16_t(dz_words[e / 2] >> shift)), at(kScale),
+                                              at(kShift), at(kB), at(kCenter), at(kC));
       const T rounded = Numeric<T>::store(value);
       uint16_t bits;
       memcpy(&bits, &rounded, 2);
@@ -147,7 +149,7 @@ __global__ void __launch_bounds__(kThreads) reduce_partials(const P p, int64_t p
     const int h_out = int(p.h_out), w_out = int(p.w_out);
     for (int64_t m = m0 + lane; m < m1; m += kLanes) {
       const Acc yv = Numeric<T>::load(y[n * p.y_stride[0] + co * p.y_stride[1] + oh * p.y_stride[2] + ow * p.y_stride[3]]);
-      if (!kMask || yv * scale + shift > Acc(0)) {
+      if (!(kMask && yv * scale + shift <= Acc(0))) {  // as dy_of
         const Acc g =
             Numeric<T>::load(dz[n * p.dz_stride[0] + co * p.dz_stride[1] + oh * p.dz_stride[2] + ow * p.dz_stride[3]]);
         sum_g += g;
@@ -208,7 +210,7 @@ __global__ void __launch_bounds__(kThreads) reduce_partials_vector(const P p, in
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         const float yv = Numeric<T>::from_bits(uint16_t(y_words[e / 2] >> (16 * (e % 2))));
-        if (!kMask || yv * scale[e] + shift[e] > 0.0f) {  // as reduce_partials: z > 0
+        if (!(kMask && yv * scale[e] + shift[e] <= 0.0f)) {  // as dy_of
           const float g = Numeric<T>::from_bits(uint16_t(dz_words[e / 2] >> (16 * (e % 2))));
           sum_g[e] += g;
           sum_gy[e] += g * (yv - center[e]);

@@ -1,11 +1,10 @@
 """impl="triton": fused grouped 3x3 convolution + BatchNorm + ReLU in Triton, forward and backward.
 
 Modules: ``config`` (tile shapes, group packing, precision policy, autotuning), ``conv`` (forward
-kernels; why training writes y rather than recomputing it), ``backward`` (BN + ReLU backward folded into
-dgrad and wgrad), ``batch_norm_relu`` (the standalone BatchNorm + ReLU), ``ops`` (torch.library
-registration and autograd). On CPU tensors the same kernels run
-in Triton's interpreter when TRITON_INTERPRET=1 is set before this package is imported: a test
-instrument, not a CPU backend.
+kernels; why training writes y rather than recomputing it), ``backward`` (BN + ReLU backward folded
+into dgrad and wgrad), ``batch_norm_relu`` (the standalone BatchNorm + ReLU), ``ops`` (torch.library
+registration and autograd). On CPU tensors the same kernels run in Triton's interpreter when
+TRITON_INTERPRET=1 is set before this package is imported: a test instrument, not a CPU backend.
 """
 
 import os

@@ -92,8 +92,9 @@ def _reduce_kernel(
         ho = (offs_m % (HO * WO)) // WO
         wo = offs_m % WO
         ok = (offs_m < p_hi)[:, None] & c_ok[None, :]
-        dz = tl.load(dz_ptr + (n_img * sdn + ho * sdh + wo * sdw)[:, None] + offs_c[None, :] * sdc, mask=ok, other=0.0)
-        y = tl.load(y_ptr + (n_img * syn + ho * syh + wo * syw)[:, None] + offs_c[None, :] * syc, mask=ok, other=0.0)
+        wide_c = offs_c.to(tl.int64)[None, :]  # an NCHW image alone may pass 2^31 elements
+        dz = tl.load(dz_ptr + (n_img * sdn + ho * sdh + wo * sdw)[:, None] + wide_c * sdc, mask=ok, other=0.0)
+        y = tl.load(y_ptr + (n_img * syn + ho * syh + wo * syw)[:, None] + wide_c * syc, mask=ok, other=0.0)
         y = y.to(ACC)
         g = _relu_grad(dz.to(ACC), y, scale, shift, MASK)
         s1 += tl.sum(g, axis=0)

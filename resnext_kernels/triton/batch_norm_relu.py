@@ -23,12 +23,13 @@ _BLOCK_C = 64
 @triton.jit
 def _moments_kernel(x_ptr, part_ptr, P, HW, C, PART_ROWS, s_n, s_c, s_hw,
                     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_m = tl.program_id(0)
-    offs_p = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # 64-bit offsets: an NCHW image alone may pass 2^31 elements.
+    pid_m = tl.program_id(0).to(tl.int64)
+    offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
     ok = (offs_p < P)[:, None] & c_ok[None, :]
-    offs = ((offs_p // HW) * s_n + (offs_p % HW) * s_hw)[:, None] + offs_c[None, :] * s_c
+    offs = ((offs_p // HW) * s_n + (offs_p % HW) * s_hw)[:, None] + offs_c.to(tl.int64)[None, :] * s_c
     x = tl.where(ok, tl.load(x_ptr + offs, mask=ok, other=0.0).to(ACC), 0.0)
     count = tl.minimum(P - pid_m * BLOCK_M, BLOCK_M).to(ACC)
     tile_shift, offset, m2 = tile_moments(x, ok, count)  # as the convolution's statistics epilogue
@@ -50,10 +51,11 @@ def _input_grad_kernel(dz_ptr, y_ptr, dx_ptr, scale_ptr, shift_ptr, mean_ptr, co
     n = offs_p // HW
     h = (offs_p % HW) // W
     w = offs_p % W
-    dz_ptrs = dz_ptr + (n * sdn + h * sdh + w * sdw)[:, None] + offs_c[None, :] * sdc
-    y_ptrs = y_ptr + (n * syn + h * syh + w * syw)[:, None] + offs_c[None, :] * syc
+    wide_c = offs_c.to(tl.int64)[None, :]  # 64-bit offsets, as in _moments_kernel
+    dz_ptrs = dz_ptr + (n * sdn + h * sdh + w * sdw)[:, None] + wide_c * sdc
+    y_ptrs = y_ptr + (n * syn + h * syh + w * syw)[:, None] + wide_c * syc
     dy = _dy_tile(dz_ptrs, y_ptrs, ok, offs_c, c_ok, scale_ptr, shift_ptr, mean_ptr, coef_ptr, C, TRAIN, ACC, MASK)
-    dx_ptrs = dx_ptr + (n * s_n + (offs_p % HW) * s_hw)[:, None] + offs_c[None, :] * s_c
+    dx_ptrs = dx_ptr + (n * s_n + (offs_p % HW) * s_hw)[:, None] + wide_c * s_c
     tl.store(dx_ptrs, config.cast(dy, dx_ptr.dtype.element_ty), mask=ok)
 
 

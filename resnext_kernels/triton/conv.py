@@ -224,7 +224,7 @@ def _bn_relu_kernel(y_ptr, r_ptr, z_ptr, scale_ptr, shift_ptr, P, HW, C, s_n, s_
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
     ok = (offs_p < P)[:, None] & c_ok[None, :]
-    offs = ((offs_p // HW) * s_n + (offs_p % HW) * s_hw)[:, None] + offs_c[None, :] * s_c
+    offs = ((offs_p // HW) * s_n + (offs_p % HW) * s_hw)[:, None] + offs_c.to(tl.int64)[None, :] * s_c
     scale = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
     shift = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
     v = tl.load(y_ptr + offs, mask=ok, other=0.0).to(ACC) * scale[None, :] + shift[None, :]

@@ -10,10 +10,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..functional import output_memory_format
-
 from .._autograd import register as register_autograd
 from .._autograd import register_batch_norm_relu
+from ..functional import output_memory_format
 from . import backward as _backward
 from . import batch_norm_relu as _batch_norm_relu
 from . import conv as _conv
