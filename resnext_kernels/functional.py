@@ -112,8 +112,9 @@ def batch_norm_relu(
     impl="auto",
 ):
     """``relu(batch_norm(x) + residual)``, or ``relu(batch_norm(x))`` without a residual: the
-    bottleneck's bn1 + relu and bn3 + add + relu, one pass over x after the statistics where eager
-    PyTorch makes three (four with the residual), and a backward of two passes instead of four.
+    bottleneck's bn1 + relu and bn3 + add + relu. In activation-sized transfers, forward + backward,
+    3 + 5 where eager PyTorch's separate batch_norm, add and ReLU move 5 + 8 (with the residual 4 + 8
+    against 8 + 8).
 
     ``batch_norm`` is ``F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training,
     momentum, eps)`` exactly as in grouped_conv_bn_relu; its output is rounded to x's dtype before the

@@ -1,5 +1,5 @@
 """ResNeXtBlock, a drop-in for torchvision's Bottleneck whose conv2 + bn2 + relu run fused (and bn1 +
-relu, bn3 + add + relu as one pass each), and ``convert`` which swaps it into existing torchvision and
+relu, bn3 + add + relu as one op each), and ``convert`` which swaps it into existing torchvision and
 timm models."""
 
 import warnings

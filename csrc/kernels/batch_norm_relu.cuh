@@ -40,11 +40,13 @@ struct ShiftedMoments {
     const Acc d = v - first;
     count += Acc(1), sum += d, sum_sq += d * d;
   }
-  // (count, mean, sum of squares around the mean), as merge_moments takes them.
+  // (count, mean, sum of squares around the mean), as merge_moments takes them; the difference
+  // rounded below zero (nearly equal values) is clamped, so no variance comes out negative.
   __device__ __forceinline__ void finish(Acc& n, Acc& mean, Acc& m2) const {
     n = count;
     mean = count == Acc(0) ? Acc(0) : first + sum / count;
-    m2 = count == Acc(0) ? Acc(0) : sum_sq - sum * (sum / count);
+    const Acc centered = count == Acc(0) ? Acc(0) : sum_sq - sum * (sum / count);
+    m2 = centered < Acc(0) ? Acc(0) : centered;  // NaN stays NaN
   }
 };
 
