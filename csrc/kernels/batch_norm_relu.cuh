@@ -191,16 +191,14 @@ const char* launch_backward(const P& p, void* stream) {
   for (int i = 0; i < 4; ++i) dx_channels_last &= p.dx_stride[i] == dense_channels_last[i];
   if constexpr (sizeof(T) == 2) {
     if (dx_channels_last && backward::dense_channels_last_vectors(p) && reinterpret_cast<uintptr_t>(p.dx) % 16 == 0) {
-      const int64_t vectors = numel / 8, most = int64_t(65536) * kThreads;
-      const int64_t threads = vectors < most ? vectors : most, stride = threads / (p.c_out / 8) * (p.c_out / 8);
+      const int64_t stride = channel_vector_stride(numel, p.c_out, kThreads);
       auto kernel = input_grad_vector<T, kMask>;
       RK_LAUNCH(kernel, dim3(unsigned((stride + kThreads - 1) / kThreads)), dim3(kThreads), 0, s, p, stride);
       return RK_LAUNCH_ERROR();
     }
   }
-  const int64_t blocks = ceil_div(numel, kThreads);
   auto kernel = input_grad<T, kMask>;
-  RK_LAUNCH(kernel, dim3(unsigned(blocks < 65536 ? blocks : 65536)), dim3(kThreads), 0, s, p, dx_channels_last);
+  RK_LAUNCH(kernel, dim3(grid_stride_blocks(numel, kThreads)), dim3(kThreads), 0, s, p, dx_channels_last);
   return RK_LAUNCH_ERROR();
 }
 

@@ -135,17 +135,15 @@ const char* launch_normalize(const BatchNormReluParams& p, const typename Numeri
   if constexpr (sizeof(T) == 2) {
     if (p.channels_last && p.c % 8 == 0 && reinterpret_cast<uintptr_t>(p.y) % 16 == 0 &&
         reinterpret_cast<uintptr_t>(p.z) % 16 == 0 && reinterpret_cast<uintptr_t>(p.residual) % 16 == 0) {
-      const int64_t vectors = p.numel / 8, most = int64_t(65536) * kThreads;
-      const int64_t threads = vectors < most ? vectors : most, stride = threads / (p.c / 8) * (p.c / 8);
+      const int64_t stride = channel_vector_stride(p.numel, p.c, kThreads);
       auto normalize_kernel = normalize_relu_vectors<T, kResidual>;
       RK_LAUNCH(normalize_kernel, dim3(unsigned((stride + kThreads - 1) / kThreads)), dim3(kThreads), 0, s, p, scale,
                 shift, stride);
       return RK_LAUNCH_ERROR();
     }
   }
-  const int64_t blocks = (p.numel + kThreads - 1) / kThreads;
   auto normalize_kernel = normalize_relu<T, kResidual>;
-  RK_LAUNCH(normalize_kernel, dim3(unsigned(blocks < 65536 ? blocks : 65536)), dim3(kThreads), 0, s, p, scale, shift);
+  RK_LAUNCH(normalize_kernel, dim3(grid_stride_blocks(p.numel, kThreads)), dim3(kThreads), 0, s, p, scale, shift);
   return RK_LAUNCH_ERROR();
 }
 

@@ -242,4 +242,20 @@ __host__ __device__ inline bool vector_layout(const int64_t (&stride)[4], const 
          reinterpret_cast<uintptr_t>(base) % 16 == 0;
 }
 
+// Blocks of a grid-stride kernel over `count` items, `threads` per block: a thread per item, at most
+// 65536 blocks.
+inline unsigned grid_stride_blocks(int64_t count, int threads) {
+  const int64_t blocks = (count + threads - 1) / threads;
+  return unsigned(blocks < 65536 ? blocks : 65536);
+}
+
+// The stride, in 8-value vectors, of a grid-stride kernel over `numel` dense channels-last values
+// whose threads each keep the same 8 of the c channels (c % 8 == 0) in registers: the threads of
+// grid_stride_blocks rounded down to a multiple of c / 8. Launch it on (stride + threads - 1) / threads
+// blocks.
+inline int64_t channel_vector_stride(int64_t numel, int64_t c, int threads) {
+  const int64_t vectors = numel / 8, most = int64_t(65536) * threads;
+  return (vectors < most ? vectors : most) / (c / 8) * (c / 8);
+}
+
 }  // namespace resnext_kernels
