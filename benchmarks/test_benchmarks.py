@@ -24,9 +24,11 @@ pytestmark = pytest.mark.skipif(not GPU, reason="the benchmarks need a CUDA GPU"
 
 # Without a GPU the cases are still listed (and skipped), so that collection looks the same everywhere.
 OP_PROVIDERS = ops.providers_for(DEVICE) if GPU else list(ops.PROVIDERS)
-OP_CASES = (ops.op_cases(shapes.op_layers(), 128, ["bfloat16", "float16"], list(ops.LAYOUTS), shapes.MODES) if FULL
-            else ops.op_cases(shapes.find_layers(shapes.QUICK_LAYER_IDS), 128, ["bfloat16"], ["channels_last"],
-                              shapes.MODES))
+OP_CASES = (ops.block_op_cases(shapes.op_layers(), shapes.op_layers(), 128, ["bfloat16", "float16"],
+                              list(ops.LAYOUTS), shapes.MODES) if FULL
+            else ops.block_op_cases(shapes.find_layers(shapes.QUICK_LAYER_IDS),
+                                    shapes.find_layers(shapes.QUICK_BATCH_NORM_LAYER_IDS), 128, ["bfloat16"],
+                                    ["channels_last"], shapes.MODES))
 # Compiling whole models takes minutes each: only in the full set.
 BATCH_PROVIDERS = [p for p in OP_PROVIDERS if FULL or p != "compile"]
 BATCH_CASES = batch.batch_cases(batch.MODELS, batch.MODES, 128 if FULL else 32, 224, "bfloat16", "channels_last")

@@ -69,6 +69,28 @@ def test_op_bytes_per_mode():
         shapes.op_bytes(layer, n, "sideways", itemsize)
 
 
+def test_batch_norm_bytes_per_mode():
+    (layer,) = shapes.find_layers(["resnext50_32x4d:stage2-first"])  # 256x56x56 in, 512x28x28 out
+    assert shapes.batch_norm_shape(layer, "batch_norm_relu") == (256, 56, 56)
+    assert shapes.batch_norm_shape(layer, "batch_norm_add_relu") == (512, 28, 28)
+    n, itemsize = 3, 2
+    for op, channels, e in (("batch_norm_relu", 256, n * 256 * 56 * 56 * itemsize),
+                            ("batch_norm_add_relu", 512, n * 512 * 28 * 28 * itemsize)):
+        residual = op == "batch_norm_add_relu"
+        channel = channels * 4
+        inference = shapes.batch_norm_bytes(layer, n, "inference", itemsize, op)
+        forward = shapes.batch_norm_bytes(layer, n, "train_fwd", itemsize, op)
+        both = shapes.batch_norm_bytes(layer, n, "train_fwd_bwd", itemsize, op)
+        assert inference == (2 + residual) * e + 4 * channel  # x (residual) in, z out
+        assert forward == (3 + residual) * e + 6 * channel  # x twice: the statistics come first
+        # without a residual: x and dz twice, dx; with one: x, dz, z, then g written and read, dx
+        assert both - forward == (7 if residual else 5) * e + 4 * channel
+        with pytest.raises(ValueError):
+            shapes.batch_norm_bytes(layer, n, "sideways", itemsize, op)
+    with pytest.raises(ValueError, match="not a BatchNorm op"):
+        shapes.batch_norm_shape(layer, "grouped_conv_bn_relu")
+
+
 def test_fwd_bwd_moves_and_computes_three_forwards():
     (layer,) = shapes.find_layers(["resnext101_64x4d:stage2-first"])
     x, z = shapes.activation_bytes(layer, 128, 2)
@@ -93,6 +115,27 @@ def test_layer_tables_match_the_models(model):
         net(torch.empty(1, 3, 224, 224))
     listed = collections.Counter({(l.c_in, l.h, l.w, l.c_out, l.groups, l.stride): l.repeats
                                   for l in shapes.model_layers(model)})
+    assert seen == listed
+
+
+@pytest.mark.parametrize("model", sorted(shapes.MODEL_CONFIGS))
+def test_batch_norm_shapes_match_the_models(model):
+    """bn1 and bn3 of every block of the built model have the (channels, h, w) that
+    shapes.batch_norm_shape gives for its grouped layer."""
+    seen = set()
+    with torch.device("meta"):
+        net = getattr(models, model)(impl="torch")
+        for block in net.modules():
+            if isinstance(block, ResNeXtBlock):
+                block.register_forward_hook(lambda b, args, out: seen.add((
+                    (b.conv2.in_channels, args[0].shape[2], args[0].shape[3], b.conv2.out_channels, b.conv2.groups,
+                     b.conv2.stride[0]),
+                    (b.bn1.num_features, args[0].shape[2], args[0].shape[3]),
+                    (b.bn3.num_features, out.shape[2], out.shape[3]))))
+        net(torch.empty(1, 3, 224, 224))
+    listed = {((l.c_in, l.h, l.w, l.c_out, l.groups, l.stride),
+               shapes.batch_norm_shape(l, "batch_norm_relu"), shapes.batch_norm_shape(l, "batch_norm_add_relu"))
+              for l in shapes.model_layers(model)}
     assert seen == listed
 
 
@@ -241,13 +284,37 @@ def test_cpu_providers_are_the_reference_only():
     assert ops.providers_for("cpu") == ["eager"]
 
 
-def test_op_runner_eager_on_a_small_layer():
+@pytest.mark.parametrize("op", shapes.OPS)
+def test_op_runner_eager_on_a_small_layer(op):
     layer = shapes.Layer("toy", 1, False, c_in=16, h=6, w=6, c_out=16, groups=4, stride=1, repeats=1)
     for mode in shapes.MODES:
-        record = ops.run_op_case(ops.OpCase(layer, 2, "float32", "nchw", mode), "eager", "cpu",
+        record = ops.run_op_case(ops.OpCase(layer, 2, "float32", "nchw", mode, op), "eager", "cpu",
                                  dict(warmup_s=0.0, rep_s=0.0, min_warmup_calls=1, min_reps=2, max_reps=2), 10.0)
         assert record["status"] == "ok", record["reason"]
         assert record["median_us"] > 0 and record["reps"] == 2
+        assert (record["tflops"] is None) == (op != "grouped_conv_bn_relu")
+
+
+@pytest.mark.parametrize("op", shapes.OPS)
+@pytest.mark.parametrize("mode", shapes.MODES)
+def test_op_runner_providers_compute_the_same(op, mode):
+    """Every provider's runner calls its op on the same inputs, parameters and buffers: the kernel
+    backends (in their CPU test instruments) give eager's output, gradients and running statistics."""
+    layer = shapes.Layer("toy", 4, False, c_in=16, h=5, w=3, c_out=16, groups=4, stride=1, repeats=1)
+    case = ops.OpCase(layer, 2, "float32", "channels_last", mode, op)
+    results = {}
+    for provider in ("eager", "triton", "cuda"):
+        runner = ops.OpRunner(case, provider, "cpu")
+        output = runner()
+        results[provider] = [t.detach() for t in (output if isinstance(output, tuple) else (output,))]
+        results[provider] += [runner.running_mean, runner.running_var]
+    expected = results.pop("eager")
+    # The output, or the gradients of (x, weight, gamma, beta), (x, gamma, beta) or (x, residual, gamma, beta).
+    outputs = 1 if mode != "train_fwd_bwd" else 3 if op == "batch_norm_relu" else 4
+    assert len(expected) == outputs + 2
+    for provider, got in results.items():
+        for want, have in zip(expected, got, strict=True):
+            torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{provider}: {m}")
 
 
 def test_unsupported_modes_are_reported_not_run():
@@ -305,6 +372,15 @@ def _gpu_doc(date="2026-11-28T10:00:00+00:00", sha="0123456789abcdef"):
             op_records[-1]["kernels"] = ops.summarize_kernels([("_conv_kernel", 70.0), ("_bn_relu_kernel", 25.0)], 1)
             op_records.append(dict(ops.base_op_record(case, "cuda", 3067.0), status="unsupported",
                                    reason="impl='cuda' does not implement training mode yet"))
+    # The BatchNorm ops: triton only 1.2x eager, which the grouped layer's targets must not count.
+    for op in shapes.OPS[1:]:
+        for layer in shapes.find_layers(shapes.QUICK_BATCH_NORM_LAYER_IDS):
+            for mode in shapes.MODES:
+                case = ops.OpCase(layer, 128, "bfloat16", "channels_last", mode, op)
+                for provider, us in (("eager", 600.0), ("triton", 500.0)):
+                    measured = timing.Timing(us * 1e-6, us * 0.9e-6, us * 1.1e-6, 50)
+                    op_records.append(dict(ops.base_op_record(case, provider, 3067.0),
+                                           **ops.timing_figures(case, measured, 3067.0)))
     ops.add_speedups(op_records)
     batch_records = []
     for case in batch.batch_cases(batch.MODELS, batch.MODES, 32, 224, "bfloat16", "channels_last"):
@@ -394,6 +470,10 @@ def test_markdown_has_every_figure():
     assert "% floor" in text and "vs compile" in text and "3.00×" in text
     assert "impl='cuda' does not implement training mode yet" in text
     assert "5.00" in text  # peak GiB
+    # bn3 + add + relu on stage 1's block: 256x56x56 bf16 at N=128 = 205.5 MB per activation; inference
+    # moves 3 of them (and 16 KB of per-channel values), 616.6 MB: 201.0 us at 3067 GB/s, 500 us measured.
+    assert ("| resnext50_32x4d:stage1 | bn3+add+relu | 256x56² + residual | bfloat16 | channels_last | inference "
+            "forward | triton | 500.0 | 201.0 | 40% | 1,233 | – | 1.20× | – |") in text
     assert "#### Where a training step's GPU time goes" in text
     # resnext50 on triton: 108.8 ms a step, 70 ms of kernels, 30 of them the fused op's.
     assert ("| resnext50_32x4d | triton | 108.8 | 70.0 | 30.0 | 28% | cudnn::sm90_xmma_wgrad 30.0; at::native::bn_bw 9.0; "
@@ -476,8 +556,15 @@ def test_cli_ops_without_gpu(no_gpu, tmp_path, capsys):
     assert code == 0 and bench_main.NO_GPU_MESSAGE in printed
     doc = json.loads(json_path.read_text())
     assert report.validate(doc) == []
-    assert [(r["layer"], r["provider"], r["status"]) for r in doc["ops"]] == [
-        ("resnext50_32x4d:stage4-first", "eager", "ok"), ("resnext50_32x4d:stage4", "eager", "ok")]
+    # The grouped layers first; the BatchNorm ops once per shape (both blocks' bn3 are 2048x7x7).
+    assert [(r["layer"], r["op"], r["provider"], r["status"]) for r in doc["ops"]] == [
+        ("resnext50_32x4d:stage4-first", "grouped_conv_bn_relu", "eager", "ok"),
+        ("resnext50_32x4d:stage4", "grouped_conv_bn_relu", "eager", "ok"),
+        ("resnext50_32x4d:stage4-first", "batch_norm_relu", "eager", "ok"),
+        ("resnext50_32x4d:stage4", "batch_norm_relu", "eager", "ok"),
+        ("resnext50_32x4d:stage4-first", "batch_norm_add_relu", "eager", "ok")]
+    assert doc["ops"][2]["shape"] == {"channels": 1024, "h": 14, "w": 14, "residual": False}
+    assert doc["ops"][4]["shape"] == {"channels": 2048, "h": 7, "w": 7, "residual": True}
     assert all(r["dtype"] == "float32" and r["n"] == 2 for r in doc["ops"])
     assert all(0 < r["fraction_of_floor"] for r in doc["ops"])
 
@@ -506,7 +593,7 @@ def test_cli_ops_then_batches_merge_into_one_result(no_gpu, tmp_path, monkeypatc
                             "--out", out]) == 0
     (json_path,) = (tmp_path / "results").glob("*.json")
     doc = json.loads(json_path.read_text())
-    assert report.validate(doc) == [] and len(doc["ops"]) == 1 and len(doc["batches"]) == 1
+    assert report.validate(doc) == [] and len(doc["ops"]) == 3 and len(doc["batches"]) == 1
     assert set(doc["settings"]) == {"ops", "batches"} and doc["selfcheck"]["passed"] is True
     markdown = json_path.with_suffix(".md").read_text()
     assert "Per op" in markdown and "Per batch" in markdown

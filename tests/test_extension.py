@@ -24,4 +24,4 @@ def test_extension_is_built_and_loads_where_a_toolkit_is_present():
 def test_main_job_self_check_passes(capsys):
     assert bench_main(["--check-only"]) == 0
     out = capsys.readouterr().out
-    assert "self-check passed" in out and "torch" in out
+    assert "self-check passed" in out and "torch" in out and "bn 2x512x7x7 +res" in out

@@ -3,7 +3,8 @@
 1. The correctness self-check: every backend available on the machine against float64, on a few
    small ResNeXt shapes (seconds). A backend that fails it is not benchmarked. --no-check skips it,
    --check-only runs nothing else.
-2. The per-batch benchmark (the paper's comparison; the default) or, with --ops, the per-op benchmark.
+2. The per-batch benchmark (the paper's comparison; the default) or, with --ops, the per-op benchmark
+   (the grouped layer, then the block's bn1 + relu and bn3 + add + relu).
    --quick runs a short version (the GPU check's).
 3. Results: on a GPU run from a checkout, benchmarks/results/<date>-<device>-<commit>.json (--no-save
    skips it); --out DIR writes that JSON, a markdown table and a PNG chart into DIR; --json FILE writes
@@ -104,9 +105,10 @@ def _providers(args, device, exclude=()):
 def op_settings(args, device):
     gpu = device.type == "cuda"
     layers = shapes.find_layers(shapes.QUICK_LAYER_IDS) if args.quick else shapes.op_layers()
+    batch_norm_layers = shapes.find_layers(shapes.QUICK_BATCH_NORM_LAYER_IDS) if args.quick else layers
     if args.layers:
         parts = [p.strip() for p in args.layers.split(",") if p.strip()]
-        layers = [layer for layer in shapes.op_layers() if any(p in layer.id for p in parts)]
+        layers = batch_norm_layers = [layer for layer in shapes.op_layers() if any(p in layer.id for p in parts)]
         if not layers:
             raise SystemExit(f"error: no layer id contains any of {parts}")
     if args.dtype:
@@ -126,6 +128,7 @@ def op_settings(args, device):
         "quick": args.quick,
         "n": args.batch_size or (128 if gpu else 2),
         "layers": [layer.id for layer in layers],
+        "batch_norm_layers": [layer.id for layer in batch_norm_layers],
         "dtypes": dtypes,
         "layouts": layouts,
         "modes": modes,
@@ -237,8 +240,9 @@ def _benchmark(args, device, settings, say, log, check_passed, check_failed):
         doc["copy_bandwidth"] = timing.copy_bandwidth(device)
         deadline = timing.Deadline(settings["budget_s"])
         if args.ops:
-            cases = ops.op_cases(shapes.find_layers(settings["layers"]), settings["n"], settings["dtypes"],
-                                 settings["layouts"], settings["modes"])
+            cases = ops.block_op_cases(shapes.find_layers(settings["layers"]),
+                                       shapes.find_layers(settings["batch_norm_layers"]), settings["n"],
+                                       settings["dtypes"], settings["layouts"], settings["modes"])
             log(f"per op: {len(cases)} cases x providers {', '.join(settings['providers'])}")
             ops.run_ops(cases, settings["providers"], device, timing_options=settings["timing"],
                         bandwidth_gbps=doc["copy_bandwidth"]["gbps"], deadline=deadline,

@@ -1,28 +1,34 @@
-"""Per-op benchmark: grouped_conv_bn_relu on ResNeXt's layer shapes, for every provider that can run.
+"""Per-op benchmark: the fused ops on ResNeXt's layer shapes, for every provider that can run.
+
+The ops (shapes.OPS): ``grouped_conv_bn_relu``, the block's grouped layer (conv2 + bn2 + relu); and
+the block's other two BatchNorms through ``batch_norm_relu``: ``batch_norm_relu`` (bn1 + relu, on the
+grouped layer's input) and ``batch_norm_add_relu`` (bn3 + the residual add + relu, on the block's output).
 
 Providers:
-* ``eager``: what a PyTorch model runs without this project: F.conv2d (cuDNN) + F.batch_norm + ReLU;
+* ``eager``: what a PyTorch model runs without this project: F.conv2d (cuDNN) + F.batch_norm + ReLU,
+  or F.batch_norm (+ the in-place residual add) + ReLU, as torchvision's Bottleneck does;
 * ``compile``: torch.compile of that same function (default mode), compiled afresh for each case;
-* ``triton``, ``cuda``: grouped_conv_bn_relu(..., impl=...), when available_impls(device) lists them.
+* ``triton``, ``cuda``: the op with impl=..., when available_impls(device) lists them.
 
 Each kernel provider's case also gets a breakdown by GPU kernel (``kernels``: name, launches and device
 time per run, from torch.profiler), so that one run shows which of an op's kernels misses its floor.
 
 Modes (shapes.MODES): ``inference`` (running statistics, under no_grad), ``train_fwd`` (batch
 statistics and the running-statistics update, under no_grad: the forward kernels alone) and
-``train_fwd_bwd`` (the forward with autograd recording, then the gradients of x, weight, gamma and
-beta for a random dz).
+``train_fwd_bwd`` (the forward with autograd recording, then the gradients of every input and
+parameter for a random dz).
 """
 
 import dataclasses
 import functools
+import math
 import re
 import time
 
 import torch
 import torch.nn.functional as F
 
-from .. import available_impls, backends, grouped_conv_bn_relu
+from .. import available_impls, backends, batch_norm_relu, grouped_conv_bn_relu
 from . import shapes, timing
 
 PROVIDERS = ("eager", "compile", "triton", "cuda")
@@ -42,10 +48,15 @@ class OpCase:
     dtype: str  # a key of DTYPES
     layout: str  # a key of LAYOUTS
     mode: str  # one of shapes.MODES
+    op: str = "grouped_conv_bn_relu"  # one of shapes.OPS
 
     @property
     def id(self):
-        return f"{self.layer.id}-n{self.n}-{self.dtype}-{self.layout}-{self.mode}"
+        return f"{self.layer.id}-{self.op}-n{self.n}-{self.dtype}-{self.layout}-{self.mode}"
+
+    @property
+    def convolution(self):
+        return self.op == "grouped_conv_bn_relu"
 
     @property
     def itemsize(self):
@@ -53,16 +64,42 @@ class OpCase:
 
     @property
     def bytes(self):
-        return shapes.op_bytes(self.layer, self.n, self.mode, self.itemsize)
+        if self.convolution:
+            return shapes.op_bytes(self.layer, self.n, self.mode, self.itemsize)
+        return shapes.batch_norm_bytes(self.layer, self.n, self.mode, self.itemsize, self.op)
 
     @property
     def flops(self):
-        return shapes.op_flops(self.layer, self.n, self.mode)
+        """The convolution's; BatchNorm's few FLOPs per element are not counted (0)."""
+        return shapes.op_flops(self.layer, self.n, self.mode) if self.convolution else 0
+
+    def shape(self):
+        """The record's ``shape``: the grouped layer's, or the BatchNorm's channels and size."""
+        if self.convolution:
+            return self.layer.as_dict()
+        channels, h, w = shapes.batch_norm_shape(self.layer, self.op)
+        return {"channels": channels, "h": h, "w": w, "residual": self.op == "batch_norm_add_relu"}
 
 
-def op_cases(layers, n, dtypes, layouts, modes):
-    return [OpCase(layer, n, dtype, layout, mode)
+def op_cases(layers, n, dtypes, layouts, modes, op="grouped_conv_bn_relu"):
+    """The cases of ``op`` on ``layers``' blocks; a BatchNorm op's only where its shape is new (bn1 and bn3
+    repeat across stages and models more than the grouped layers do)."""
+    if op != "grouped_conv_bn_relu":
+        shapes_seen = {}
+        for layer in layers:
+            shapes_seen.setdefault(shapes.batch_norm_shape(layer, op), layer)
+        layers = list(shapes_seen.values())
+    return [OpCase(layer, n, dtype, layout, mode, op)
             for layer in layers for dtype in dtypes for layout in layouts for mode in modes]
+
+
+def block_op_cases(layers, batch_norm_layers, n, dtypes, layouts, modes):
+    """The grouped layer's cases on ``layers``, then the BatchNorm ops' on ``batch_norm_layers``' blocks
+    (so that a run out of time skips those first)."""
+    cases = op_cases(layers, n, dtypes, layouts, modes)
+    for op in shapes.OPS[1:]:
+        cases += op_cases(batch_norm_layers, n, dtypes, layouts, modes, op)
+    return cases
 
 
 def providers_for(device):
@@ -79,6 +116,14 @@ def eager_conv_bn_relu(x, weight, gamma, beta, running_mean, running_var, stride
     """The unfused layer as torchvision's Bottleneck runs it: conv2, bn2, relu (in place)."""
     y = F.conv2d(x, weight, None, stride, 1, 1, groups)
     return F.relu(F.batch_norm(y, running_mean, running_var, gamma, beta, training, 0.1, 1e-5), inplace=True)
+
+
+def eager_batch_norm_relu(x, residual, gamma, beta, running_mean, running_var, training: bool):
+    """bn1, relu or bn3, the residual add, relu, as torchvision's Bottleneck runs them (in place)."""
+    y = F.batch_norm(x, running_mean, running_var, gamma, beta, training, 0.1, 1e-5)
+    if residual is not None:
+        y += residual
+    return F.relu(y, inplace=True)
 
 
 def unsupported_reason(provider, device, mode):
@@ -107,8 +152,7 @@ class OpRunner:
         if reason is not None:
             raise Unsupported(reason)
         self.case, self.provider, self.device = case, provider, torch.device(device)
-        layer, dtype = case.layer, DTYPES[case.dtype]
-        memory_format = LAYOUTS[case.layout]
+        dtype, memory_format = DTYPES[case.dtype], LAYOUTS[case.layout]
         training = case.mode != "inference"
         backward = case.mode == "train_fwd_bwd"
         gen = torch.Generator(device=self.device).manual_seed(generator_seed)
@@ -116,65 +160,82 @@ class OpRunner:
         def randn(*size, scale=1.0):
             return (torch.randn(*size, generator=gen, device=self.device, dtype=torch.float32) * scale)
 
+        def activation(*size):
+            return randn(*size).to(dtype).contiguous(memory_format=memory_format)
+
         # Random data (never zeros: they can run faster than real data) with realistic scales.
-        fan_in = layer.channels_per_group * 9
-        self.weight = randn(layer.c_out, layer.channels_per_group, 3, 3, scale=(2 / fan_in) ** 0.5).to(dtype)
-        self.gamma = randn(layer.c_out, scale=0.1).add_(1.0)
-        self.beta = randn(layer.c_out, scale=0.1)
-        self.running_mean = randn(layer.c_out, scale=0.1)
-        self.running_var = randn(layer.c_out, scale=0.1).abs_().add_(1.0)
-        x_bytes, z_bytes = shapes.activation_bytes(layer, case.n, case.itemsize)
-        per_set = x_bytes + (z_bytes if backward else 0)
+        layer = case.layer
+        if case.convolution:
+            channels, out_size = layer.c_out, (layer.h_out, layer.w_out)
+            fan_in = layer.channels_per_group * 9
+            weight = randn(layer.c_out, layer.channels_per_group, 3, 3, scale=(2 / fan_in) ** 0.5).to(dtype)
+            input_sizes = [(layer.c_in, layer.h, layer.w)]
+        else:
+            channels, h, w = shapes.batch_norm_shape(layer, case.op)
+            out_size = (h, w)
+            input_sizes = [(channels, h, w)] * (2 if case.op == "batch_norm_add_relu" else 1)  # x, residual
+        gamma = randn(channels, scale=0.1).add_(1.0)
+        beta = randn(channels, scale=0.1)
+        self.running_mean = randn(channels, scale=0.1)
+        self.running_var = randn(channels, scale=0.1).abs_().add_(1.0)
+        params = (weight, gamma, beta) if case.convolution else (gamma, beta)
+
+        per_set = sum(case.n * math.prod(size) * case.itemsize for size in input_sizes)
+        per_set += case.n * channels * math.prod(out_size) * case.itemsize if backward else 0
         self.sets = []
         for _ in range(shapes.rotation_sets(per_set, timing.cache_bytes(self.device))):
-            x = randn(case.n, layer.c_in, layer.h, layer.w).to(dtype).contiguous(memory_format=memory_format)
-            dz = (randn(case.n, layer.c_out, layer.h_out, layer.w_out).to(dtype).contiguous(memory_format=memory_format)
-                  if backward else None)
-            self.sets.append((x.requires_grad_(backward), dz))
+            inputs = tuple(activation(case.n, *size).requires_grad_(backward) for size in input_sizes)
+            dz = activation(case.n, channels, *out_size) if backward else None
+            self.sets.append((inputs, dz))
         if backward:
-            for t in (self.weight, self.gamma, self.beta):
+            for t in params:
                 t.requires_grad_(True)
 
         if provider in ("eager", "compile"):
-            function = eager_conv_bn_relu
+            function = eager_conv_bn_relu if case.convolution else eager_batch_norm_relu
             if provider == "compile":
                 # A fresh cache for each case: the same function compiled for many shapes would hit
                 # dynamo's recompile limit or switch to dynamic shapes, and time something else.
                 torch._dynamo.reset()
-                function = torch.compile(eager_conv_bn_relu, dynamic=False)
-
-            def layer_fn(x):
-                return function(x, self.weight, self.gamma, self.beta, self.running_mean, self.running_var,
-                                layer.stride, layer.groups, training)
+                function = torch.compile(function, dynamic=False)
+            if case.convolution:
+                def op_fn(x):
+                    return function(x, weight, gamma, beta, self.running_mean, self.running_var, layer.stride,
+                                    layer.groups, training)
+            else:
+                def op_fn(x, residual=None):
+                    return function(x, residual, gamma, beta, self.running_mean, self.running_var, training)
+        elif case.convolution:
+            def op_fn(x):
+                return grouped_conv_bn_relu(x, weight, gamma, beta, self.running_mean, self.running_var,
+                                            stride=layer.stride, groups=layer.groups, training=training,
+                                            impl=provider)
         else:
-            def layer_fn(x):
-                return grouped_conv_bn_relu(x, self.weight, self.gamma, self.beta, self.running_mean,
-                                            self.running_var, stride=layer.stride, groups=layer.groups,
-                                            training=training, impl=provider)
+            def op_fn(x, residual=None):
+                return batch_norm_relu(x, gamma, beta, self.running_mean, self.running_var, residual,
+                                       training=training, impl=provider)
 
         if backward:
-            params = (self.weight, self.gamma, self.beta)
-
-            def run(x, dz):
-                z = layer_fn(x)
-                return torch.autograd.grad(z, (x,) + params, dz)
+            def run(inputs, dz):
+                z = op_fn(*inputs)
+                return torch.autograd.grad(z, inputs + params, dz)
         else:
-            def run(x, dz):
+            def run(inputs, dz):
                 with torch.no_grad():
-                    return layer_fn(x)
+                    return op_fn(*inputs)
 
         self._run = run
         self._calls = 0
         self.compile_s = None
 
     def __call__(self):
-        x, dz = self.sets[self._calls % len(self.sets)]
+        inputs, dz = self.sets[self._calls % len(self.sets)]
         first = self._calls == 0
         self._calls += 1
         if not (first and self.provider == "compile"):
-            return self._run(x, dz)
+            return self._run(inputs, dz)
         start = time.perf_counter()
-        result = self._run(x, dz)
+        result = self._run(inputs, dz)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.compile_s = time.perf_counter() - start
@@ -270,8 +331,9 @@ def short_kernel_name(name):
 def base_op_record(case, provider, bandwidth_gbps):
     floor_s = shapes.floor_seconds(case.bytes, bandwidth_gbps * 1e9) if bandwidth_gbps else None
     return {
+        "op": case.op,
         "layer": case.layer.id,
-        "shape": case.layer.as_dict(),
+        "shape": case.shape(),
         "n": case.n,
         "dtype": case.dtype,
         "layout": case.layout,
@@ -306,7 +368,7 @@ def timing_figures(case, measured, bandwidth_gbps):
         "p80_us": measured.p80_s * 1e6,
         "reps": measured.reps,
         "gbps": case.bytes / seconds / 1e9,
-        "tflops": case.flops / seconds / 1e12,
+        "tflops": case.flops / seconds / 1e12 if case.flops else None,
     }
     if bandwidth_gbps:
         figures["fraction_of_floor"] = shapes.floor_seconds(case.bytes, bandwidth_gbps * 1e9) / seconds
@@ -317,7 +379,7 @@ def add_speedups(records):
     """Fills speedup_vs_eager / speedup_vs_compile (baseline time / this time) within each case."""
     by_case = {}
     for record in records:
-        key = (record["layer"], record["n"], record["dtype"], record["layout"], record["mode"])
+        key = (record["op"], record["layer"], record["n"], record["dtype"], record["layout"], record["mode"])
         by_case.setdefault(key, {})[record["provider"]] = record
     for providers in by_case.values():
         for baseline, field in (("eager", "speedup_vs_eager"), ("compile", "speedup_vs_compile")):

@@ -11,11 +11,13 @@ Schema, version 1 (every time in the unit its name says; GB/s = 1e9 bytes/s):
     settings        {ops: {...}, batches: {...}}: what each section ran (sizes, dtypes, timing options)
     copy_bandwidth  {bytes, median_us, gbps}: a large device-to-device copy, (read + written) / time
     selfcheck       {dtype, passed, failed_impls} or None when skipped
-    ops             [op record]: one per (layer, n, dtype, layout, mode, provider)
-        layer, shape {model, stage, first, c_in, h, w, c_out, groups, stride, repeats, id, h_out, w_out},
-        n, dtype, layout, mode, provider, status ("ok"|"unsupported"|"skipped"|"error"), reason,
-        bytes (shapes.op_bytes), flops (shapes.op_flops), floor_us (bytes / copy bandwidth),
-        median_us, p20_us, p80_us, reps, gbps, tflops, fraction_of_floor (floor_us / median_us),
+    ops             [op record]: one per (op, layer, n, dtype, layout, mode, provider)
+        op (shapes.OPS), layer (the grouped layer's id, naming the block), shape (grouped_conv_bn_relu:
+        {model, stage, first, c_in, h, w, c_out, groups, stride, repeats, id, h_out, w_out}; the BatchNorm
+        ops: {channels, h, w, residual}), n, dtype, layout, mode, provider, status
+        ("ok"|"unsupported"|"skipped"|"error"), reason, bytes (shapes.op_bytes, shapes.batch_norm_bytes),
+        flops (shapes.op_flops; 0 for the BatchNorm ops), floor_us (bytes / copy bandwidth),
+        median_us, p20_us, p80_us, reps, gbps, tflops (None without FLOPs), fraction_of_floor (floor_us / median_us),
         speedup_vs_eager, speedup_vs_compile (baseline time / this time), compile_s,
         kernels (optional; kernel providers on a GPU): [{name, calls, us, ours}], each kernel the op
         launches, with its launches and device time per call, longest first; ours: one of the fused
@@ -38,7 +40,7 @@ import math
 import pathlib
 
 from . import environment
-from .shapes import MODE_LABELS
+from .shapes import MODE_LABELS, OP_LABELS
 
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "unsupported", "skipped", "error")
@@ -66,7 +68,7 @@ VERSION_FIELDS = {"python": str, "torch": str, "triton": _OPTIONAL_STR, "cuda": 
 COMMIT_FIELDS = {"sha": _OPTIONAL_STR, "short": _OPTIONAL_STR, "dirty": (bool, type(None))}
 COPY_FIELDS = {"bytes": int, "median_us": _NUMBER, "gbps": _NUMBER}
 OP_FIELDS = {
-    "layer": str, "shape": dict, "n": int, "dtype": str, "layout": str, "mode": str, "provider": str,
+    "op": str, "layer": str, "shape": dict, "n": int, "dtype": str, "layout": str, "mode": str, "provider": str,
     "status": str, "reason": _OPTIONAL_STR, "bytes": int, "flops": int, "floor_us": _OPTIONAL_NUMBER,
     "median_us": _OPTIONAL_NUMBER, "p20_us": _OPTIONAL_NUMBER, "p80_us": _OPTIONAL_NUMBER,
     "reps": (int, type(None)), "gbps": _OPTIONAL_NUMBER, "tflops": _OPTIONAL_NUMBER,
@@ -76,7 +78,7 @@ OP_FIELDS = {
 # "kernels", a list of these: optional in an op record (results written before it existed lack it),
 # None or a list in a batch record.
 KERNEL_FIELDS = {"name": str, "calls": _NUMBER, "us": _NUMBER, "ours": bool}
-OP_OK_FIELDS = ("median_us", "p20_us", "p80_us", "reps", "gbps", "tflops")
+OP_OK_FIELDS = ("median_us", "p20_us", "p80_us", "reps", "gbps")
 BATCH_FIELDS = {
     "model": str, "mode": str, "provider": str, "n": int, "image_size": int, "dtype": str, "layout": str,
     "status": str, "reason": _OPTIONAL_STR, "median_ms": _OPTIONAL_NUMBER, "p20_ms": _OPTIONAL_NUMBER,
@@ -403,15 +405,29 @@ def render_step_breakdown(doc, heading="###"):
     return "\n".join(out)
 
 
+def _op_label(record):
+    return OP_LABELS.get(record["op"], record["op"])
+
+
+def _shape_label(record):
+    shape = record["shape"]
+    if record["op"] == "grouped_conv_bn_relu":
+        return (f"{shape['c_in']}x{shape['h']}² → {shape['c_out']}x{shape['h_out']}², "
+                f"g{shape['groups']}, s{shape['stride']}")
+    return f"{shape['channels']}x{shape['h']}²" + (" + residual" if shape["residual"] else "")
+
+
 def render_ops(doc, heading="###"):
     records = doc["ops"]
     if not records:
         return ""
     s = doc["settings"].get("ops", {})
-    out = [f"{heading} Per op: grouped_conv_bn_relu on ResNeXt layer shapes",
+    out = [f"{heading} Per op: the fused ops in ResNeXt's blocks",
            "",
-           f"N={s.get('n')}{', --quick' if s.get('quick') else ''}. Median time; floor = the fewest bytes "
-           "(one read of each input, one write of each output; forward+backward: see shapes.op_bytes) over "
+           f"N={s.get('n')}{', --quick' if s.get('quick') else ''}. The block (by its grouped layer) and the part "
+           "of it: the grouped layer (grouped_conv_bn_relu), bn1 + relu and bn3 + add + relu (batch_norm_relu). "
+           "Median time; floor = the fewest bytes (one read of each input, one write of each output, two reads "
+           "where BatchNorm's statistics must come first; see shapes.op_bytes and shapes.batch_norm_bytes) over "
            "the copy bandwidth; % floor = floor / time (100% = at the memory roofline); speed-ups = "
            "baseline time / this time.",
            ""]
@@ -419,20 +435,17 @@ def render_ops(doc, heading="###"):
     for r in records:
         if r["status"] != "ok":
             continue
-        shape = r["shape"]
         rows.append([
-            r["layer"],
-            f"{shape['c_in']}x{shape['h']}² → {shape['c_out']}x{shape['h_out']}², "
-            f"g{shape['groups']}, s{shape['stride']}",
+            r["layer"], _op_label(r), _shape_label(r),
             r["dtype"], r["layout"], MODE_LABELS.get(r["mode"], r["mode"]),
             provider_label(r["provider"], doc["device"]["type"]),
             _fmt(r["median_us"]), _fmt(r["floor_us"]), _fmt(r["fraction_of_floor"], 0, 100, "%"),
             _fmt(r["gbps"], 0), _fmt(r["tflops"], 2),
             _fmt(r["speedup_vs_eager"], 2, suffix="×"), _fmt(r["speedup_vs_compile"], 2, suffix="×"),
         ])
-    out.append(_table(["layer", "shape", "dtype", "layout", "mode", "provider", "µs", "floor µs", "% floor",
+    out.append(_table(["block", "op", "shape", "dtype", "layout", "mode", "provider", "µs", "floor µs", "% floor",
                        "GB/s", "TFLOP/s", "vs eager", "vs compile"], rows))
-    notes = _not_run_notes(records, ("layer", "dtype", "layout", "mode"), doc["device"]["type"])
+    notes = _not_run_notes(records, ("layer", "op", "dtype", "layout", "mode"), doc["device"]["type"])
     if notes:
         out += ["", "Not run:"] + notes
     return "\n".join(out)
@@ -445,7 +458,7 @@ def render_kernels(doc, heading="###"):
             continue
         listed = "; ".join(f"{k['name']} {k['us']:.1f}" + (f" (×{k['calls']:g})" if k["calls"] != 1 else "")
                            for k in r["kernels"])
-        rows.append([r["layer"], r["dtype"], r["layout"], MODE_LABELS.get(r["mode"], r["mode"]),
+        rows.append([r["layer"], _op_label(r), r["dtype"], r["layout"], MODE_LABELS.get(r["mode"], r["mode"]),
                      provider_label(r["provider"], doc["device"]["type"]), _fmt(r["median_us"]),
                      _fmt(sum(k["us"] for k in r["kernels"])), listed])
     if not rows:
@@ -457,11 +470,11 @@ def render_kernels(doc, heading="###"):
         "L2 not flushed), beside the op's median from the table above: a kernel far from its share of the "
         "floor is the one to work on.",
         "",
-        _table(["layer", "dtype", "layout", "mode", "provider", "op µs", "kernels µs", "kernels"], rows),
+        _table(["block", "op", "dtype", "layout", "mode", "provider", "op µs", "kernels µs", "kernels"], rows),
     ])
 
 
-# The issues' performance targets, per op on the ResNeXt layer shapes in bf16, channels_last:
+# The issues' performance targets for grouped_conv_bn_relu on the ResNeXt layer shapes in bf16, channels_last:
 # (criterion, mode, providers, the value of a record given every provider's record of its case, the
 # least value that meets it, how it is shown).
 _OP_TARGETS = (
@@ -482,7 +495,8 @@ _STEP_TARGET = 1.05
 
 def target_rows(doc):
     """[criterion, provider, layers that meet it / layers measured, the worst layer and its value]."""
-    ok = [r for r in doc["ops"] if r["status"] == "ok" and r["dtype"] == "bfloat16" and r["layout"] == "channels_last"]
+    ok = [r for r in doc["ops"] if r["status"] == "ok" and r["op"] == "grouped_conv_bn_relu"
+          and r["dtype"] == "bfloat16" and r["layout"] == "channels_last"]
     by_case = {}
     for r in ok:
         by_case.setdefault((r["layer"], r["mode"]), {})[r["provider"]] = r
@@ -591,11 +605,17 @@ def _op_panels(doc):
         chosen = [r for r in records if r["mode"] == mode and r["dtype"] == dtype and r["layout"] == layout]
         if not chosen:
             continue
-        layers = list(dict.fromkeys(r["layer"] for r in chosen))
+        layers = list(dict.fromkeys(_case_label(r) for r in chosen))
         providers = list(dict.fromkeys(r["provider"] for r in chosen))
-        value = {(r["layer"], r["provider"]): 100 * r["fraction_of_floor"] for r in chosen}
+        value = {(_case_label(r), r["provider"]): 100 * r["fraction_of_floor"] for r in chosen}
         series = {provider_label(p, doc["device"]["type"]): [value.get((layer, p)) for layer in layers]
                   for p in providers}
         panels.append((f"per op, {MODE_LABELS[mode]}, {dtype}, {layout}, N={chosen[0]['n']}",
                        "% of memory floor", layers, series))
     return panels
+
+
+def _case_label(record):
+    if record["op"] == "grouped_conv_bn_relu":
+        return record["layer"]
+    return f"{record['layer']} {_op_label(record)}"

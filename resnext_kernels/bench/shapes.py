@@ -1,5 +1,5 @@
-"""The grouped 3x3 layers the benchmark times, and what each must cost: FLOPs, the fewest bytes a fused
-kernel must move, and the memory floor those bytes set.
+"""The grouped 3x3 layers the benchmark times (and the BatchNorms of their blocks), and what each op
+must cost: FLOPs, the fewest bytes a fused kernel must move, and the memory floor those bytes set.
 
 The layer tables are derived from the same recipe as ``resnext_kernels.models`` (torchvision's: stage
 widths ``int(planes * base_width / 64) * groups``, stride on conv2 of each stage's first block, 224x224
@@ -17,6 +17,16 @@ MODE_LABELS = {
     "train_fwd_bwd": "training forward+backward",
 }
 
+# The per-op benchmark's ops, with the part of a bottleneck block each one is: the grouped layer, and
+# the block's two other BatchNorms as batch_norm_relu runs them (bn1 without a residual, bn3 with).
+OPS = ("grouped_conv_bn_relu", "batch_norm_relu", "batch_norm_add_relu")
+OP_LABELS = {
+    "grouped_conv_bn_relu": "conv2+bn2+relu",
+    "batch_norm_relu": "bn1+relu",
+    "batch_norm_add_relu": "bn3+add+relu",
+}
+BOTTLENECK_EXPANSION = 4  # conv3's output channels over planes
+
 # (blocks per stage, groups, base_width), as in resnext_kernels.models.
 MODEL_CONFIGS = {
     "resnet50": ((3, 4, 6, 3), 1, 64),
@@ -33,6 +43,9 @@ OP_MODELS = ("resnext50_32x4d", "resnext101_64x4d", "resnext101_32x8d")
 
 # The short --quick list: the widest layer, a stride-2 stage entry, and the smallest layer.
 QUICK_LAYER_IDS = ("resnext50_32x4d:stage1", "resnext50_32x4d:stage2-first", "resnext50_32x4d:stage4")
+
+# The BatchNorm ops' --quick list: stage 1's block, whose bn1 and bn3 move the most bytes of ResNeXt-50's.
+QUICK_BATCH_NORM_LAYER_IDS = ("resnext50_32x4d:stage1",)
 
 STEM_OUTPUT_SIZE = 56  # a 224x224 image after the 7x7/2 convolution and the 3x3/2 max-pool
 BN_STAT_BYTES = 4  # BatchNorm's parameters and running statistics stay fp32 with fp16/bf16 activations
@@ -68,6 +81,11 @@ class Layer:
     @property
     def channels_per_group(self):
         return self.c_in // self.groups
+
+    @property
+    def block_out_channels(self):
+        """The block's output channels (conv3's, bn3's): planes * 4, planes = 64 * 2^(stage - 1)."""
+        return 64 * 2 ** (self.stage - 1) * BOTTLENECK_EXPANSION
 
     def describe(self):
         return (f"{self.c_in}x{self.h}x{self.w} -> {self.c_out}x{self.h_out}x{self.w_out}, "
@@ -147,6 +165,44 @@ def op_bytes(layer, n, mode, itemsize):
         backward_reads = dz + x + z + weight + 2 * channel
         backward_writes = dx + weight + 2 * channel
         return forward + backward_reads + backward_writes
+    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+
+
+def batch_norm_shape(layer, op):
+    """(channels, height, width) of the BatchNorm that ``op`` runs in ``layer``'s block: bn1 normalises
+    conv1's output, which is the grouped layer's input; bn3 conv3's, at the grouped layer's output size."""
+    if op == "batch_norm_relu":
+        return layer.c_in, layer.h, layer.w
+    if op == "batch_norm_add_relu":
+        return layer.block_out_channels, layer.h_out, layer.w_out
+    raise ValueError(f"{op!r} is not a BatchNorm op; expected batch_norm_relu or batch_norm_add_relu")
+
+
+def batch_norm_bytes(layer, n, mode, itemsize, op):
+    """The fewest bytes batch_norm_relu must move for ``op`` (see batch_norm_shape), E being x's size:
+
+    * inference: read x (and the residual), write z: 2E (3E).
+    * train_fwd: the batch statistics need all of x before the first output, and a layer's x does not
+      stay in the L2 (stage 4's could: there the second read may beat this floor): read x twice (and
+      the residual), write z: 3E (4E).
+    * train_fwd_bwd: train_fwd, then a backward whose per-channel sums (of g = dz * 1[z > 0] and g * x_hat)
+      come before dx: without a residual, read x and dz twice, write dx: 5E (the mask from x); with one,
+      the sums read x, dz and z and write g (the residual's gradient), then dx reads x and g: 7E.
+
+    Per-channel values (fp32) count as in op_bytes: gamma, beta and the running statistics read,
+    the running statistics written in training, dgamma and dbeta written in backward.
+    """
+    channels, h, w = batch_norm_shape(layer, op)
+    e = n * channels * h * w * itemsize
+    channel = channels * BN_STAT_BYTES
+    residual = op == "batch_norm_add_relu"
+    if mode == "inference":
+        return (3 if residual else 2) * e + 4 * channel
+    forward = (4 if residual else 3) * e + 2 * channel + 4 * channel
+    if mode == "train_fwd":
+        return forward
+    if mode == "train_fwd_bwd":
+        return forward + (7 if residual else 5) * e + 2 * channel + 2 * channel
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
 
 
