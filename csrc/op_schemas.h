@@ -33,10 +33,14 @@ inline void define_ops(torch::Library& m) {
         "-> (Tensor, Tensor)");
   // Inference: relu(x * scale + shift [+ residual]).
   m.def("batch_norm_relu_folded(Tensor x, Tensor? residual, Tensor scale, Tensor shift) -> Tensor");
-  // Backward: (dx, dparams) as conv_bn_relu_backward's. relu_mask: grad_output is z's gradient (no
-  // residual; the mask is x * scale + shift > 0); otherwise it is already masked (g = dz * 1[z > 0]).
-  m.def("batch_norm_relu_backward(Tensor grad_output, Tensor x, Tensor scale, Tensor shift, Tensor? mean, "
-        "Tensor? var, float eps, bool relu_mask, bool need_dx, bool need_dparams) -> (Tensor, Tensor)");
+  // Backward: (dx, dparams, g), dx and dparams as conv_bn_relu_backward's. relu_mask: grad_output is
+  // z's gradient, masked where x * scale + shift <= 0 (no residual) or, given the op's output z (a
+  // residual), where z <= 0; g is then that masked gradient (the residual's, x's memory format), written
+  // by the reductions, which then always run; else g is empty (0,). Without relu_mask grad_output is
+  // already masked (g = dz * 1[z > 0]; output must be None).
+  m.def("batch_norm_relu_backward(Tensor grad_output, Tensor x, Tensor? output, Tensor scale, Tensor shift, "
+        "Tensor? mean, Tensor? var, float eps, bool relu_mask, bool need_dx, bool need_dparams) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 }  // namespace resnext_kernels

@@ -409,30 +409,38 @@ at::Tensor batch_norm_relu_folded(const at::Tensor& x, const std::optional<at::T
   return z;
 }
 
-std::tuple<at::Tensor, at::Tensor> batch_norm_relu_backward(const at::Tensor& dz, const at::Tensor& x,
-                                                            const at::Tensor& scale, const at::Tensor& shift,
-                                                            const std::optional<at::Tensor>& mean,
-                                                            const std::optional<at::Tensor>& var, double eps,
-                                                            bool relu_mask, bool need_dx, bool need_dparams) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward(
+    const at::Tensor& dz, const at::Tensor& x, const std::optional<at::Tensor>& output, const at::Tensor& scale,
+    const at::Tensor& shift, const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& var, double eps,
+    bool relu_mask, bool need_dx, bool need_dparams) {
   check_batch_norm_input(x, dz, "grad_output");
+  check_batch_norm_input(x, output, "output");
+  TORCH_CHECK(relu_mask || !output.has_value(), "resnext_kernels: output (the ReLU mask's source) needs relu_mask=True");
   const int64_t c = x.size(1);
   const BackwardPerChannel per_channel = backward_per_channel(scale, shift, mean, var, x, c);
   const auto acc = acc_type_of(x);
   at::Tensor dx = need_dx ? empty_like_format(x, x.sizes()) : at::empty({0}, x.options());
   at::Tensor dparams = need_dparams ? at::empty({2, c}, x.options().dtype(acc)) : at::empty({0}, x.options().dtype(acc));
+  at::Tensor g = output.has_value() ? empty_like_format(x, x.sizes()) : at::empty({0}, x.options());
   if (x.numel() == 0) {
     dparams.zero_();
-    return {dx, dparams};
+    return {dx, dparams, g};
   }
   const DeviceScope scope(x);
   ConvBnReluBackwardParams p{};
   set_batch_norm_backward(p, x, dz, per_channel, eps, dparams, need_dparams);
   p.dx = need_dx ? dx.data_ptr() : nullptr;
-  for (int i = 0; i < 4; ++i) p.dx_stride[i] = need_dx ? dx.stride(i) : 0;
+  p.z = output.has_value() ? output->data_ptr() : nullptr;
+  p.g = output.has_value() ? g.data_ptr() : nullptr;
+  for (int i = 0; i < 4; ++i) {
+    p.dx_stride[i] = need_dx ? dx.stride(i) : 0;
+    p.z_stride[i] = output.has_value() ? output->stride(i) : 0;
+    p.g_stride[i] = output.has_value() ? g.stride(i) : 0;
+  }
   at::Tensor workspace = at::empty({batch_norm_relu_backward_workspace_elements(p)}, x.options().dtype(acc));
   p.workspace = workspace.data_ptr();
   check_launch(launch_batch_norm_relu_backward(p, relu_mask, stream_of(x)), "batch_norm_relu_backward");
-  return {dx, dparams};
+  return {dx, dparams, g};
 }
 
 }  // namespace

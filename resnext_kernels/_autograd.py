@@ -58,15 +58,28 @@ def register(train_op, folded_op, grouped_conv, backward_op):
 def register_batch_norm_relu(train_op, folded_op, backward_op):
     """Registers autograd for the standalone ``train_op`` (x, residual, bn_weight, bn_bias, eps) ->
     (z, stats) and ``folded_op`` (x, residual, scale, shift) -> z, both differentiated by
-    ``backward_op``. With a residual the ReLU mask needs z (it depends on the residual too): the
-    backward masks dz itself, as torch.relu's backward does, and hands the kernels g = dz * 1[z > 0],
-    which is also the residual's gradient. Without one, the kernels recompute the mask from x."""
+    ``backward_op``. Without a residual the kernels recompute the ReLU mask from x. With one the mask
+    needs z (it depends on the residual too), and g = dz * 1[z > 0] is also the residual's gradient:
+    where the kernels' reductions run (training, or dparams wanted) they test z and write g while
+    summing; otherwise (folded, no dparams: no reductions) torch's threshold_backward masks dz first
+    (as torch.relu's backward, a NaN z passes its gradient) and the kernels take g unmasked."""
 
-    def relu_grad(ctx, dz):
+    def backward(ctx, dz, x, scale, shift, mean, var, eps):
+        """(dx, g, dparams), each empty or None where not wanted."""
+        need = ctx.needs_input_grad
+        need_dx, need_dparams = need[0], need[2] or need[3]
         if not ctx.has_residual:
-            return dz, None
-        g = torch.ops.aten.threshold_backward(dz, ctx.saved_tensors[-1], 0)
-        return g, g
+            dx, dparams, _ = backward_op(dz, x, None, scale, shift, mean, var, eps, True, need_dx, need_dparams)
+            return dx, None, dparams
+        z = ctx.saved_tensors[-1]
+        if not (need_dx or need_dparams):  # the residual's gradient alone: no kernel to run
+            return None, torch.ops.aten.threshold_backward(dz, z, 0), None
+        if mean is not None or need_dparams:
+            dx, dparams, g = backward_op(dz, x, z, scale, shift, mean, var, eps, True, need_dx, need_dparams)
+            return dx, g, dparams
+        g = torch.ops.aten.threshold_backward(dz, z, 0)
+        dx, dparams, _ = backward_op(g, x, None, scale, shift, mean, var, eps, False, need_dx, need_dparams)
+        return dx, g, dparams
 
     def train_setup(ctx, inputs, output):
         x, residual, bn_weight, bn_bias, eps = inputs
@@ -80,11 +93,7 @@ def register_batch_norm_relu(train_op, folded_op, backward_op):
     def train_backward(ctx, dz, _dstats):
         x, stats = ctx.saved_tensors[:2]
         need = ctx.needs_input_grad
-        grad, g = relu_grad(ctx, dz)
-        if not (need[0] or need[2] or need[3]):  # the residual's gradient alone: no kernel to run
-            return None, g, None, None, None
-        dx, dparams = backward_op(grad, x, stats[2], stats[3], stats[0], stats[1], ctx.eps, not ctx.has_residual,
-                                  need[0], need[2] or need[3])
+        dx, g, dparams = backward(ctx, dz, x, stats[2], stats[3], stats[0], stats[1], ctx.eps)
         dgamma = dparams[0].to(ctx.param_dtypes[0]) if need[2] else None
         dbeta = dparams[1].to(ctx.param_dtypes[1]) if need[3] else None
         return dx if need[0] else None, g if need[1] else None, dgamma, dbeta, None
@@ -97,11 +106,7 @@ def register_batch_norm_relu(train_op, folded_op, backward_op):
     def folded_backward(ctx, dz):
         x, scale, shift = ctx.saved_tensors[:3]
         need = ctx.needs_input_grad
-        grad, g = relu_grad(ctx, dz)
-        if not (need[0] or need[2] or need[3]):
-            return None, g, None, None
-        dx, dparams = backward_op(grad, x, scale, shift, None, None, 0.0, not ctx.has_residual, need[0],
-                                  need[2] or need[3])
+        dx, g, dparams = backward(ctx, dz, x, scale, shift, None, None, 0.0)
         return (dx if need[0] else None, g if need[1] else None,
                 dparams[0].to(scale.dtype) if need[2] else None, dparams[1].to(shift.dtype) if need[3] else None)
 

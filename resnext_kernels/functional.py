@@ -113,7 +113,7 @@ def batch_norm_relu(
 ):
     """``relu(batch_norm(x) + residual)``, or ``relu(batch_norm(x))`` without a residual: the
     bottleneck's bn1 + relu and bn3 + add + relu. In activation-sized transfers, forward + backward,
-    3 + 5 where eager PyTorch's separate batch_norm, add and ReLU move 5 + 8 (with the residual 4 + 8
+    3 + 5 where eager PyTorch's separate batch_norm, add and ReLU move 5 + 8 (with the residual 4 + 7
     against 8 + 8).
 
     ``batch_norm`` is ``F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training,

@@ -69,6 +69,32 @@ def test_forward_running_stats_and_gradients_match_float64(impl, shape, residual
         assert_close_to_reference(a, e, torch.float32, what=name)
 
 
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("wanted", [("x", "residual"), ("residual",), ("x",), ("bn_weight", "residual")],
+                         ids="+".join)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_each_subset_of_gradients(impl, wanted, layout, training):
+    """Every path of the backward with a residual: the reductions test z and write the residual's
+    gradient where they run (training, or parameter gradients wanted); folded without them (a frozen
+    BatchNorm) torch masks dz first; the residual's gradient alone runs no kernel."""
+    require(impl, batch_stats=training, grad=True)
+    shape = (2, 16, 5, 3)
+    x, r, params = make_inputs(shape, torch.float32, layout)
+    grad = layout_as(torch.randn(shape, device=DEVICE), layout)
+
+    def gradients(impl, dtype):
+        inputs = {"x": x, "residual": r, "bn_weight": params["bn_weight"], "bn_bias": params["bn_bias"]}
+        inputs = {k: v.detach().to(dtype).requires_grad_(k in wanted) for k, v in inputs.items()}
+        mean, var = params["running_mean"].to(dtype).clone(), params["running_var"].to(dtype).clone()
+        z = resnext_kernels.batch_norm_relu(inputs["x"], inputs["bn_weight"], inputs["bn_bias"], mean, var,
+                                            inputs["residual"], training=training, impl=impl)
+        return torch.autograd.grad(z, [inputs[k] for k in wanted], grad.to(dtype))
+
+    for name, a, e in zip(wanted, gradients(impl, torch.float32), gradients("torch", torch.float64), strict=True):
+        assert_close_to_reference(a, e, torch.float32, what=name)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -220,13 +246,13 @@ def test_ops_pass_opcheck(impl, dtype):
             torch.library.opcheck(train_op, (x, residual, gamma, beta, 1e-5))
             torch.library.opcheck(folded_op, (x, residual, gamma, beta))
         torch.library.opcheck(train_op, (x, None, None, None, 1e-5))
-        _, stats = train_op(x.detach(), None, gamma.detach(), beta.detach(), 1e-5)
+        z, stats = train_op(x.detach(), r.detach(), gamma.detach(), beta.detach(), 1e-5)
         dz = layout_as(torch.randn(shape, device=DEVICE).to(dtype), "strided")
         for mean_var in ((stats[0], stats[1]), (None, None)):
-            for relu_mask in (True, False):
-                for need in ((True, True), (True, False), (False, True)):
-                    torch.library.opcheck(backward_op, (dz, x.detach(), stats[2], stats[3], *mean_var, 1e-5, relu_mask,
-                                                        *need))
+            for output, relu_mask in ((None, True), (z, True), (None, False)):
+                for need in ((True, True), (True, False), (False, True), (False, False)):
+                    torch.library.opcheck(backward_op, (dz, x.detach(), output, stats[2], stats[3], *mean_var, 1e-5,
+                                                        relu_mask, *need))
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)

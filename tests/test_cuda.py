@@ -388,8 +388,10 @@ def test_every_kernel_stays_in_bounds_and_aligned_under_the_sanitizers():
         "                z, stats = ops.batch_norm_relu_train(x, residual, gamma, beta, 1e-5)\n"
         "                ops.batch_norm_relu_folded(x, residual, stats[2], stats[3])\n"
         "                for mean_var in ((stats[0], stats[1]), (None, None)):\n"
-        "                    ops.batch_norm_relu_backward(shifted(torch.randn_like(z), offset), x, stats[2], stats[3],\n"
-        "                                                 *mean_var, 1e-5, residual is None, True, True)\n"
+        "                    for output in ((None, shifted(z, offset)) if residual is not None else (None,)):\n"
+        "                        ops.batch_norm_relu_backward(shifted(torch.randn_like(z), offset), x, output, stats[2],\n"
+        "                                                     stats[3], *mean_var, 1e-5,\n"
+        "                                                     residual is None or output is not None, True, True)\n"
         "print('every kernel ran', flush=True)\n"
     )
     assert "every kernel ran" in output and "runtime error" not in output and "Sanitizer" not in output, output[-3000:]

@@ -180,10 +180,10 @@ __global__ void __launch_bounds__(kThreads) input_grad_vector(const P p, int64_t
   for (int64_t v = first; v < vectors; v += stride) dx[v] = backward::dy_vector<T, kMask>(p, coef, co, y[v], dz[v]);
 }
 
-template <typename T, bool kMask>
-const char* launch_backward(const P& p, void* stream) {
+template <typename T, backward::Mask kReductionMask, bool kMask>
+const char* launch_backward(const P& reduce_params, const P& p, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
-  if (const char* error = backward::launch_reductions<T, kMask>(p, s)) return error;
+  if (const char* error = backward::launch_reductions<T, kReductionMask>(reduce_params, s)) return error;
   if (p.dx == nullptr) return nullptr;
   const int64_t numel = p.n * p.c_out * p.h_out * p.w_out;
   const int64_t dense_channels_last[4] = {p.h_out * p.w_out * p.c_out, 1, p.w_out * p.c_out, p.c_out};
@@ -204,7 +204,16 @@ const char* launch_backward(const P& p, void* stream) {
 
 template <typename T>
 const char* launch_backward(const P& p, bool relu_mask, void* stream) {
-  return relu_mask ? launch_backward<T, true>(p, stream) : launch_backward<T, false>(p, stream);
+  using backward::Mask;
+  if (!relu_mask) return launch_backward<T, Mask::kNone, false>(p, p, stream);
+  if (p.z == nullptr) return launch_backward<T, Mask::kFromY, true>(p, p, stream);
+  // The mask from z: the reductions write g, which the dx pass reads as its (already masked) dz.
+  P masked = p;
+  masked.dz = p.g;
+  for (int i = 0; i < 4; ++i) masked.dz_stride[i] = p.g_stride[i];
+  masked.z = nullptr;
+  masked.g = nullptr;
+  return launch_backward<T, Mask::kFromOutput, false>(p, masked, stream);
 }
 
 }  // namespace bn_relu

@@ -10,9 +10,10 @@
 //  2. finalize: sums the partials in a fixed order into dparams and per-channel coefficients with
 //     dy = scale * g + B * (y - center) + C (training: center = mean, B = -scale * rstd * mean(g xhat),
 //     C = -scale * mean(g); folded: B = C = center = 0).
-// kMask = false drops the ReLU (g = dz): the standalone op with a residual, whose ReLU mask depends
-// on the residual too, hands in g itself. The fused convolution computes dy on the fly in dgrad and
-// wgrad; the standalone op writes it (input_grad).
+// The standalone op with a residual, whose ReLU mask depends on the residual too, tests z itself
+// (Mask::kFromOutput: the reductions also write g, the residual's gradient, which its dx pass then
+// reads unmasked), or hands in g (Mask::kNone, kMask = false: g = dz). The fused convolution computes
+// dy on the fly in dgrad and wgrad; the standalone op writes it (input_grad).
 #pragma once
 
 #include "params.h"
@@ -22,6 +23,10 @@ namespace resnext_kernels {
 namespace backward {
 
 using P = ConvBnReluBackwardParams;
+
+// Where the reductions' ReLU mask comes from: y * scale + shift (as dy_of), the op's output z, or
+// nowhere (dz is g already).
+enum class Mask { kNone, kFromY, kFromOutput };
 
 constexpr int kThreads = 256;
 constexpr int kChannels = 32;                      // channels per block (reduce, dgrad, wgrad)
@@ -126,7 +131,7 @@ __device__ __forceinline__ uint4 dy_vector(const P& p, const float* coef, int64_
 
 // 1. Partial sums over a block's pixel range. Channel-fast thread order when y is channels-last,
 // pixel-fast otherwise, so that loads are contiguous either way.
-template <typename T, bool kMask>
+template <typename T, Mask kMask>
 __global__ void __launch_bounds__(kThreads) reduce_partials(const P p, int64_t pixels_per_block, bool channel_fast) {
   using Acc = typename Numeric<T>::Acc;
   __shared__ Acc shared[2][kLanes][kChannels];
@@ -149,9 +154,17 @@ __global__ void __launch_bounds__(kThreads) reduce_partials(const P p, int64_t p
     const int h_out = int(p.h_out), w_out = int(p.w_out);
     for (int64_t m = m0 + lane; m < m1; m += kLanes) {
       const Acc yv = Numeric<T>::load(y[n * p.y_stride[0] + co * p.y_stride[1] + oh * p.y_stride[2] + ow * p.y_stride[3]]);
-      if (!(kMask && yv * scale + shift <= Acc(0))) {  // as dy_of
-        const Acc g =
-            Numeric<T>::load(dz[n * p.dz_stride[0] + co * p.dz_stride[1] + oh * p.dz_stride[2] + ow * p.dz_stride[3]]);
+      bool pass = !(kMask == Mask::kFromY && yv * scale + shift <= Acc(0));  // as dy_of
+      const T dzv = dz[n * p.dz_stride[0] + co * p.dz_stride[1] + oh * p.dz_stride[2] + ow * p.dz_stride[3]];
+      if constexpr (kMask == Mask::kFromOutput) {
+        const T* z = static_cast<const T*>(p.z);
+        pass = !(Numeric<T>::load(z[n * p.z_stride[0] + co * p.z_stride[1] + oh * p.z_stride[2] + ow * p.z_stride[3]]) <=
+                 Acc(0));
+        static_cast<T*>(p.g)[n * p.g_stride[0] + co * p.g_stride[1] + oh * p.g_stride[2] + ow * p.g_stride[3]] =
+            pass ? dzv : Numeric<T>::store(Acc(0));
+      }
+      if (pass) {
+        const Acc g = Numeric<T>::load(dzv);
         sum_g += g;
         sum_gy += g * (yv - center);
       }
@@ -171,21 +184,24 @@ __global__ void __launch_bounds__(kThreads) reduce_partials(const P p, int64_t p
   partials[(blocks + blockIdx.x) * p.c_out + co] = sum_gy;
 }
 
-// Whether 16-bit y and dz are both dense channels-last and 16-byte aligned, with whole vectors of 8
-// channels: then pixel m of the batch starts at element m * c_out of each.
+// Whether 16-bit y and dz (and z and g, where given) are all dense channels-last and 16-byte aligned,
+// with whole vectors of 8 channels: then pixel m of the batch starts at element m * c_out of each.
 inline bool dense_channels_last_vectors(const P& p) {
   const int64_t c = p.c_out, dense[4] = {p.h_out * p.w_out * c, 1, p.w_out * c, c};
-  bool dense_y = true, dense_dz = true;
-  for (int i = 0; i < 4; ++i) dense_y &= p.y_stride[i] == dense[i], dense_dz &= p.dz_stride[i] == dense[i];
-  return c % 8 == 0 && dense_y && dense_dz && reinterpret_cast<uintptr_t>(p.y) % 16 == 0 &&
-         reinterpret_cast<uintptr_t>(p.dz) % 16 == 0;
+  auto dense_vectors = [&](const void* t, const int64_t* stride) {
+    bool dense_t = reinterpret_cast<uintptr_t>(t) % 16 == 0;
+    for (int i = 0; i < 4; ++i) dense_t &= stride[i] == dense[i];
+    return dense_t;
+  };
+  return c % 8 == 0 && dense_vectors(p.y, p.y_stride) && dense_vectors(p.dz, p.dz_stride) &&
+         (p.z == nullptr || dense_vectors(p.z, p.z_stride)) && (p.g == nullptr || dense_vectors(p.g, p.g_stride));
 }
 
 // 1, where dense_channels_last_vectors: the same partial sums, a thread taking 8 channels of a pixel
 // by 16-byte loads (a quarter of the instructions per value), kVectorLanes pixel lanes per block.
 constexpr int kVectorLanes = kThreads / (kChannels / 8);
 
-template <typename T, bool kMask>
+template <typename T, Mask kMask>
 __global__ void __launch_bounds__(kThreads) reduce_partials_vector(const P p, int64_t pixels_per_block) {
   __shared__ float shared[2][kVectorLanes][kChannels];
   const int tid = int(threadIdx.x), c_local = tid % (kChannels / 8) * 8, lane = tid / (kChannels / 8);
@@ -207,15 +223,29 @@ __global__ void __launch_bounds__(kThreads) reduce_partials_vector(const P p, in
       const uint4 y8 = *reinterpret_cast<const uint4*>(y + m * p.c_out);
       const uint4 dz8 = *reinterpret_cast<const uint4*>(dz + m * p.c_out);
       const uint32_t y_words[4] = {y8.x, y8.y, y8.z, y8.w}, dz_words[4] = {dz8.x, dz8.y, dz8.z, dz8.w};
+      uint32_t z_words[4] = {0, 0, 0, 0}, g_words[4] = {0, 0, 0, 0};
+      if constexpr (kMask == Mask::kFromOutput) {
+        const uint4 z8 = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.z) + co + m * p.c_out);
+        z_words[0] = z8.x, z_words[1] = z8.y, z_words[2] = z8.z, z_words[3] = z8.w;
+      }
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
-        const float yv = Numeric<T>::from_bits(uint16_t(y_words[e / 2] >> (16 * (e % 2))));
-        if (!(kMask && yv * scale[e] + shift[e] <= 0.0f)) {  // as dy_of
-          const float g = Numeric<T>::from_bits(uint16_t(dz_words[e / 2] >> (16 * (e % 2))));
+        const int shift_bits = 16 * (e % 2);
+        const float yv = Numeric<T>::from_bits(uint16_t(y_words[e / 2] >> shift_bits));
+        bool pass = !(kMask == Mask::kFromY && yv * scale[e] + shift[e] <= 0.0f);  // as dy_of
+        if constexpr (kMask == Mask::kFromOutput) {
+          pass = !(Numeric<T>::from_bits(uint16_t(z_words[e / 2] >> shift_bits)) <= 0.0f);
+          if (pass) g_words[e / 2] |= dz_words[e / 2] & (0xffffu << shift_bits);  // g = dz, bit for bit
+        }
+        if (pass) {
+          const float g = Numeric<T>::from_bits(uint16_t(dz_words[e / 2] >> shift_bits));
           sum_g[e] += g;
           sum_gy[e] += g * (yv - center[e]);
         }
       }
+      if constexpr (kMask == Mask::kFromOutput)
+        *reinterpret_cast<uint4*>(static_cast<uint16_t*>(p.g) + co + m * p.c_out) =
+            uint4{g_words[0], g_words[1], g_words[2], g_words[3]};
     }
   }
 #pragma unroll
@@ -269,14 +299,16 @@ __global__ void __launch_bounds__(kThreads) finalize(const P p, int64_t blocks) 
   }
 }
 
-// 1 and 2: the reductions (when training or dparams are wanted) and the coefficients.
-template <typename T, bool kMask>
+// 1 and 2: the reductions (when training or dparams are wanted, and always with Mask::kFromOutput,
+// whose g they write) and the coefficients.
+template <typename T, Mask kMask>
 const char* launch_reductions(const P& p, cudaStream_t s) {
   using Acc = typename Numeric<T>::Acc;
   if (!grid_fits(1, ceil_div(p.c_out, kChannels))) return kGridTooLarge;
   const unsigned channel_tiles = unsigned(ceil_div(p.c_out, kChannels));
   // Folded, dy = scale * g needs no sums: without dparams wanted, finalize only writes the coefficients.
-  const int64_t blocks = p.mean != nullptr || p.dparams != nullptr ? reduce_blocks(p) : 0;
+  const bool reduce = p.mean != nullptr || p.dparams != nullptr || kMask == Mask::kFromOutput;
+  const int64_t blocks = reduce ? reduce_blocks(p) : 0;
   if (blocks > 0) {
     bool reduced_by_vectors = false;
     if constexpr (sizeof(T) == 2) {

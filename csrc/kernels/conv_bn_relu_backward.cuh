@@ -803,7 +803,7 @@ const char* launch(const P& p, void* stream) {
       !grid_fits(1, ceil_div(p.c_in, kChannels)))
     return kGridTooLarge;
   const unsigned channel_tiles = unsigned(ceil_div(p.c_out, kChannels));
-  if (const char* error = launch_reductions<T, true>(p, s)) return error;
+  if (const char* error = launch_reductions<T, Mask::kFromY>(p, s)) return error;
   if (p.dx != nullptr) {
     DgradTiling tiling;
     if (!choose_dgrad_tiling<T>(p, &tiling))

@@ -97,10 +97,12 @@ struct ConvBnReluBackwardParams {
   void* dw;            // null: not wanted; (c_out, c_in / groups, 3, 3), contiguous, weight's dtype
   void* dparams;       // out: [2][c_out], accumulation type; null: not wanted (folded: no reductions)
   void* workspace;     // backward_workspace_elements(...) elements of the accumulation type
+  const void* z;       // the standalone op's output, whose sign is the ReLU mask; null: mask from y
+  void* g;             // with z: out, dz * 1[not z <= 0] in y's shape and dtype
   DType dtype;
   int64_t n, c_in, h, w;
   int64_t c_out, h_out, w_out;
-  int64_t x_stride[4], y_stride[4], dz_stride[4], dx_stride[4];
+  int64_t x_stride[4], y_stride[4], dz_stride[4], dx_stride[4], z_stride[4], g_stride[4];
   int stride, dilation, groups;
   int sm_count;  // as ConvBnReluParams::sm_count
 };
@@ -109,9 +111,11 @@ const char* launch_conv_bn_relu_backward(const ConvBnReluBackwardParams& params,
 
 // Backward of the standalone z = relu(y * scale + shift [+ residual]) (y the BatchNorm's input), with
 // the fields of ConvBnReluBackwardParams that the BatchNorm part reads: y, dz, the per-channel
-// tensors, eps, dx (out: dense, y's memory format; null: not wanted), dparams, workspace, dtype, n,
-// c_out, h_out, w_out (y's sizes) and y_stride, dz_stride, dx_stride. relu_mask: dz is z's gradient;
-// otherwise (a residual) dz is already g = dz * 1[z > 0].
+// tensors, eps, dx (out: dense, y's memory format; null: not wanted), dparams, workspace, z, g, dtype,
+// n, c_out, h_out, w_out (y's sizes) and y_stride, dz_stride, dx_stride, z_stride, g_stride.
+// relu_mask: dz is z's gradient, masked where y * scale + shift <= 0, or, with z given (a residual),
+// where z <= 0, the reductions then writing g = the masked dz for the dx pass and the caller;
+// otherwise (a residual, z null) dz is already g = dz * 1[z > 0].
 int64_t batch_norm_relu_backward_workspace_elements(const ConvBnReluBackwardParams& params);
 const char* launch_batch_norm_relu_backward(const ConvBnReluBackwardParams& params, bool relu_mask, void* stream);
 

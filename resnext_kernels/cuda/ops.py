@@ -74,10 +74,11 @@ def register_namespace(namespace):
         return torch.empty_like(x, memory_format=output_memory_format(x))
 
     @torch.library.register_fake(f"{namespace}::batch_norm_relu_backward")
-    def _(grad_output, x, scale, shift, mean, var, eps, relu_mask, need_dx, need_dparams):
+    def _(grad_output, x, output, scale, shift, mean, var, eps, relu_mask, need_dx, need_dparams):
         dx = torch.empty_like(x, memory_format=output_memory_format(x)) if need_dx else x.new_empty((0,))
         dparams_shape = (2, x.shape[1]) if need_dparams else (0,)
-        return dx, torch.empty(dparams_shape, dtype=accumulate_dtype(x), device=x.device)
+        g = torch.empty_like(x, memory_format=output_memory_format(x)) if output is not None else x.new_empty((0,))
+        return dx, torch.empty(dparams_shape, dtype=accumulate_dtype(x), device=x.device), g
 
     register_batch_norm_relu(ops.batch_norm_relu_train.default, ops.batch_norm_relu_folded.default,
                              ops.batch_norm_relu_backward.default)

@@ -70,10 +70,13 @@ def _dy_tile(dz_ptrs, y_ptrs, ok, offs_c, c_ok, scale_ptr, shift_ptr, mean_ptr, 
 
 @triton.jit
 def _reduce_kernel(
-    dz_ptr, y_ptr, scale_ptr, shift_ptr, mean_ptr, part_ptr, M, HO, WO, C, TILES_PER_PROGRAM, PART_ROWS,
-    sdn, sdc, sdh, sdw, syn, syc, syh, syw,
-    TRAIN: tl.constexpr, MASK: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    dz_ptr, y_ptr, z_ptr, g_ptr, scale_ptr, shift_ptr, mean_ptr, part_ptr, M, HO, WO, C, TILES_PER_PROGRAM, PART_ROWS,
+    sdn, sdc, sdh, sdw, syn, syc, syh, syw, szn, szc, szh, szw, sgn, sgc, sgh, sgw,
+    TRAIN: tl.constexpr, MASK: tl.constexpr, OUTPUT_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
+    # OUTPUT_MASK (the standalone op with a residual): g = dz where the output z is not <= 0, written
+    # to g_ptr (dz's dtype, bit for bit) for the dx pass and the residual; MASK is then False.
     # Each program sums a run of row tiles into one partial row: few enough rows for the final sum.
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
@@ -96,6 +99,10 @@ def _reduce_kernel(
         dz = tl.load(dz_ptr + (n_img * sdn + ho * sdh + wo * sdw)[:, None] + wide_c * sdc, mask=ok, other=0.0)
         y = tl.load(y_ptr + (n_img * syn + ho * syh + wo * syw)[:, None] + wide_c * syc, mask=ok, other=0.0)
         y = y.to(ACC)
+        if OUTPUT_MASK:
+            z = tl.load(z_ptr + (n_img * szn + ho * szh + wo * szw)[:, None] + wide_c * szc, mask=ok, other=0.0)
+            dz = tl.where(z <= 0, 0.0, dz).to(dz.dtype)
+            tl.store(g_ptr + (n_img * sgn + ho * sgh + wo * sgw)[:, None] + wide_c * sgc, dz, mask=ok)
         g = _relu_grad(dz.to(ACC), y, scale, shift, MASK)
         s1 += tl.sum(g, axis=0)
         s2 += tl.sum(tl.where(ok, g * (y - center), 0.0), axis=0)
@@ -348,16 +355,17 @@ def _sum_splits_kernel(part_ptr, out_ptr, NUMEL, SPLITS, ACC: tl.constexpr, BLOC
     tl.store(out_ptr + offs, config.cast(total, out_ptr.dtype.element_ty), mask=ok)
 
 
-def coefficients(dz, y, scale, shift, mean, var, eps, dparams, mask):
+def coefficients(dz, y, scale, shift, mean, var, eps, dparams, mask, output=None, g=None):
     """Passes (1) and (2): the coefficients B, C of dy (rows of a (2, C) tensor; unused when folded)
     and, when ``dparams`` is given, the parameter gradients into it. ``mask``: dz is z's gradient and
-    g = dz * 1[y * scale + shift > 0]; otherwise dz is g already. Folded without dparams nothing runs."""
+    g = dz * 1[y * scale + shift > 0], or with ``output`` (z itself; mask then False) dz * 1[z > 0],
+    written into ``g``; otherwise dz is g already. Folded without dparams or output nothing runs."""
     n, c, ho, wo = y.shape
     m = n * ho * wo
     train = mean is not None
     acc = config.acc_dtype(y.dtype)
     coef = torch.empty((2, c), dtype=acc, device=y.device)
-    if not (train or dparams is not None):
+    if not (train or dparams is not None or output is not None):
         return coef
     c_blocks = triton.cdiv(c, _REDUCE_BLOCK_C)
     row_tiles = triton.cdiv(m, _REDUCE_BLOCK_M)
@@ -366,9 +374,12 @@ def coefficients(dz, y, scale, shift, mean, var, eps, dparams, mask):
     part = torch.empty((2, rows, c), dtype=acc, device=y.device)
     sums = dparams if dparams is not None else torch.empty((2, c), dtype=acc, device=y.device)
     tl_acc = config.tl_acc_dtype(y.dtype)
+    masked = (output, g) if output is not None else (dz, dz)  # placeholders, never read, without output
     _reduce_kernel[(rows, c_blocks)](
-        dz, y, scale, shift, mean if train else scale, part, m, ho, wo, c, tiles_per_program, rows, *dz.stride(),
-        *y.stride(), TRAIN=train, MASK=mask, ACC=tl_acc, BLOCK_M=_REDUCE_BLOCK_M, BLOCK_C=_REDUCE_BLOCK_C,
+        dz, y, *masked, scale, shift, mean if train else scale, part, m, ho, wo, c, tiles_per_program, rows,
+        *dz.stride(), *y.stride(), *masked[0].stride(), *masked[1].stride(),
+        TRAIN=train, MASK=mask, OUTPUT_MASK=output is not None, ACC=tl_acc, BLOCK_M=_REDUCE_BLOCK_M,
+        BLOCK_C=_REDUCE_BLOCK_C,
     )
     _finalize_kernel[(c_blocks,)](
         part, scale, var if train else scale, coef, sums, m, c, rows, eps,

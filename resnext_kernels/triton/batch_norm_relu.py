@@ -97,28 +97,38 @@ def folded_forward(x, residual, scale, shift):
     return z
 
 
-def gradient_buffers(x, need_dx, need_dparams):
-    """Uninitialised (dx, dparams) as backward() returns them."""
-    dx = torch.empty_like(x, memory_format=output_memory_format(x)) if need_dx else x.new_empty((0,))
+def gradient_buffers(x, masked, need_dx, need_dparams):
+    """Uninitialised (dx, dparams, g) as backward() returns them (``masked``: with g)."""
+    def like_x(wanted):
+        return torch.empty_like(x, memory_format=output_memory_format(x)) if wanted else x.new_empty((0,))
+
     dparams = torch.empty((2, x.shape[1]) if need_dparams else (0,), dtype=config.acc_dtype(x.dtype),
                           device=x.device)
-    return dx, dparams
+    return like_x(need_dx), dparams, like_x(masked)
 
 
-def backward(dz, x, scale, shift, mean, var, eps, relu_mask, need_dx, need_dparams):
-    """``(dx, dparams)`` of relu(batch_norm(x) [+ residual]), as backward.backward's (without dw).
-    ``relu_mask``: dz is z's gradient (no residual); otherwise it is g = dz * 1[z > 0]."""
-    dx, dparams = gradient_buffers(x, need_dx, need_dparams)
+def backward(dz, x, output, scale, shift, mean, var, eps, relu_mask, need_dx, need_dparams):
+    """``(dx, dparams, g)`` of relu(batch_norm(x) [+ residual]), dx and dparams as backward.backward's
+    (without dw). ``relu_mask``: dz is z's gradient, masked where x * scale + shift <= 0 (no residual)
+    or, given ``output`` (z, with a residual), where z <= 0: g is then the masked gradient, written by
+    the reductions (which then always run) and read by the dx pass. Otherwise dz is g = dz * 1[z > 0]
+    already. g is empty without ``output``."""
+    if output is not None and not relu_mask:
+        raise ValueError("output (the ReLU mask's source) needs relu_mask=True")
+    dx, dparams, g = gradient_buffers(x, output is not None, need_dx, need_dparams)
     if x.numel() == 0:
-        return dx, dparams.zero_()
+        return dx, dparams.zero_(), g
     n, c, h, w = x.shape
     train = mean is not None
     with device_guard(x):
-        coef = coefficients(dz, x, scale, shift, mean, var, eps, dparams if need_dparams else None, relu_mask)
+        coef = coefficients(dz, x, scale, shift, mean, var, eps, dparams if need_dparams else None,
+                            relu_mask and output is None, output, g)
+        grad = g if output is not None else dz
         if need_dx:
             _input_grad_kernel[(triton.cdiv(n * h * w, _BLOCK_M), triton.cdiv(c, _BLOCK_C))](
-                dz, x, dx, scale, shift, mean if train else scale, coef, n * h * w, h * w, w, c,
-                *dz.stride(), *x.stride(), dx.stride(0), dx.stride(1), dx.stride(3),
-                TRAIN=train, MASK=relu_mask, ACC=config.tl_acc_dtype(x.dtype), BLOCK_M=_BLOCK_M, BLOCK_C=_BLOCK_C,
+                grad, x, dx, scale, shift, mean if train else scale, coef, n * h * w, h * w, w, c,
+                *grad.stride(), *x.stride(), dx.stride(0), dx.stride(1), dx.stride(3),
+                TRAIN=train, MASK=relu_mask and output is None, ACC=config.tl_acc_dtype(x.dtype),
+                BLOCK_M=_BLOCK_M, BLOCK_C=_BLOCK_C,
             )
-    return dx, dparams
+    return dx, dparams, g

@@ -104,16 +104,17 @@ def _(x, residual, scale, shift):
 
 @torch.library.custom_op("resnext_kernels::triton_batch_norm_relu_backward", mutates_args=())
 def batch_norm_relu_backward(
-    grad_output: Tensor, x: Tensor, scale: Tensor, shift: Tensor, mean: Optional[Tensor], var: Optional[Tensor],
-    eps: float, relu_mask: bool, need_dx: bool, need_dparams: bool,
-) -> tuple[Tensor, Tensor]:
-    """``(dx, dparams)`` of the standalone BatchNorm + ReLU; see batch_norm_relu.backward."""
-    return _batch_norm_relu.backward(grad_output, x, scale, shift, mean, var, eps, relu_mask, need_dx, need_dparams)
+    grad_output: Tensor, x: Tensor, output: Optional[Tensor], scale: Tensor, shift: Tensor, mean: Optional[Tensor],
+    var: Optional[Tensor], eps: float, relu_mask: bool, need_dx: bool, need_dparams: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dparams, g)`` of the standalone BatchNorm + ReLU; see batch_norm_relu.backward."""
+    return _batch_norm_relu.backward(grad_output, x, output, scale, shift, mean, var, eps, relu_mask, need_dx,
+                                     need_dparams)
 
 
 @batch_norm_relu_backward.register_fake
-def _(grad_output, x, scale, shift, mean, var, eps, relu_mask, need_dx, need_dparams):
-    return _batch_norm_relu.gradient_buffers(x, need_dx, need_dparams)
+def _(grad_output, x, output, scale, shift, mean, var, eps, relu_mask, need_dx, need_dparams):
+    return _batch_norm_relu.gradient_buffers(x, output is not None, need_dx, need_dparams)
 
 
 register_batch_norm_relu(batch_norm_relu_train, batch_norm_relu_folded, batch_norm_relu_backward)
