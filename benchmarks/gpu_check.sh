@@ -106,5 +106,5 @@ for name in bench_ops bench_batch; do echo "$name: $(status $name)"; done
 echo "-- targets --"; grep -h -A 20 "^### Against the issues" "$OUT/bench_ops.log" "$OUT/bench_batch.log" | grep "^|" | grep -v -e "^| target " -e "^|---"
 echo "-- bench_batch --"; grep -A 14 "^### Per batch" "$OUT/bench_batch.log" | tail -n 12
 echo "-- training step, by kernel --"; grep -A 16 "^#### Where a training step" "$OUT/bench_batch.log" | tail -n 14
-echo "-- bench_ops, per kernel --"; grep -A 24 "^### Per kernel" "$OUT/bench_ops.log" | tail -n 20
+echo "-- bench_ops, per kernel --"; grep -A 40 "^### Per kernel" "$OUT/bench_ops.log" | tail -n 36
 echo "-- results --"; ls "$OUT/results" 2>/dev/null

@@ -169,8 +169,8 @@ def test_batch_norm_output_is_rounded_before_the_residual_is_added(impl, dtype, 
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_non_finite_values_propagate_as_in_pytorch(impl, residual, training):
-    # As torch.relu's backward, a NaN output passes its gradient: without a residual the kernels' own
-    # mask decides, with one autograd's.
+    # As torch.relu's backward, a NaN output passes its gradient: without a residual the kernels' mask
+    # (from x) decides, with one the reductions' (from z).
     require(impl, batch_stats=training, grad=True)
     shape = (2, 16, 4, 5)
     x, r, params = make_inputs(shape, torch.float32, residual=residual)

@@ -405,6 +405,7 @@ def test_schema_accepts_a_complete_gpu_document():
     for record in doc["ops"]:  # results written before the kernel breakdown existed
         record.pop("kernels")
     assert report.validate(doc) == []
+    assert all(r["tflops"] is None for r in doc["ops"] if r["op"] != "grouped_conv_bn_relu")  # no FLOPs counted
     json.loads(json.dumps(doc))
 
 
@@ -413,6 +414,8 @@ def test_schema_accepts_a_complete_gpu_document():
     (lambda d: d.update(schema_version=99), "schema_version"),
     (lambda d: d["ops"][0].update(status="great"), "status"),
     (lambda d: d["ops"][0].update(median_us=None), "median_us is missing for status 'ok'"),
+    (lambda d: d["ops"][0].update(tflops=None), "tflops is missing for status 'ok'"),  # a convolution's
+    (lambda d: d["ops"][0].pop("op"), "op is missing"),
     (lambda d: d["ops"][0].update(gbps=float("nan")), "gbps is nan"),
     (lambda d: d["batches"][0].update(n=True), "n is bool"),
     (lambda d: d["batches"][0].update(status="error", reason=None), "reason is empty"),
@@ -471,8 +474,8 @@ def test_markdown_has_every_figure():
     assert "impl='cuda' does not implement training mode yet" in text
     assert "5.00" in text  # peak GiB
     # bn3 + add + relu on stage 1's block: 256x56x56 bf16 at N=128 = 205.5 MB per activation; inference
-    # moves 3 of them (and 16 KB of per-channel values), 616.6 MB: 201.0 us at 3067 GB/s, 500 us measured.
-    assert ("| resnext50_32x4d:stage1 | bn3+add+relu | 256x56² + residual | bfloat16 | channels_last | inference "
+    # moves 3 of them (and 4 KB of per-channel values), 616.6 MB: 201.0 us at 3067 GB/s, 500 us measured.
+    assert ("| resnext50_32x4d:stage1 | bn3+add+relu | 256x56x56 + residual | bfloat16 | channels_last | inference "
             "forward | triton | 500.0 | 201.0 | 40% | 1,233 | – | 1.20× | – |") in text
     assert "#### Where a training step's GPU time goes" in text
     # resnext50 on triton: 108.8 ms a step, 70 ms of kernels, 30 of them the fused op's.

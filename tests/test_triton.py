@@ -378,9 +378,10 @@ for data, data_tl, acc, acc_tl, precision in DTYPES:
                                                             ACC=acc_tl, BLOCK_T=32, BLOCK_C=32))
     for residual in (False, True):
         compile_for_sm90(conv._bn_relu_kernel, data, acc, dict(HAS_RESIDUAL=residual, ACC=acc_tl, BLOCK_P=64, BLOCK_C=64))
+    for mask, output_mask in ((False, False), (True, False), (False, True)):
+        compile_for_sm90(backward._reduce_kernel, data, acc, dict(TRAIN=True, MASK=mask, OUTPUT_MASK=output_mask,
+                                                                  ACC=acc_tl, BLOCK_M=128, BLOCK_C=32))
     for mask in (False, True):
-        compile_for_sm90(backward._reduce_kernel, data, acc, dict(TRAIN=True, MASK=mask, ACC=acc_tl, BLOCK_M=128,
-                                                                  BLOCK_C=32))
         compile_for_sm90(batch_norm_relu._input_grad_kernel, data, acc, dict(TRAIN=True, MASK=mask, ACC=acc_tl,
                                                                              BLOCK_M=64, BLOCK_C=64))
     compile_for_sm90(batch_norm_relu._moments_kernel, data, acc, dict(ACC=acc_tl, BLOCK_M=64, BLOCK_C=64))

@@ -2,11 +2,11 @@
 // the batch statistics of y: the part of the backward that the fused convolution
 // (conv_bn_relu_backward.cuh) and the standalone BatchNorm + ReLU (batch_norm_relu.cuh) share.
 //
-//  1. reduce_partials (reduce_partials_vector for dense channels-last 16-bit y and dz): per (pixel
-//     block, channel) sums of g and g * (y - center), g = dz * 1[not z <= 0] (z tested as
-//     y * scale + shift, the same expression the forward's pass 2 rounds from; as torch.relu's
-//     backward, a NaN z passes its gradient); skipped when folded and no dparams are wanted (frozen
-//     BatchNorm);
+//  1. reduce_partials (reduce_partials_vector where y, dz and, given, z and g are dense channels-last
+//     16-bit): per (pixel block, channel) sums of g and g * (y - center), g = dz * 1[not z <= 0] (z
+//     tested as y * scale + shift, the same expression the forward's pass 2 rounds from, or read;
+//     as torch.relu's backward, a NaN z passes its gradient); skipped when folded and no dparams are
+//     wanted (frozen BatchNorm) unless they must write g;
 //  2. finalize: sums the partials in a fixed order into dparams and per-channel coefficients with
 //     dy = scale * g + B * (y - center) + C (training: center = mean, B = -scale * rstd * mean(g xhat),
 //     C = -scale * mean(g); folded: B = C = center = 0).

@@ -1,9 +1,10 @@
 """The results document (JSON), its schema and checks, and what is made from it: markdown tables and a
 PNG chart.
 
-Schema, version 1 (every time in the unit its name says; GB/s = 1e9 bytes/s):
+Schema, version 2 (every time in the unit its name says; GB/s = 1e9 bytes/s; version 1 had no op
+field, its records all grouped_conv_bn_relu's):
 
-    schema_version  1
+    schema_version  2
     date            ISO 8601 UTC time the run started
     device          {type: "cuda"|"cpu", name, ...: capability, multiprocessors, memory_bytes, l2_cache_bytes}
     versions        {python, torch, triton, cuda, cudnn, resnext_kernels} (None where absent)
@@ -42,7 +43,7 @@ import pathlib
 from . import environment
 from .shapes import MODE_LABELS, OP_LABELS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATUSES = ("ok", "unsupported", "skipped", "error")
 PROVIDER_LABELS = {"eager": "eager cuDNN", "compile": "torch.compile", "triton": "triton", "cuda": "cuda",
                    "best": "fastest of each"}
@@ -144,7 +145,8 @@ def validate(doc):
             if status not in STATUSES:
                 problems.append(f"{where}status is {status!r}, expected one of {STATUSES}")
             elif status == "ok":
-                problems += [f"{where}{f} is missing for status 'ok'" for f in ok_fields if record.get(f) is None]
+                required = ok_fields + (("tflops",) if record.get("op") == "grouped_conv_bn_relu" else ())
+                problems += [f"{where}{f} is missing for status 'ok'" for f in required if record.get(f) is None]
             elif not record.get("reason"):
                 problems.append(f"{where}reason is empty for status {status!r}")
     for index, record in enumerate(doc.get("ratios") or []):
@@ -414,7 +416,7 @@ def _shape_label(record):
     if record["op"] == "grouped_conv_bn_relu":
         return (f"{shape['c_in']}x{shape['h']}² → {shape['c_out']}x{shape['h_out']}², "
                 f"g{shape['groups']}, s{shape['stride']}")
-    return f"{shape['channels']}x{shape['h']}²" + (" + residual" if shape["residual"] else "")
+    return f"{shape['channels']}x{shape['h']}x{shape['w']}" + (" + residual" if shape["residual"] else "")
 
 
 def render_ops(doc, heading="###"):

@@ -44,7 +44,8 @@ OP_MODELS = ("resnext50_32x4d", "resnext101_64x4d", "resnext101_32x8d")
 # The short --quick list: the widest layer, a stride-2 stage entry, and the smallest layer.
 QUICK_LAYER_IDS = ("resnext50_32x4d:stage1", "resnext50_32x4d:stage2-first", "resnext50_32x4d:stage4")
 
-# The BatchNorm ops' --quick list: stage 1's block, whose bn1 and bn3 move the most bytes of ResNeXt-50's.
+# The BatchNorm ops' --quick list: stage 1's block, whose bn3 (256x56x56) is as large as ResNeXt-50's
+# BatchNorms get, in its most frequent full-resolution block.
 QUICK_BATCH_NORM_LAYER_IDS = ("resnext50_32x4d:stage1",)
 
 STEM_OUTPUT_SIZE = 56  # a 224x224 image after the 7x7/2 convolution and the 3x3/2 max-pool
@@ -187,7 +188,8 @@ def batch_norm_bytes(layer, n, mode, itemsize, op):
       the residual), write z: 3E (4E).
     * train_fwd_bwd: train_fwd, then a backward whose per-channel sums (of g = dz * 1[z > 0] and g * x_hat)
       come before dx: without a residual, read x and dz twice, write dx: 5E (the mask from x); with one,
-      the sums read x, dz and z and write g (the residual's gradient), then dx reads x and g: 7E.
+      the sums read x, dz and z and write g (the residual's gradient), then dx reads x and g and is
+      written: 7E.
 
     Per-channel values (fp32) count as in op_bytes: gamma, beta and the running statistics read,
     the running statistics written in training, dgamma and dbeta written in backward.
