@@ -61,7 +61,10 @@ def grouped_conv_bn_relu(
     if backend is backends.reference or x.shape[0] == 0:
         # The reference also owns the empty batch: F.batch_norm leaves the running stats alone there.
         return backends.reference.grouped_conv_bn_relu(*args)
-    return _fused(backend, *args)
+    # A stride or dilation of at least the image's longer side acts as that side: one output pixel per
+    # row and column, every tap but the centre in the padding. The kernels take them as 32-bit ints.
+    longest = max(x.shape[2], x.shape[3])
+    return _fused(backend, *args[:6], min(stride, longest), min(dilation, longest), *args[8:])
 
 
 def _fused(backend, x, weight, bn_weight, bn_bias, running_mean, running_var, stride, dilation,

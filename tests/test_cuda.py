@@ -94,6 +94,16 @@ def test_opcheck_training_ops(dtype):
 
 
 @needs_cuda_backend
+def test_binding_refuses_strides_and_dilations_beyond_32_bits():
+    # The kernels take them as ints; the Python API clamps them first (test_functional).
+    case = make_case(Shape(1, 8, 8, 5, 6, groups=4))
+    scale, shift = torch.ones(8, device=DEVICE), torch.zeros(8, device=DEVICE)
+    for stride, dilation in ((2**31, 1), (1, 2**32 + 1)):
+        with pytest.raises(RuntimeError, match=r"stride, dilation and groups must be < 2\^31"):
+            ops().conv_bn_relu_folded(case.x, case.weight, scale, shift, stride, dilation, 4)
+
+
+@needs_cuda_backend
 def test_binding_refuses_images_beyond_32_bit_pixel_indexing():
     # The ops themselves check what the kernels assume, for callers that bypass the Python API.
     case = make_case(Shape(1, 8, 8, 1, 1, groups=4))

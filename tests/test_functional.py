@@ -512,3 +512,20 @@ def test_random_shapes_match_float64(impl, shape, dtype):
     for k, (name, a, e) in enumerate(zip(names, ours, expected)):
         assert a.dtype == (dtype if name in ("z", "dx", "dw") else torch.float32), name
         assert_close_to_reference(a, e, dtype, baseline=baseline[k] if baseline else None, what=name)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("stride, dilation", [(1, 2**32 + 1), (2**32 + 3, 1), (7, 6), (2, 2**31)])
+def test_stride_and_dilation_beyond_the_image(impl, stride, dilation):
+    # The kernels take 32-bit values: a stride or dilation at least the image's longer side (here 6)
+    # must act as that side, never wrap (2^32 + 1 would become 1).
+    require(impl, batch_stats=True, grad=True)
+    shape = Shape(2, 8, 8, 5, 6, groups=4, stride=stride, dilation=dilation)
+    case64 = make_case(shape, dtype=torch.float64)
+    grad64 = torch.randn(2, 8, (5 - 1) // stride + 1, (6 - 1) // stride + 1, device=DEVICE, dtype=torch.float64)
+    for training in (True, False):
+        args = (training, "nchw", grad64, "nchw")
+        expected = forward_backward(case64, torch.float64, "torch", *args)
+        for name, a, e in zip(("z", "running_mean", "running_var", "dx", "dw", "dgamma", "dbeta"),
+                              forward_backward(case64, torch.float32, impl, *args), expected, strict=True):
+            assert_close_to_reference(a, e, torch.float32, what=name)

@@ -150,7 +150,9 @@ __global__ void __launch_bounds__(kThreads) reduce_partials(const P p, int64_t p
     const T* dz = static_cast<const T*>(p.dz);
     // The lane's pixel as (n, oh, ow), advanced by kLanes pixels without divisions.
     int64_t n = (m0 + lane) / hw;
-    int oh = int((m0 + lane) % hw / p.w_out), ow = int((m0 + lane) % p.w_out);
+    // ow in 64 bits: w_out + kLanes may pass 2^31.
+    int oh = int((m0 + lane) % hw / p.w_out);
+    int64_t ow = (m0 + lane) % p.w_out;
     const int h_out = int(p.h_out), w_out = int(p.w_out);
     for (int64_t m = m0 + lane; m < m1; m += kLanes) {
       const Acc yv = Numeric<T>::load(y[n * p.y_stride[0] + co * p.y_stride[1] + oh * p.y_stride[2] + ow * p.y_stride[3]]);

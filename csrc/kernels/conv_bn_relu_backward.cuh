@@ -474,10 +474,11 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad(const P p, int64_t pixels_p
   const int64_t m0 = int64_t(blockIdx.x) * pixels_per_split;
   const int64_t m1 = m0 + pixels_per_split < total ? m0 + pixels_per_split : total;
   // The stage's first pixel as (image, pixel in image), advanced without 64-bit divisions in the loop
-  // (an image has fewer than 2^31 pixels: the binding checks it).
-  const int hw = int(p.h_out * p.w_out), w_out = int(p.w_out);
+  // (an image has fewer than 2^31 pixels: the binding checks it; unsigned, a pixel index plus a
+  // stage's count cannot wrap).
+  const unsigned hw = unsigned(p.h_out * p.w_out), w_out = unsigned(p.w_out);
   int64_t stage_n = m0 / hw;
-  int stage_r = int(m0 % hw);
+  unsigned stage_r = unsigned(m0 % hw);
 
   Acc acc[9];
 #pragma unroll
@@ -488,13 +489,13 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad(const P p, int64_t pixels_p
     __syncthreads();
     for (int q = int(threadIdx.x); q < count; q += kThreads) {
       int64_t n = stage_n;
-      int r = stage_r + q;
+      unsigned r = stage_r + unsigned(q);
       while (r >= hw) r -= hw, ++n;
       image[q] = n;
-      out_h[q] = r / w_out;
-      out_w[q] = r % w_out;
+      out_h[q] = int(r / w_out);
+      out_w[q] = int(r % w_out);
     }
-    stage_r += count;
+    stage_r += unsigned(count);
     while (stage_r >= hw) stage_r -= hw, ++stage_n;
     __syncthreads();
     for (int i = int(threadIdx.x); i < kWgradPixels * kChannels; i += kThreads) {
