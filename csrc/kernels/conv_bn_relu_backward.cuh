@@ -283,7 +283,8 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
   uint16_t* w_tile = shared + row;               // [9][kChannels][row]: (tap, input channel, output channel)
   uint16_t* dy_tile = w_tile + 9 * kChannels * row;  // [halo][row]
   // With tiling.ahead, the next unit's y and dz as copied, [halo][chunk / 8] vectors each, after the
-  // halo's space: vector (pos, k / 8) is copied and read by the same thread, so they need no barrier.
+  // halo's space: vector (pos, k / 8) is copied and read by the same thread: no
+  // thread waits for another's copies.
   const int copied_vectors = halo * ((chunk + 7) / 8);
   uint4* y_copied = reinterpret_cast<uint4*>(dy_tile + dgrad_halo_bytes(tiling) / 2);
   uint4* dz_copied = y_copied + copied_vectors;
@@ -387,13 +388,6 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
         non_finite |= (dy_tile[pos * row + k] & 0x7fff) >= Numeric<T>::kNonFinite;
       }
     }
-    if (tiling.ahead && u + 1 < units) {  // into this thread's own copied vectors, read above
-      const int next_k0 = k0 + chunk < co_stop ? k0 + chunk : co_begin;
-      if (by_vectors_of(next_k0))
-        copy_dy(next_k0 == co_begin ? locate_dgrad_block(p, tiling, cin_pg, cout_pg, first + (u + 1) / chunks) : block,
-                next_k0);
-    }
-    copy_async_commit();
     if (chunks > 1 || u == 0)
       for (int i = int(threadIdx.x); i < kChannels * row; i += kMmaThreads) {
         const int c = by_row.quotient(i), k = i - c * row, ic = ci0 + c, oc = k0 + k;
@@ -402,7 +396,17 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
 #pragma unroll
         for (int tap = 0; tap < 9; ++tap) w_tile[(tap * kChannels + c) * row + k] = in_group ? source[tap] : uint16_t(0);
       }
-    if (__syncthreads_or(non_finite)) {
+    const bool any_non_finite = __syncthreads_or(non_finite);
+    // The next unit's copies go into this thread's own copied vectors, read above: issued after the
+    // barrier, which orders those reads before them (PTX orders cp.async with nothing else).
+    if (tiling.ahead && u + 1 < units) {
+      const int next_k0 = k0 + chunk < co_stop ? k0 + chunk : co_begin;
+      if (by_vectors_of(next_k0))
+        copy_dy(next_k0 == co_begin ? locate_dgrad_block(p, tiling, cin_pg, cout_pg, first + (u + 1) / chunks) : block,
+                next_k0);
+    }
+    copy_async_commit();
+    if (any_non_finite) {
       add_exact_sums(acc, t, [&](int c, int r) {
         const int q = r ? pixel[1] : pixel[0];
         return q < tile_pixels && ci0 + c < ci_end
@@ -618,7 +622,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2) wgrad_mma(const P p, const Wgr
     return shared + kChannels * kWmmaRow + (ahead ? int(unit % 2) * halo * kWmmaHaloRow : 0);
   };
   // y and dz of the unit's pixels as copied, 8 channels per vector: vector i is copied and read
-  // by the same thread, so they need no barrier.
+  // by the same thread: no thread waits for another's copies.
   uint4* y_copied = reinterpret_cast<uint4*>(shared + kChannels * kWmmaRow + tiling.buffers * halo * kWmmaHaloRow);
   uint4* dz_copied = y_copied + kWmmaVectors;
   uint16_t* zero_row = reinterpret_cast<uint16_t*>(dz_copied + kWmmaVectors);  // [8]
@@ -742,15 +746,16 @@ __global__ void __launch_bounds__(kMmaThreads, 2) wgrad_mma(const P p, const Wgr
         x_halo[pos * kWmmaHaloRow + c] = v;
       }
     }
-    // The next unit's copies, into this thread's own y and dz vectors (read above) and the other
-    // halo buffer (read by nobody since the barrier above).
+    __syncthreads();
+    // The next unit's copies, into this thread's own y and dz vectors (read above: the barrier
+    // orders those reads before the copies, which PTX orders with nothing else) and the other halo
+    // buffer (read by nobody since the loop's first barrier).
     if (++tile == int(tiles)) tile = 0, ++n;
     if (u + 1 < u1) {
       copy_dy(n, tile);
       if (ahead && vector_x) copy_x(n, tile, x_halo_of(u + 1));
     }
     copy_async_commit();
-    __syncthreads();
     for (int ks = 0; ks < k_pixels; ks += kMmaK) {
       // A (m-tile mt): lane l names row co = 16 mt + l % 16 at pixels ks + 8 (l / 16).
       uint32_t a[2][4];
