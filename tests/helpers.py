@@ -53,6 +53,18 @@ def layout_as(t, layout):
     return t.contiguous()
 
 
+# BatchNorm shift putting fp16 values at the ReLU's kink (values_at_the_relu_kink).
+KINK_SHIFT = -(2.0**-10) + 2.0**-27
+
+
+def values_at_the_relu_kink(shape, layout):
+    """fp16 x = 2^-10 + k 2^-20 (k = -8 .. 8 at random, returned too) in ``layout``. With BatchNorm
+    scale 1 and shift KINK_SHIFT, x * scale + shift = k 2^-20 + 2^-27 exactly in fp32: positive for
+    k = 0, yet zero once stored in fp16 (below 2^-25), so torch.relu's backward passes nothing there."""
+    k = torch.randint(-8, 9, shape, device=DEVICE)
+    return layout_as((2.0**-10 + k * 2.0**-20).to(torch.float16), layout), k
+
+
 @dataclasses.dataclass
 class Case:
     x: torch.Tensor

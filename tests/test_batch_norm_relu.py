@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import resnext_kernels
 from conftest import DEVICE, KERNEL_IMPLS, require
-from helpers import assert_close_to_reference, layout_as
+from helpers import KINK_SHIFT, assert_close_to_reference, layout_as, values_at_the_relu_kink
 
 IMPLS = ["torch"] + KERNEL_IMPLS
 LOW_PRECISION = [torch.float16, torch.bfloat16]
@@ -162,6 +162,32 @@ def test_batch_norm_output_is_rounded_before_the_residual_is_added(impl, dtype, 
     twice = torch.relu((x.double() + shift.double()[:, None, None]).to(dtype).double() + r.double()).to(dtype)
     assert not torch.equal(once, twice), "no element rounds differently once and twice: the test would pass anyway"
     assert torch.equal(z, twice)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_relu_passes_no_gradient_where_the_output_rounds_to_zero(impl, layout):
+    # As torch.relu's backward, which tests z as stored: where x * scale + shift > 0 rounds to zero
+    # in fp16, z = 0 and nothing passes (the mask recomputed from x; with a residual it is read from
+    # z). Every gradient below is exact in fp32.
+    require(impl, grad=True)
+    shape = (2, 16, 5, 3)
+    x, k = values_at_the_relu_kink(shape, layout)
+    x.requires_grad_()
+    c, eps = shape[1], 2.0**-10  # var + eps = 1: BN scale 1, shift KINK_SHIFT
+    ones = torch.ones(c, device=DEVICE)
+    bn_weight = ones.clone().requires_grad_()
+    bn_bias = torch.full((c,), KINK_SHIFT, device=DEVICE).requires_grad_()
+    z = resnext_kernels.batch_norm_relu(x, bn_weight, bn_bias, torch.zeros(c, device=DEVICE), ones - eps,
+                                        training=False, eps=eps, impl=impl)
+    assert torch.equal(z > 0, k > 0)
+    assert (k == 0).sum() >= 10, "too few values round to zero: the test would pass anyway"
+    dz = layout_as(torch.randint(1, 5, shape, device=DEVICE).half(), layout)
+    z.backward(dz)
+    g = dz.double() * (k > 0)
+    assert torch.equal(x.grad.double(), g)
+    assert torch.equal(bn_bias.grad.double(), g.sum((0, 2, 3)))
+    assert torch.equal(bn_weight.grad.double(), (g * x.double()).sum((0, 2, 3)))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import resnext_kernels
 from conftest import DEVICE, KERNEL_IMPLS, require
 from helpers import (
+    KINK_SHIFT,
     LAYOUTS,
     LOW_PRECISION_FACTOR,
     SHAPES,
@@ -19,6 +20,7 @@ from helpers import (
     make_case,
     max_error,
     reference64,
+    values_at_the_relu_kink,
 )
 
 IMPLS = ["torch"] + KERNEL_IMPLS
@@ -121,6 +123,40 @@ def test_eval_normalises_the_conv_output_as_stored(impl, dtype, layout):
     dz = torch.randint(1, 5, z.shape, device=DEVICE).to(dtype)
     z.backward(dz)
     assert torch.equal(bn_bias.grad, (dz.float() * (z > 0)).sum((0, 2, 3)))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("groups", [4, 2], ids=["4-per-group", "8-per-group"])
+def test_relu_passes_no_gradient_where_the_output_rounds_to_zero(impl, layout, groups):
+    # As torch.relu's backward, which tests z as stored: where y * scale + shift > 0 rounds to zero
+    # in fp16, z = 0 and nothing passes. Each output channel copies one input channel through the
+    # centre tap, so y = x exactly, and every gradient below is exact in fp32.
+    require(impl, grad=True)
+    if impl == "torch" and DEVICE.type == "cuda":
+        pytest.skip("cuDNN may convolve by an inexact algorithm (Winograd, FFT)")
+    n, c, size = 2, 16, 5
+    x, k = values_at_the_relu_kink((n, c, size, size), layout)
+    x.requires_grad_()
+    weight = torch.zeros(c, c // groups, 3, 3, device=DEVICE)
+    weight[torch.arange(c), torch.arange(c) % (c // groups), 1, 1] = 1
+    weight = weight.half().requires_grad_()
+    eps = 2.0**-10  # var + eps = 1: BN scale 1, shift KINK_SHIFT
+    ones = torch.ones(c, device=DEVICE)
+    bn_weight = ones.clone().requires_grad_()
+    bn_bias = torch.full((c,), KINK_SHIFT, device=DEVICE).requires_grad_()
+    z = resnext_kernels.grouped_conv_bn_relu(x, weight, bn_weight, bn_bias, torch.zeros(c, device=DEVICE),
+                                             ones - eps, groups=groups, training=False, eps=eps, impl=impl)
+    assert torch.equal(z > 0, k > 0)
+    assert (k == 0).sum() >= 10, "too few values round to zero: the test would pass anyway"
+    dz = layout_as(torch.randint(1, 5, z.shape, device=DEVICE).half(), layout)
+    z.backward(dz)
+    g = dz.double() * (k > 0)
+    assert torch.equal(x.grad.double(), g)
+    assert torch.equal(bn_bias.grad.double(), g.sum((0, 2, 3)))
+    assert torch.equal(bn_weight.grad.double(), (g * x.double()).sum((0, 2, 3)))
+    dw = torch.nn.grad.conv2d_weight(x.detach().double(), weight.shape, g, padding=1, groups=groups)
+    assert torch.equal(weight.grad, dw.half())
 
 
 @pytest.mark.parametrize("impl", IMPLS)

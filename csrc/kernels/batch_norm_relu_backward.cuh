@@ -4,8 +4,8 @@
 //
 //  1. reduce_partials (reduce_partials_vector where y, dz and, given, z and g are dense channels-last
 //     16-bit): per (pixel block, channel) sums of g and g * (y - center), g = dz * 1[not z <= 0] (z
-//     tested as y * scale + shift, the same expression the forward's pass 2 rounds from, or read;
-//     as torch.relu's backward, a NaN z passes its gradient); skipped when folded and no dparams are
+//     recomputed from y as the forward's pass 2 computes and stores it (relu_passes), or read; as
+//     torch.relu's backward, a NaN z passes its gradient); skipped when folded and no dparams are
 //     wanted (frozen BatchNorm) unless they must write g;
 //  2. finalize: sums the partials in a fixed order into dparams and per-channel coefficients with
 //     dy = scale * g + B * (y - center) + C (training: center = mean, B = -scale * rstd * mean(g xhat),
@@ -24,7 +24,7 @@ namespace backward {
 
 using P = ConvBnReluBackwardParams;
 
-// Where the reductions' ReLU mask comes from: y * scale + shift (as dy_of), the op's output z, or
+// Where the reductions' ReLU mask comes from: z recomputed from y (relu_passes), the op's output z, or
 // nowhere (dz is g already).
 enum class Mask { kNone, kFromY, kFromOutput };
 
@@ -58,11 +58,19 @@ __device__ __forceinline__ Workspace<Acc> workspace_of(const P& p) {
   return {base, base + kRows * p.c_out};
 }
 
+// Whether z = relu(y * scale + shift) passes its gradient. As torch.relu's backward, which tests z as
+// stored: not where it is <= 0 (NaN passes), so also not where a positive y * scale + shift rounds
+// to zero in T (fp16, below 2^-25).
+template <typename T, typename Acc = typename Numeric<T>::Acc>
+__device__ __forceinline__ bool relu_passes(Acc yv, Acc scale, Acc shift) {
+  return !(rounded<T>(affine(yv, scale, shift)) <= Acc(0));
+}
+
 // dy of one element from its y and dz and its channel's coefficients: the one formula of every
 // kernel. A zero B (always, folded) contributes nothing, even where y is infinite (0 * Inf = NaN).
-template <typename Acc, bool kMask = true>
+template <typename T, bool kMask = true, typename Acc = typename Numeric<T>::Acc>
 __device__ __forceinline__ Acc dy_of(Acc yv, Acc dz, Acc scale, Acc shift, Acc b, Acc center, Acc c) {
-  const Acc g = kMask && yv * scale + shift <= Acc(0) ? Acc(0) : dz;
+  const Acc g = !kMask || relu_passes<T>(yv, scale, shift) ? dz : Acc(0);
   return scale * g + (b == Acc(0) ? Acc(0) : b * (yv - center)) + c;
 }
 
@@ -74,7 +82,7 @@ __device__ __forceinline__ typename Numeric<T>::Acc dy_at(const P& p, const type
   const T* dz = static_cast<const T*>(p.dz);
   const int64_t c_out = p.c_out;
   using Acc = typename Numeric<T>::Acc;
-  return dy_of<Acc, kMask>(
+  return dy_of<T, kMask>(
       Numeric<T>::load(y[n * p.y_stride[0] + co * p.y_stride[1] + oh * p.y_stride[2] + ow * p.y_stride[3]]),
       Numeric<T>::load(dz[n * p.dz_stride[0] + co * p.dz_stride[1] + oh * p.dz_stride[2] + ow * p.dz_stride[3]]),
       coef[kScale * c_out + co], coef[kShift * c_out + co], coef[kB * c_out + co], coef[kCenter * c_out + co],
@@ -111,7 +119,7 @@ __device__ __forceinline__ uint4 dy_vector(const P& p, const float* coef, int co
     for (int e = 4 * h; e < 4 * h + 4; ++e) {
       auto at = [&](int r) { return e % 4 == 0 ? rows[r].x : e % 4 == 1 ? rows[r].y : e % 4 == 2 ? rows[r].z : rows[r].w; };
       const int shift = 16 * (e % 2);
-      const float value = dy_of<float, kMask>(Numeric<T>::from_bits(uint16_t(y_words[e / 2] >> shift)),
+      const float value = dy_of<T, kMask>(Numeric<T>::from_bits(uint16_t(y_words[e / 2] >> shift)),
                                               Numeric<T>::from_bits(uint16_t(dz_words[e / 2] >> shift)), at(kScale),
                                               at(kShift), at(kB), at(kCenter), at(kC));
       const T rounded = Numeric<T>::store(value);
@@ -156,7 +164,7 @@ __global__ void __launch_bounds__(kThreads) reduce_partials(const P p, int64_t p
     const int h_out = int(p.h_out), w_out = int(p.w_out);
     for (int64_t m = m0 + lane; m < m1; m += kLanes) {
       const Acc yv = Numeric<T>::load(y[n * p.y_stride[0] + co * p.y_stride[1] + oh * p.y_stride[2] + ow * p.y_stride[3]]);
-      bool pass = !(kMask == Mask::kFromY && yv * scale + shift <= Acc(0));  // as dy_of
+      bool pass = kMask != Mask::kFromY || relu_passes<T>(yv, scale, shift);
       const T dzv = dz[n * p.dz_stride[0] + co * p.dz_stride[1] + oh * p.dz_stride[2] + ow * p.dz_stride[3]];
       if constexpr (kMask == Mask::kFromOutput) {
         const T* z = static_cast<const T*>(p.z);
@@ -234,7 +242,7 @@ __global__ void __launch_bounds__(kThreads) reduce_partials_vector(const P p, in
       for (int e = 0; e < 8; ++e) {
         const int shift_bits = 16 * (e % 2);
         const float yv = Numeric<T>::from_bits(uint16_t(y_words[e / 2] >> shift_bits));
-        bool pass = !(kMask == Mask::kFromY && yv * scale[e] + shift[e] <= 0.0f);  // as dy_of
+        bool pass = kMask != Mask::kFromY || relu_passes<T>(yv, scale[e], shift[e]);
         if constexpr (kMask == Mask::kFromOutput) {
           pass = !(Numeric<T>::from_bits(uint16_t(z_words[e / 2] >> shift_bits)) <= 0.0f);
           if (pass) g_words[e / 2] |= dz_words[e / 2] & (0xffffu << shift_bits);  // g = dz, bit for bit

@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(kThreads) merge_statistics(const BatchNormRelu
 // rounded to T where an unfused batch_norm and add would store it.
 template <typename T, bool kResidual, typename Acc = typename Numeric<T>::Acc>
 __device__ __forceinline__ T normalized(Acc y, Acc scale, Acc shift, Acc residual) {
-  const Acc v = y * scale + shift;
+  const Acc v = affine(y, scale, shift);
   if constexpr (kResidual) return Numeric<T>::store(relu(rounded<T>(v) + residual));
   return Numeric<T>::store(relu(v));
 }

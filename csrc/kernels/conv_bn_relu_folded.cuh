@@ -199,7 +199,7 @@ __global__ void __launch_bounds__(kThreads) conv_bn_relu_folded_fma(const ConvBn
     const int64_t oh = oh0 + pixel / tile_w, ow = ow0 + pixel % tile_w;
     if (pixel < tile_pixels && oh < p.h_out && ow < p.w_out)
       out[n * p.out_stride[0] + co * p.out_stride[1] + oh * p.out_stride[2] + ow * p.out_stride[3]] =
-          Numeric<T>::store(relu(rounded<T>(acc[j]) * scale + shift));
+          Numeric<T>::store(relu(affine(rounded<T>(acc[j]), scale, shift)));
   }
 }
 
@@ -445,7 +445,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) conv_bn_relu_folded_mma(const 
         if (co >= co_end || !pixel_in_image(p, b, q, tile_pixels, tile_w)) continue;
         T v[2];
         for (int e = 0; e < 2; ++e)
-          v[e] = Numeric<T>::store(kTrain ? acc[j][2 * r + e] : relu(rounded<T>(acc[j][2 * r + e]) * scale[e] + shift[e]));
+          v[e] = Numeric<T>::store(kTrain ? acc[j][2 * r + e] : relu(affine(rounded<T>(acc[j][2 * r + e]), scale[e], shift[e])));
         if (staged) {
           staging.put(q, c, Numeric<T>::load(v[0]), Numeric<T>::load(v[1]));
           if (vector_stores) continue;

@@ -77,7 +77,8 @@ int64_t batch_norm_stats_blocks(const BatchNormStatsParams& params);
 const char* launch_batch_norm_stats(const BatchNormStatsParams& params, void* stream);
 
 // Backward of z = relu(y * scale + shift), y = conv2d(x, weight), where (training) scale and shift
-// come from the batch statistics mean, var of y. With g = dz * 1[y * scale + shift > 0]:
+// come from the batch statistics mean, var of y. With g = dz * 1[not z <= 0], z = relu(y * scale + shift)
+// as the forward stores it (recomputed from y):
 //   folded (mean == null):  dy = scale * g;  dparams = (sum g * y, sum g)   (d scale, d shift)
 //   training:  dy = scale * (g - mean(g) - xhat * mean(g * xhat)), xhat = (y - mean) * rstd;
 //              dparams = (sum g * xhat, sum g)   (d gamma, d beta)
@@ -113,7 +114,7 @@ const char* launch_conv_bn_relu_backward(const ConvBnReluBackwardParams& params,
 // the fields of ConvBnReluBackwardParams that the BatchNorm part reads: y, dz, the per-channel
 // tensors, eps, dx (out: dense, y's memory format; null: not wanted), dparams, workspace, z, g, dtype,
 // n, c_out, h_out, w_out (y's sizes) and y_stride, dz_stride, dx_stride, z_stride, g_stride.
-// relu_mask: dz is z's gradient, masked where y * scale + shift <= 0, or, with z given (a residual),
+// relu_mask: dz is z's gradient, masked where z (recomputed from y) <= 0, or, with z given (a residual),
 // where z <= 0, the reductions then writing g = the masked dz for the dx pass and the caller;
 // otherwise (a residual, z null) dz is already g = dz * 1[z > 0].
 int64_t batch_norm_relu_backward_workspace_elements(const ConvBnReluBackwardParams& params);

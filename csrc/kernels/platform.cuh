@@ -117,6 +117,12 @@ __device__ __forceinline__ Acc relu(Acc v) {
   return v < Acc(0) ? Acc(0) : v;
 }
 
+// v * scale + shift in one rounding. Spelled out, so that every kernel that computes or re-tests the
+// BatchNorm's output (forward epilogues, pass 2, the backward's ReLU mask) rounds it alike whatever
+// the compiler contracts, and the host test build rounds it as the GPU does.
+__device__ __forceinline__ float affine(float v, float scale, float shift) { return fmaf(v, scale, shift); }
+__device__ __forceinline__ double affine(double v, double scale, double shift) { return fma(v, scale, shift); }
+
 // (count, mean, M2) of a set of values merged with another set's: Chan et al.'s parallel formula
 // for the variance. Deterministic as long as the merge order is fixed.
 template <typename Acc>

@@ -1,8 +1,8 @@
 """Backward kernels and their launcher: BN + ReLU backward folded into grouped dgrad and wgrad.
 
-One formula serves training and inference. With g = dz * 1[not y * scale + shift <= 0] (the forward's
-own affine on the saved, rounded y, so the ReLU mask is the forward's exactly, and NaN passes as in
-torch.relu's backward),
+One formula serves training and inference. With g = dz * 1[not z <= 0], z = relu(y * scale + shift) as
+the forward computes and stores it from the saved, rounded y (so the ReLU mask is the forward's
+exactly, and NaN passes as in torch.relu's backward),
 
     dy = scale * g + B * (y - mean) + C
 
@@ -43,11 +43,13 @@ _WGRAD_MIN_SPLIT_PIXELS = 64 if config.INTERPRET else 1024
 
 
 @triton.jit
-def _relu_grad(dz, y, scale, shift, MASK: tl.constexpr):
-    # As torch.relu's backward: zero where the output is <= 0, so a NaN output passes its gradient.
+def _relu_grad(dz, y, scale, shift, STORED: tl.constexpr, MASK: tl.constexpr):
+    # As torch.relu's backward, which tests the output as stored: zero where z <= 0, so also where a
+    # positive y * scale + shift rounds to zero in STORED (fp16, below 2^-25); a NaN z passes.
     # MASK=False: dz is already masked (the standalone BatchNorm + ReLU with a residual).
     if MASK:
-        return tl.where(y * scale + shift <= 0, 0.0, dz)
+        z = config.cast(y * scale + shift, STORED).to(y.dtype)
+        return tl.where(z <= 0, 0.0, dz)
     return dz
 
 
@@ -59,7 +61,7 @@ def _dy_tile(dz_ptrs, y_ptrs, ok, offs_c, c_ok, scale_ptr, shift_ptr, mean_ptr, 
     shift = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)[None, :]
     dz = tl.load(dz_ptrs, mask=ok, other=0.0).to(ACC)
     y = tl.load(y_ptrs, mask=ok, other=0.0).to(ACC)
-    dy = _relu_grad(dz, y, scale, shift, MASK) * scale
+    dy = _relu_grad(dz, y, scale, shift, y_ptrs.dtype.element_ty, MASK) * scale
     if TRAIN:
         mean = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)[None, :]
         coef_b = tl.load(coef_ptr + offs_c, mask=c_ok, other=0.0)[None, :]
@@ -103,7 +105,7 @@ def _reduce_kernel(
             z = tl.load(z_ptr + (n_img * szn + ho * szh + wo * szw)[:, None] + wide_c * szc, mask=ok, other=0.0)
             dz = tl.where(z <= 0, 0.0, dz).to(dz.dtype)
             tl.store(g_ptr + (n_img * sgn + ho * sgh + wo * sgw)[:, None] + wide_c * sgc, dz, mask=ok)
-        g = _relu_grad(dz.to(ACC), y, scale, shift, MASK)
+        g = _relu_grad(dz.to(ACC), y, scale, shift, y_ptr.dtype.element_ty, MASK)
         s1 += tl.sum(g, axis=0)
         s2 += tl.sum(tl.where(ok, g * (y - center), 0.0), axis=0)
     part = part_ptr + tl.program_id(0) * C + offs_c
@@ -358,7 +360,7 @@ def _sum_splits_kernel(part_ptr, out_ptr, NUMEL, SPLITS, ACC: tl.constexpr, BLOC
 def coefficients(dz, y, scale, shift, mean, var, eps, dparams, mask, output=None, g=None):
     """Passes (1) and (2): the coefficients B, C of dy (rows of a (2, C) tensor; unused when folded)
     and, when ``dparams`` is given, the parameter gradients into it. ``mask``: dz is z's gradient and
-    g = dz * 1[y * scale + shift > 0], or with ``output`` (z itself; mask then False) dz * 1[z > 0],
+    g = dz * 1[not z <= 0], z recomputed from y as the forward stores it, or with ``output`` (z itself; mask then False) dz * 1[z > 0],
     written into ``g``; otherwise dz is g already. Folded without dparams or output nothing runs."""
     n, c, ho, wo = y.shape
     m = n * ho * wo
