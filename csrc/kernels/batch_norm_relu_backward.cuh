@@ -120,8 +120,8 @@ __device__ __forceinline__ uint4 dy_vector(const P& p, const float* coef, int co
       auto at = [&](int r) { return e % 4 == 0 ? rows[r].x : e % 4 == 1 ? rows[r].y : e % 4 == 2 ? rows[r].z : rows[r].w; };
       const int shift = 16 * (e % 2);
       const float value = dy_of<T, kMask>(Numeric<T>::from_bits(uint16_t(y_words[e / 2] >> shift)),
-                                              Numeric<T>::from_bits(uint16_t(dz_words[e / 2] >> shift)), at(kScale),
-                                              at(kShift), at(kB), at(kCenter), at(kC));
+                                          Numeric<T>::from_bits(uint16_t(dz_words[e / 2] >> shift)), at(kScale),
+                                          at(kShift), at(kB), at(kCenter), at(kC));
       const T rounded = Numeric<T>::store(value);
       uint16_t bits;
       memcpy(&bits, &rounded, 2);

@@ -283,8 +283,8 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
   uint16_t* w_tile = shared + row;               // [9][kChannels][row]: (tap, input channel, output channel)
   uint16_t* dy_tile = w_tile + 9 * kChannels * row;  // [halo][row]
   // With tiling.ahead, the next unit's y and dz as copied, [halo][chunk / 8] vectors each, after the
-  // halo's space: vector (pos, k / 8) is copied and read by the same thread: no
-  // thread waits for another's copies.
+  // halo's space: vector (pos, k / 8) is copied and read by the same thread, so no thread waits for
+  // another's copies.
   const int copied_vectors = halo * ((chunk + 7) / 8);
   uint4* y_copied = reinterpret_cast<uint4*>(dy_tile + dgrad_halo_bytes(tiling) / 2);
   uint4* dz_copied = y_copied + copied_vectors;
@@ -622,7 +622,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2) wgrad_mma(const P p, const Wgr
     return shared + kChannels * kWmmaRow + (ahead ? int(unit % 2) * halo * kWmmaHaloRow : 0);
   };
   // y and dz of the unit's pixels as copied, 8 channels per vector: vector i is copied and read
-  // by the same thread: no thread waits for another's copies.
+  // by the same thread, so no thread waits for another's copies.
   uint4* y_copied = reinterpret_cast<uint4*>(shared + kChannels * kWmmaRow + tiling.buffers * halo * kWmmaHaloRow);
   uint4* dz_copied = y_copied + kWmmaVectors;
   uint16_t* zero_row = reinterpret_cast<uint16_t*>(dz_copied + kWmmaVectors);  // [8]

@@ -445,7 +445,8 @@ __global__ void __launch_bounds__(kMmaThreads, 4) conv_bn_relu_folded_mma(const 
         if (co >= co_end || !pixel_in_image(p, b, q, tile_pixels, tile_w)) continue;
         T v[2];
         for (int e = 0; e < 2; ++e)
-          v[e] = Numeric<T>::store(kTrain ? acc[j][2 * r + e] : relu(affine(rounded<T>(acc[j][2 * r + e]), scale[e], shift[e])));
+          v[e] = Numeric<T>::store(kTrain ? acc[j][2 * r + e]
+                                          : relu(affine(rounded<T>(acc[j][2 * r + e]), scale[e], shift[e])));
         if (staged) {
           staging.put(q, c, Numeric<T>::load(v[0]), Numeric<T>::load(v[1]));
           if (vector_stores) continue;
