@@ -50,6 +50,12 @@ def grouped_conv_bn_relu(
     ``impl``: ``"torch"`` (reference: cuDNN on GPU), ``"triton"``, ``"cuda"`` or ``"auto"`` (the
     fastest backend available for ``x``'s device).
     """
+    if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        # As PyTorch's autocast does for conv2d + batch_norm: the convolution in the autocast dtype
+        # (fp32 x or weight cast, so an fp32 weight meets the low-precision x of a previous layer),
+        # BatchNorm's parameters and statistics in fp32.
+        low = torch.get_autocast_dtype(x.device.type)
+        x, weight = (t.to(low) if t.dtype == torch.float32 else t for t in (x, weight))
     _check_inputs(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, dilation, groups,
                   training, momentum, eps, impl)
     needs_grad = torch.is_grad_enabled() and any(
@@ -69,15 +75,6 @@ def grouped_conv_bn_relu(
 
 def _fused(backend, x, weight, bn_weight, bn_bias, running_mean, running_var, stride, dilation,
            groups, training, momentum, eps):
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        # As PyTorch's autocast does for conv2d + batch_norm: the convolution in the autocast
-        # dtype, BatchNorm's parameters and statistics in fp32.
-        low = torch.get_autocast_dtype(device_type)
-        if x.dtype == torch.float32:
-            x = x.to(low)
-        if weight.dtype == torch.float32:
-            weight = weight.to(low)
     return _batch_norm(
         x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
         lambda: backend.batch_stats_forward(x, weight, bn_weight, bn_bias, eps, stride, dilation, groups),

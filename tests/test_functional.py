@@ -508,6 +508,25 @@ def test_autocast_runs_conv_low_and_batch_norm_in_fp32(impl, dtype):
                               baseline=None if impl == "torch" else baseline_case.running_mean)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_autocast_takes_the_low_precision_output_of_a_previous_layer(impl):
+    # Under autocast x comes from a previous convolution in bf16 while the weight stays fp32.
+    require(impl, batch_stats=True, grad=True)
+    case = make_case(Shape(2, 32, 32, 5, 5, groups=8))
+    x = case.x.to(torch.bfloat16).requires_grad_()
+    weight = case.weight.clone().requires_grad_()
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        z = resnext_kernels.grouped_conv_bn_relu(x, weight, case.bn_weight, case.bn_bias, case.running_mean,
+                                                 case.running_var, groups=8, training=True, impl=impl)
+    assert z.dtype == torch.bfloat16
+    z.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.float32
+    rounded = clone_case(case)
+    rounded.x, rounded.weight = x.detach(), case.weight.to(torch.bfloat16)
+    expected, _, _ = reference64(rounded, True)
+    assert_close_to_reference(z, expected, torch.bfloat16)
+
+
 def _random_shapes(count, seed=20261128):
     """Shapes nobody picked: group counts, unequal in/out group widths (1 to 32 channels), strides,
     dilations and spatial sizes (1 to 20) drawn from a fixed seed, so a failure replays."""
