@@ -50,11 +50,11 @@ def grouped_conv_bn_relu(
     ``impl``: ``"torch"`` (reference: cuDNN on GPU), ``"triton"``, ``"cuda"`` or ``"auto"`` (the
     fastest backend available for ``x``'s device).
     """
-    if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+    low = _autocast_dtype(x) if isinstance(weight, torch.Tensor) else None
+    if low is not None:
         # As PyTorch's autocast does for conv2d + batch_norm: the convolution in the autocast dtype
         # (fp32 x or weight cast, so an fp32 weight meets the low-precision x of a previous layer),
         # BatchNorm's parameters and statistics in fp32.
-        low = torch.get_autocast_dtype(x.device.type)
         x, weight = (t.to(low) if t.dtype == torch.float32 else t for t in (x, weight))
     _check_inputs(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, dilation, groups,
                   training, momentum, eps, impl)
@@ -138,6 +138,14 @@ def batch_norm_relu(
         lambda: backend.batch_norm_relu_batch_stats(x, residual, bn_weight, bn_bias, eps),
         lambda scale, shift: backend.batch_norm_relu_folded(x, residual, scale, shift),
     )
+
+
+def _autocast_dtype(x):
+    """The autocast dtype in force for tensor ``x``'s device, or None (also for devices autocast does
+    not know, such as meta, where asking raises)."""
+    if not isinstance(x, torch.Tensor) or not torch.amp.is_autocast_available(x.device.type):
+        return None
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
 
 
 def accumulate_dtype(x):
