@@ -34,10 +34,11 @@ inline void define_ops(torch::Library& m) {
   // Inference: relu(x * scale + shift [+ residual]).
   m.def("batch_norm_relu_folded(Tensor x, Tensor? residual, Tensor scale, Tensor shift) -> Tensor");
   // Backward: (dx, dparams, g), dx and dparams as conv_bn_relu_backward's. relu_mask: grad_output is
-  // z's gradient, masked where x * scale + shift <= 0 (no residual) or, given the op's output z (a
-  // residual), where z <= 0; g is then that masked gradient (the residual's, x's memory format), written
-  // by the reductions, which then always run; else g is empty (0,). Without relu_mask grad_output is
-  // already masked (g = dz * 1[z > 0]; output must be None).
+  // z's gradient, masked where z <= 0 as torch.relu's backward does: z recomputed from x and rounded to
+  // x's dtype (no residual) or, given the op's output z (a residual), z itself; g is then that masked
+  // gradient (the residual's, x's memory format), written by the reductions, which then always run;
+  // else g is empty (0,). Without relu_mask grad_output is already masked (g = dz * 1[not z <= 0];
+  // output must be None).
   m.def("batch_norm_relu_backward(Tensor grad_output, Tensor x, Tensor? output, Tensor scale, Tensor shift, "
         "Tensor? mean, Tensor? var, float eps, bool relu_mask, bool need_dx, bool need_dparams) "
         "-> (Tensor, Tensor, Tensor)");

@@ -59,7 +59,7 @@ def register_batch_norm_relu(train_op, folded_op, backward_op):
     """Registers autograd for the standalone ``train_op`` (x, residual, bn_weight, bn_bias, eps) ->
     (z, stats) and ``folded_op`` (x, residual, scale, shift) -> z, both differentiated by
     ``backward_op``. Without a residual the kernels recompute the ReLU mask from x. With one the mask
-    needs z (it depends on the residual too), and g = dz * 1[z > 0] is also the residual's gradient:
+    needs z (it depends on the residual too), and g = dz * 1[not z <= 0] is also the residual's gradient:
     where the kernels' reductions run (training, or dparams wanted) they test z and write g while
     summing; otherwise (folded, no dparams: no reductions) torch's threshold_backward masks dz first
     (as torch.relu's backward, a NaN z passes its gradient) and the kernels take g unmasked."""

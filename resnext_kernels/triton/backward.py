@@ -361,7 +361,7 @@ def coefficients(dz, y, scale, shift, mean, var, eps, dparams, mask, output=None
     """Passes (1) and (2): the coefficients B, C of dy (rows of a (2, C) tensor; unused when folded)
     and, when ``dparams`` is given, the parameter gradients into it. ``mask``: dz is z's gradient and
     g = dz * 1[not z <= 0], z recomputed from y as the forward stores it, or with ``output`` (z itself;
-    mask then False) dz * 1[z > 0], written into ``g``; otherwise dz is g already. Folded without
+    mask then False) dz * 1[not z <= 0], written into ``g``; otherwise dz is g already. Folded without
     dparams or output nothing runs."""
     n, c, ho, wo = y.shape
     m = n * ho * wo

@@ -111,7 +111,7 @@ def backward(dz, x, output, scale, shift, mean, var, eps, relu_mask, need_dx, ne
     """``(dx, dparams, g)`` of relu(batch_norm(x) [+ residual]), dx and dparams as backward.backward's
     (without dw). ``relu_mask``: dz is z's gradient, masked where z (recomputed from x; no residual)
     or, given ``output`` (z, with a residual), z itself is <= 0: g is then the masked gradient, written
-    by the reductions (which then always run) and read by the dx pass. Otherwise dz is g = dz * 1[z > 0]
+    by the reductions (which then always run) and read by the dx pass. Otherwise dz is g = dz * 1[not z <= 0]
     already. g is empty without ``output``."""
     if output is not None and not relu_mask:
         raise ValueError("output (the ReLU mask's source) needs relu_mask=True")
