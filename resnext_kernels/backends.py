@@ -31,17 +31,12 @@ def unavailable_reason(impl, device):
     return reason if module is None else module.unavailable_reason(device)
 
 
-def _supports(module, batch_stats, grad):
-    return (not batch_stats or module.SUPPORTS_BATCH_STATS) and (not grad or module.SUPPORTS_BACKWARD)
-
-
-def resolve(impl, device, batch_stats=True, grad=True, image_pixels=1):
+def resolve(impl, device, image_pixels=1):
     """The backend module for ``impl``; RuntimeError when it cannot run on ``device``.
 
-    "auto" takes the fastest backend that runs on ``device`` and implements what the call needs
-    (batch statistics, backward, images of ``image_pixels`` input pixels); an explicitly named backend
-    raises NotImplementedError for what it does not implement."""
-    name = _resolve_name(impl, device, batch_stats, grad)
+    "auto" takes the fastest backend that runs on ``device`` and images of ``image_pixels`` input
+    pixels; an explicitly named kernel backend raises NotImplementedError for larger images."""
+    name = _resolve_name(impl, device)
     # Outside _resolve_name: a symbolic size (torch.compile, dynamic shapes) is no constant; this test
     # becomes a guard on it.
     if name != "torch" and image_pixels > MAX_IMAGE_PIXELS:
@@ -55,12 +50,12 @@ def resolve(impl, device, batch_stats=True, grad=True, image_pixels=1):
 # torch.compile runs the choice once while tracing (it imports modules and probes builds) and keeps
 # the name it returns as a constant of the graph.
 @torch.compiler.assume_constant_result
-def _resolve_name(impl, device, batch_stats, grad):
+def _resolve_name(impl, device):
     if impl == "auto":
         if device.type != "cuda":
             return "torch"
         for name in _KERNEL_BACKENDS:
-            if unavailable_reason(name, device) is None and _supports(_load(name)[0], batch_stats, grad):
+            if unavailable_reason(name, device) is None:
                 return name
         return "torch"
     reason = unavailable_reason(impl, device)

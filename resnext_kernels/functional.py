@@ -9,9 +9,7 @@ everything BatchNorm-specific that is not per-element work lives here once:
 * ``folded_forward(x, weight, scale, shift, stride, dilation, groups)`` -> ``z``, BN folded into a
   per-channel scale and shift in ``accumulate_dtype(x)`` (fp32, or fp64 for fp64 inputs);
 * ``batch_norm_relu_batch_stats(x, residual, bn_weight, bn_bias, eps)`` -> ``(z, mean, var)`` and
-  ``batch_norm_relu_folded(x, residual, scale, shift)`` -> ``z``, the same for the standalone op;
-
-and declare ``SUPPORTS_BATCH_STATS`` and ``SUPPORTS_BACKWARD``, which "auto" consults."""
+  ``batch_norm_relu_folded(x, residual, scale, shift)`` -> ``z``, the same for the standalone op."""
 
 import numbers
 
@@ -58,10 +56,7 @@ def grouped_conv_bn_relu(
         x, weight = (t.to(low) if t.dtype == torch.float32 else t for t in (x, weight))
     _check_inputs(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, dilation, groups,
                   training, momentum, eps, impl)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bn_weight, bn_bias))
-    backend = backends.resolve(impl, x.device, batch_stats=training or running_mean is None, grad=needs_grad,
-                               image_pixels=x.shape[2] * x.shape[3])
+    backend = backends.resolve(impl, x.device, image_pixels=x.shape[2] * x.shape[3])
     args = (x, weight, bn_weight, bn_bias, running_mean, running_var, stride, dilation, groups,
             bool(training), float(momentum), float(eps))
     if backend is backends.reference or x.shape[0] == 0:
@@ -125,10 +120,7 @@ def batch_norm_relu(
     """
     _check_batch_norm_relu_inputs(x, bn_weight, bn_bias, running_mean, running_var, residual, training,
                                   momentum, eps, impl)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, residual, bn_weight, bn_bias))
-    backend = backends.resolve(impl, x.device, batch_stats=training or running_mean is None, grad=needs_grad,
-                               image_pixels=x.shape[2] * x.shape[3])
+    backend = backends.resolve(impl, x.device, image_pixels=x.shape[2] * x.shape[3])
     training, momentum, eps = bool(training), float(momentum), float(eps)
     if backend is backends.reference or x.shape[0] == 0:
         return backends.reference.batch_norm_relu(x, residual, bn_weight, bn_bias, running_mean, running_var,

@@ -3,10 +3,6 @@
 import torch
 import torch.nn.functional as F
 
-SUPPORTS_BATCH_STATS = True
-SUPPORTS_BACKWARD = True
-
-
 def unavailable_reason(device):
     return None
 

@@ -47,14 +47,3 @@ def _fresh_seed(request):
     # Fresh inputs per test, yet reproducible when a failure must be replayed.
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
-
-def require(impl, batch_stats=False, grad=False):
-    """Skips a test of a capability the backend declares it lacks (tests/test_api.py checks that
-    using it raises NotImplementedError)."""
-    if impl in ("torch", "auto"):
-        return
-    module = resnext_kernels.backends.resolve(impl, DEVICE)
-    if batch_stats and not module.SUPPORTS_BATCH_STATS:
-        pytest.skip(f"impl={impl!r} does not implement batch statistics yet")
-    if grad and not module.SUPPORTS_BACKWARD:
-        pytest.skip(f"impl={impl!r} does not implement backward yet")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import resnext_kernels
-from conftest import DEVICE, KERNEL_IMPLS, require
+from conftest import DEVICE, KERNEL_IMPLS
 from helpers import KINK_SHIFT, assert_close_to_reference, layout_as, values_at_the_relu_kink
 
 IMPLS = ["torch"] + KERNEL_IMPLS
@@ -55,7 +55,6 @@ NAMES = ["z", "running_mean", "running_var", "dx", "dresidual", "dgamma", "dbeta
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_forward_running_stats_and_gradients_match_float64(impl, shape, residual, training):
-    require(impl, batch_stats=training, grad=True)
     if training and shape[0] * shape[2] * shape[3] == 1:
         pytest.skip("one value per channel")
     x, r, params = make_inputs(shape, torch.float32, residual=residual)
@@ -78,7 +77,6 @@ def test_each_subset_of_gradients(impl, wanted, layout, training):
     """Every path of the backward with a residual: the reductions test z and write the residual's
     gradient where they run (training, or parameter gradients wanted); folded without them (a frozen
     BatchNorm) torch masks dz first; the residual's gradient alone runs no kernel."""
-    require(impl, batch_stats=training, grad=True)
     shape = (2, 16, 5, 3)
     x, r, params = make_inputs(shape, torch.float32, layout)
     grad = layout_as(torch.randn(shape, device=DEVICE), layout)
@@ -101,7 +99,6 @@ def test_each_subset_of_gradients(impl, wanted, layout, training):
 def test_layouts_of_inputs_and_gradient(impl, layout, training):
     # x, the residual and the incoming gradient in one layout each (the gradient the opposite one),
     # the output in x's memory format.
-    require(impl, batch_stats=training, grad=True)
     shape = (2, 24, 5, 6)
     x, r, params = make_inputs(shape, torch.float32, layout)
     r = layout_as(r, "channels_last" if layout == "nchw" else "nchw")
@@ -122,7 +119,6 @@ def test_layouts_of_inputs_and_gradient(impl, layout, training):
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_low_precision_within_pytorchs_own_error(impl, dtype, layout, residual, training):
-    require(impl, batch_stats=training, grad=True)
     shape = (3, 32, 7, 5)
     x, r, params = make_inputs(shape, dtype, layout, residual)
     grad = torch.randn(shape, device=DEVICE).to(dtype)
@@ -148,7 +144,6 @@ def test_batch_norm_output_is_rounded_before_the_residual_is_added(impl, dtype, 
     # shift of fine steps, bn(x) = x + shift is exact in fp32 but needs rounding to dtype, and so does
     # the sum: rounding once instead of twice differs on some elements, and every backend must match
     # the unfused reference bitwise.
-    require(impl)
     n, c, h, w = 2, 16, 6, 5
     step = torch.finfo(dtype).eps  # the spacing of dtype in [1, 2)
     x = layout_as((1 + torch.randint(0, int(1 / step), (n, c, h, w), device=DEVICE) * step).to(dtype), layout)
@@ -170,7 +165,6 @@ def test_relu_passes_no_gradient_where_the_output_rounds_to_zero(impl, layout):
     # As torch.relu's backward, which tests z as stored: where x * scale + shift > 0 rounds to zero
     # in fp16, z = 0 and nothing passes (the mask recomputed from x; with a residual it is read from
     # z). Every gradient below is exact in fp32.
-    require(impl, grad=True)
     shape = (2, 16, 5, 3)
     x, k = values_at_the_relu_kink(shape, layout)
     x.requires_grad_()
@@ -197,7 +191,6 @@ def test_relu_passes_no_gradient_where_the_output_rounds_to_zero(impl, layout):
 def test_non_finite_values_propagate_as_in_pytorch(impl, residual, training):
     # As torch.relu's backward, a NaN output passes its gradient: without a residual the kernels' mask
     # (from x) decides, with one the reductions' (from z).
-    require(impl, batch_stats=training, grad=True)
     shape = (2, 16, 4, 5)
     x, r, params = make_inputs(shape, torch.float32, residual=residual)
     x[0, 3, 1, 2] = float("nan")
@@ -225,7 +218,6 @@ def test_non_finite_values_propagate_as_in_pytorch(impl, residual, training):
 def test_statistics_over_many_blocks_stay_accurate_when_the_mean_dwarfs_the_spread(impl):
     # Enough pixels for several levels of partial statistics (blocks, then slabs of them), and a mean
     # 1000 times the standard deviation, where E[x^2] - E[x]^2 in fp32 would lose every digit.
-    require(impl, batch_stats=True)
     shape = (3, 8, 160, 160)
     x = torch.randn(shape, device=DEVICE) + 1000.0
     ones, zeros = torch.ones(8, device=DEVICE), torch.zeros(8, device=DEVICE)

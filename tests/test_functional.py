@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import resnext_kernels
-from conftest import DEVICE, KERNEL_IMPLS, require
+from conftest import DEVICE, KERNEL_IMPLS
 from helpers import (
     KINK_SHIFT,
     LAYOUTS,
@@ -41,7 +41,6 @@ def run(case, impl, training, momentum=0.1, eps=1e-5, with_running=True):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_forward_and_running_stats_match_float64(impl, shape, training):
-    require(impl, batch_stats=training)
     case = make_case(shape)
     expected, expected_mean, expected_var = reference64(case, training, momentum=0.3)
     z = run(case, impl, training, momentum=0.3)
@@ -55,7 +54,6 @@ def test_forward_and_running_stats_match_float64(impl, shape, training):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_layouts_and_output_memory_format(impl, layout, training):
-    require(impl, batch_stats=training)
     case = make_case(Shape(2, 16, 16, 5, 6, groups=4), layout=layout)
     case.weight = layout_as(case.weight, layout)  # model.to(memory_format=...) lays out conv weights too
     expected, _, _ = reference64(case, training)
@@ -72,7 +70,6 @@ def test_layouts_and_output_memory_format(impl, layout, training):
 @pytest.mark.parametrize("bn_fp32", [False, True], ids=["bn-same-dtype", "bn-fp32"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_low_precision_within_pytorchs_own_error(impl, dtype, bn_fp32, training):
-    require(impl, batch_stats=training)
     shape = Shape(2, 64, 64, 6, 5, groups=16)
     case = make_case(shape, dtype=dtype, layout="channels_last", bn_dtype=torch.float32 if bn_fp32 else dtype)
     expected, expected_mean, expected_var = reference64(case, training)
@@ -99,7 +96,6 @@ def test_eval_normalises_the_conv_output_as_stored(impl, dtype, layout):
     # the border.
     # The running mean is image 0's value rounded to dtype and the BN scale 1, so the reference's
     # pre-ReLU value there is exactly 0; normalising the unrounded y instead gives y - round(y).
-    require(impl, grad=True)
     if impl == "torch" and DEVICE.type == "cuda":
         pytest.skip("cuDNN may convolve by an inexact algorithm (Winograd, FFT): not exact on integers")
     n, c, size, groups = 2, 16, 5, 4
@@ -132,7 +128,6 @@ def test_relu_passes_no_gradient_where_the_output_rounds_to_zero(impl, layout, g
     # As torch.relu's backward, which tests z as stored: where y * scale + shift > 0 rounds to zero
     # in fp16, z = 0 and nothing passes. Each output channel copies one input channel through the
     # centre tap, so y = x exactly, and every gradient below is exact in fp32.
-    require(impl, grad=True)
     if impl == "torch" and DEVICE.type == "cuda":
         pytest.skip("cuDNN may convolve by an inexact algorithm (Winograd, FFT)")
     n, c, size = 2, 16, 5
@@ -163,7 +158,6 @@ def test_relu_passes_no_gradient_where_the_output_rounds_to_zero(impl, layout, g
 @pytest.mark.parametrize("shape", SHAPES[:5], ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gradients_match_float64(impl, shape, training):
-    require(impl, batch_stats=training, grad=True)
     case = make_case(shape, layout="channels_last")
     case.weight = layout_as(case.weight, "channels_last")  # as in a model converted to channels_last
     leaves = [t.detach().requires_grad_() for t in case.tensors()[:4]]
@@ -190,7 +184,6 @@ def test_gradients_match_float64(impl, shape, training):
 def test_gradients_without_bn_parameter_gradients(impl, training):
     # Frozen BN affine (FrozenBatchNorm2d's buffers, or requires_grad=False): the backward then skips
     # the BN parameters' reductions where dy does not need them (eval); dx and dw must not change.
-    require(impl, batch_stats=training, grad=True)
     case = make_case(Shape(2, 16, 16, 7, 6, groups=4), dtype=torch.bfloat16, layout="channels_last",
                      bn_dtype=torch.float32)
     grads = []
@@ -210,7 +203,6 @@ def test_gradients_without_bn_parameter_gradients(impl, training):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
 def test_gradcheck_float64(impl, training, affine):
-    require(impl, batch_stats=training, grad=True)
     case = make_case(Shape(2, 4, 4, 3, 3, groups=2, stride=2), dtype=torch.float64)
     inputs = [case.x, case.weight] + ([case.bn_weight, case.bn_bias] if affine else [])
     inputs = [t.detach().requires_grad_() for t in inputs]
@@ -228,7 +220,6 @@ def test_gradcheck_float64(impl, training, affine):
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_double_backward_is_refused(impl, training):
-    require(impl, batch_stats=training, grad=True)
     case = make_case(Shape(2, 8, 8, 4, 4, groups=2))
     x = case.x.requires_grad_()
     z = run(case, impl, training)
@@ -241,7 +232,6 @@ def test_double_backward_is_refused(impl, training):
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_non_finite_input_gives_the_references_non_finite_pattern(impl, dtype):
-    require(impl, grad=True)
     # An Inf in x: z is +-Inf (or 0 after ReLU) where it is read, dw Inf or NaN (0 * Inf where ReLU
     # stops the gradient) in its group's taps. Tiles overhang the 5x5 image, and the pixels beyond
     # it must contribute nothing, not 0 * Inf. A large BN shift keeps every finite z > 0, so the
@@ -269,7 +259,6 @@ def test_non_finite_input_gives_the_references_non_finite_pattern(impl, dtype):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_batch_statistics_without_running_buffers(impl):
-    require(impl, batch_stats=True)
     case = make_case(Shape(2, 8, 8, 4, 4, groups=2))
     expected, _, _ = reference64(case, True, with_running=False)
     assert_close_to_reference(run(case, impl, True, with_running=False), expected, torch.float32)
@@ -277,7 +266,6 @@ def test_batch_statistics_without_running_buffers(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_variance_of_a_large_mean_activation(impl):
-    require(impl, batch_stats=True)
     # |mean| >> std: a naive E[y^2] - E[y]^2 in fp32 would lose most of the variance's digits.
     case = make_case(Shape(2, 8, 8, 5, 5, groups=2), mean_shift=300.0)
     expected, expected_mean, expected_var = reference64(case, True)
@@ -293,7 +281,6 @@ def test_variance_of_a_large_mean_activation(impl):
 def test_nan_and_inf_propagate_as_in_the_reference(impl, dtype, layout, training):
     # Small groups: kernels that pack several groups into one tile must not leak Inf * 0 = NaN
     # into a neighbouring group.
-    require(impl, batch_stats=training)
     case = make_case(Shape(2, 8, 8, 5, 5, groups=4), dtype=dtype, layout=layout)
     case.x[0, 1, 2, 3] = float("nan")
     case.x[1, 5, 0, 0] = float("inf")
@@ -489,7 +476,6 @@ def clone_case(case):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_autocast_runs_conv_low_and_batch_norm_in_fp32(impl, dtype):
-    require(impl, batch_stats=True)
     if DEVICE.type == "cpu" and dtype == torch.float16:
         pytest.skip("CPU autocast is bfloat16-only in this test")
     case = make_case(Shape(2, 32, 32, 5, 5, groups=8))
@@ -511,7 +497,6 @@ def test_autocast_runs_conv_low_and_batch_norm_in_fp32(impl, dtype):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_autocast_takes_the_low_precision_output_of_a_previous_layer(impl):
     # Under autocast x comes from a previous convolution in bf16 while the weight stays fp32.
-    require(impl, batch_stats=True, grad=True)
     case = make_case(Shape(2, 32, 32, 5, 5, groups=8))
     x = case.x.to(torch.bfloat16).requires_grad_()
     weight = case.weight.clone().requires_grad_()
@@ -554,7 +539,6 @@ def test_random_shapes_match_float64(impl, shape, dtype):
     # fp32 the FMA paths.
     index = RANDOM_SHAPES.index(shape)
     training, layout, grad_layout = index % 2 == 0, LAYOUTS[index % 3], LAYOUTS[index // 3 % 3]
-    require(impl, batch_stats=training, grad=True)
     case64 = make_case(shape, dtype=torch.float64)
     h_out = (shape.h - 1) // shape.stride + 1
     w_out = (shape.w - 1) // shape.stride + 1
@@ -574,7 +558,6 @@ def test_random_shapes_match_float64(impl, shape, dtype):
 def test_stride_and_dilation_beyond_the_image(impl, stride, dilation):
     # The kernels take 32-bit values: a stride or dilation at least the image's longer side (here 6)
     # must act as that side, never wrap (2^32 + 1 would become 1).
-    require(impl, batch_stats=True, grad=True)
     shape = Shape(2, 8, 8, 5, 6, groups=4, stride=stride, dilation=dilation)
     case64 = make_case(shape, dtype=torch.float64)
     grad64 = torch.randn(2, 8, (5 - 1) // stride + 1, (6 - 1) // stride + 1, device=DEVICE, dtype=torch.float64)

@@ -11,7 +11,7 @@ from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import resnext_kernels
-from conftest import DEVICE, KERNEL_IMPLS, require
+from conftest import DEVICE, KERNEL_IMPLS
 from resnext_kernels import ResNeXtBlock
 
 IMPLS = ["torch"] + KERNEL_IMPLS
@@ -62,7 +62,6 @@ def make_block_pair(impl, *, stride=1, groups=4, base_width=4, inplanes=32, plan
 )
 @pytest.mark.parametrize("stride", [1, 2])
 def test_block_matches_torchvision_bottleneck_in_train_and_eval(impl, bn_kwargs, stride):
-    require(impl, batch_stats=True, grad=True)
     ours, theirs = make_block_pair(impl, stride=stride, **bn_kwargs)
     for step in range(3):
         x = torch.randn(2, 32, 9, 7, device=DEVICE)
@@ -95,7 +94,6 @@ def record_fused_calls(monkeypatch):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_block_runs_its_three_batch_norms_fused(impl, monkeypatch):
     # bn1 + relu, conv2 + bn2 + relu, and bn3 + the residual + relu: each one op, in train and eval.
-    require(impl, batch_stats=True)
     ours, _ = make_block_pair(impl, stride=2)
     calls = record_fused_calls(monkeypatch)
     x = torch.randn(2, 32, 9, 7, device=DEVICE)
@@ -119,7 +117,6 @@ def test_block_with_another_norm_layer_runs_unfused():
 def test_block_with_frozen_batch_norm_runs_fused(impl, monkeypatch):
     # Detection backbones (torchvision's with FrozenBatchNorm2d) train with fixed BN statistics and
     # affine: conv2 + bn2 + relu still fuse, through the eval path, in training mode too.
-    require(impl, grad=True)
     norm_layer = functools.partial(FrozenBatchNorm2d, eps=1e-3)  # not the default: eps must reach the op
     theirs = randomise_bn(Bottleneck(64, 16, 1, None, 4, 16, norm_layer=norm_layer)).to(DEVICE)
     ours = ResNeXtBlock(64, 16, 1, None, 4, 16, norm_layer=norm_layer, impl=impl).to(DEVICE)
@@ -166,7 +163,6 @@ def test_model_state_dict_matches_torchvision(name):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_model_matches_torchvision_with_its_weights(impl):
-    require(impl, batch_stats=True)
     # float64: in train mode at this size layer4's BatchNorm sees 2 values per channel, so badly
     # conditioned that fp32 results differ from each other as much as from the exact ones.
     theirs = randomise_bn(torchvision.models.resnext50_32x4d(num_classes=10)).to(DEVICE, torch.float64)
@@ -200,7 +196,6 @@ def test_cifar_resnext29_has_the_papers_size(name, params):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_convert_torchvision_resnext50(impl):
-    require(impl, batch_stats=True)
     # float64, as in test_model_matches_torchvision_with_its_weights.
     original = randomise_bn(torchvision.models.resnext50_32x4d(num_classes=10)).to(DEVICE, torch.float64)
     converted = resnext_kernels.convert(copy.deepcopy(original), impl=impl)

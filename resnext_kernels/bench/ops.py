@@ -126,19 +126,11 @@ def eager_batch_norm_relu(x, residual, gamma, beta, running_mean, running_var, t
     return F.relu(y, inplace=True)
 
 
-def unsupported_reason(provider, device, mode):
-    """Why a kernel provider cannot run ``mode`` (from the capabilities it declares), or None."""
+def unsupported_reason(provider, device):
+    """Why a kernel provider cannot run on ``device`` (not built, no interpreter...), or None."""
     if provider not in KERNEL_PROVIDERS:
         return None
-    reason = backends.unavailable_reason(provider, torch.device(device))
-    if reason is not None:
-        return reason
-    module = backends.resolve(provider, torch.device(device))
-    if mode != "inference" and not module.SUPPORTS_BATCH_STATS:
-        return f"impl={provider!r} does not implement training mode (batch statistics) yet"
-    if mode == "train_fwd_bwd" and not module.SUPPORTS_BACKWARD:
-        return f"impl={provider!r} does not implement backward yet"
-    return None
+    return backends.unavailable_reason(provider, torch.device(device))
 
 
 class OpRunner:
@@ -148,7 +140,7 @@ class OpRunner:
     then holds how long that first call took for the ``compile`` provider."""
 
     def __init__(self, case, provider, device, generator_seed=0):
-        reason = unsupported_reason(provider, device, case.mode)
+        reason = unsupported_reason(provider, device)
         if reason is not None:
             raise Unsupported(reason)
         self.case, self.provider, self.device = case, provider, torch.device(device)

@@ -4,7 +4,7 @@ fused ops' forwards."""
 import torch
 import torch.nn.functional as F
 
-from .. import available_impls, backends, batch_norm_relu, grouped_conv_bn_relu
+from .. import available_impls, batch_norm_relu, grouped_conv_bn_relu
 
 # (N, C, H, W, groups, stride): ResNeXt-50 32x4d layers at a small batch and size.
 CHECK_SHAPES = [(4, 128, 14, 14, 32, 1), (4, 256, 15, 15, 32, 2), (2, 1024, 7, 7, 32, 1)]
@@ -21,13 +21,12 @@ def self_check(device, dtype=torch.float32):
     """Yields (impl, shape, mode, relative error, passed) for every backend, shape and mode."""
     tolerance = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 1e-2}[dtype]
     for impl in available_impls(device):
-        supports_training = backends.resolve(impl, device).SUPPORTS_BATCH_STATS
         for n, c, h, w, groups, stride in CHECK_SHAPES:
             gen = torch.Generator().manual_seed(0)
             x = torch.randn(n, c, h, w, generator=gen).to(device, dtype).contiguous(memory_format=torch.channels_last)
             weight = (torch.randn(c, c // groups, 3, 3, generator=gen) / (3 * (c // groups) ** 0.5)).to(device, dtype)
             gamma, beta = torch.rand(c, generator=gen).add(0.5).to(device), torch.randn(c, generator=gen).to(device)
-            for training in (False, True) if supports_training else (False,):
+            for training in (False, True):
                 mean, var = torch.zeros(c, device=device), torch.ones(c, device=device)
                 expected = _reference64(x, weight, gamma, beta, mean, var, stride, groups, training)
                 z = grouped_conv_bn_relu(x, weight, gamma, beta, mean, var, stride=stride, groups=groups,
@@ -40,7 +39,7 @@ def self_check(device, dtype=torch.float32):
                 memory_format=torch.channels_last) for _ in range(2))
             residual = residual if with_residual else None
             gamma, beta = torch.rand(c, generator=gen).add(0.5).to(device), torch.randn(c, generator=gen).to(device)
-            for training in (False, True) if supports_training else (False,):
+            for training in (False, True):
                 mean, var = torch.zeros(c, device=device), torch.ones(c, device=device)
                 expected = F.batch_norm(x.double(), mean.double(), var.double(), gamma.double(), beta.double(), training)
                 expected = torch.relu(expected if residual is None else expected + residual.double())

@@ -10,10 +10,6 @@ from .._extension import BUILD_HINT, LOAD_ERROR
 from . import emulation
 from .ops import register_namespace
 
-# Capabilities "auto" consults before choosing this backend for a call.
-SUPPORTS_BATCH_STATS = True
-SUPPORTS_BACKWARD = True
-
 if LOAD_ERROR is None:
     register_namespace("resnext_kernels")
 

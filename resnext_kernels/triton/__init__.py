@@ -9,9 +9,6 @@ TRITON_INTERPRET=1 is set before this package is imported: a test instrument, no
 
 import os
 
-SUPPORTS_BATCH_STATS = True
-SUPPORTS_BACKWARD = True
-
 # Read once, like @triton.jit does when the kernels are decorated on import.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
