@@ -59,8 +59,9 @@ def grouped_conv_bn_relu(
     backend = backends.resolve(impl, x.device, image_pixels=x.shape[2] * x.shape[3])
     args = (x, weight, bn_weight, bn_bias, running_mean, running_var, stride, dilation, groups,
             bool(training), float(momentum), float(eps))
-    if backend is backends.reference or x.shape[0] == 0:
-        # The reference also owns the empty batch: F.batch_norm leaves the running stats alone there.
+    if backend is backends.reference or (x.shape[0] == 0 and (training or running_mean is None)):
+        # The reference also owns batch statistics of an empty batch: F.batch_norm leaves the running
+        # stats alone there.
         return backends.reference.grouped_conv_bn_relu(*args)
     # A stride or dilation of at least the image's longer side acts as that side: one output pixel per
     # row and column, every tap but the centre in the padding. The kernels take them as 32-bit ints.
@@ -122,7 +123,7 @@ def batch_norm_relu(
                                   momentum, eps, impl)
     backend = backends.resolve(impl, x.device, image_pixels=x.shape[2] * x.shape[3])
     training, momentum, eps = bool(training), float(momentum), float(eps)
-    if backend is backends.reference or x.shape[0] == 0:
+    if backend is backends.reference or (x.shape[0] == 0 and (training or running_mean is None)):
         return backends.reference.batch_norm_relu(x, residual, bn_weight, bn_bias, running_mean, running_var,
                                                   training, momentum, eps)
     return _batch_norm(

@@ -295,11 +295,19 @@ def test_nan_and_inf_propagate_as_in_the_reference(impl, dtype, layout, training
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_empty_batch(impl, training):
-    case = make_case(Shape(0, 8, 8, 5, 5, groups=2, stride=2))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_empty_batch(impl, training, layout):
+    # Batch statistics of nothing go to the reference (F.batch_norm's semantics); eval runs the kernels.
+    case = make_case(Shape(0, 8, 8, 5, 5, groups=2, stride=2), layout=layout)
     mean, var = case.running_mean.clone(), case.running_var.clone()
-    z = run(case, impl, training)
+    x, weight, bn_weight, bn_bias = (t.detach().requires_grad_() for t in case.tensors()[:4])
+    z = resnext_kernels.grouped_conv_bn_relu(x, weight, bn_weight, bn_bias, case.running_mean, case.running_var,
+                                             stride=2, groups=2, training=training, impl=impl)
     assert z.shape == (0, 8, 3, 3)
+    z.sum().backward()
+    assert x.grad.shape == x.shape
+    for parameter in (weight, bn_weight, bn_bias):
+        assert torch.equal(parameter.grad, torch.zeros_like(parameter))
     assert torch.equal(case.running_mean, mean) and torch.equal(case.running_var, var)
 
 

@@ -421,6 +421,8 @@ def backward(dz, x, weight, y, scale, shift, mean, var, eps, stride, dilation, g
     tl_acc = config.tl_acc_dtype(x.dtype)
     dot = dict(ACC=tl_acc, DOT_IN=config.dot_operand_dtype(x.dtype), PRECISION=config.dot_precision(x.dtype))
     dx, dw, dparams = gradient_buffers(x, weight, need_dx, need_dw, need_dparams)
+    if m == 0:  # an empty batch: dw and dparams are empty sums
+        return dx, dw.zero_(), dparams.zero_()
     with device_guard(x):
         coef = coefficients(dz, y, scale, shift, mean, var, eps, dparams if need_dparams else None, mask=True)
         mean = mean if train else scale  # a placeholder pointer, never read, when not training
