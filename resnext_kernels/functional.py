@@ -265,6 +265,9 @@ def _check_common(x, training, momentum, eps, impl):
         raise ValueError(f"momentum must be a number, got {type(momentum).__name__}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    if training and eps == 0:
+        # As F.batch_norm: a constant channel's batch variance is 0, and 1 / sqrt(0) is no normalisation.
+        raise ValueError("eps must be positive when training, got 0")
     if x.shape[2] < 1 or x.shape[3] < 1:
         raise ValueError(f"x must have a non-empty spatial size, got shape {tuple(x.shape)}")
 

@@ -75,6 +75,7 @@ def test_bad_tensors_raise_value_error_naming_the_argument(change, message):
         (dict(training=1), "training must be a bool"),
         (dict(momentum=None), "momentum must be a number"),
         (dict(eps=-1.0), "eps must be a non-negative number"),
+        (dict(eps=0.0), "eps must be positive when training"),
         (dict(impl="cudnn"), "impl must be one of 'auto', 'torch', 'triton', 'cuda'"),
     ],
 )
