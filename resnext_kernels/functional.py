@@ -5,9 +5,9 @@ Kernel backends (Triton, CUDA) only see validated inputs and implement different
 everything BatchNorm-specific that is not per-element work lives here once:
 
 * ``batch_stats_forward(x, weight, bn_weight, bn_bias, eps, stride, dilation, groups)``
-  -> ``(z, mean, var)`` with the biased batch variance, in ``accumulate_dtype(x)``;
+  -> ``(z, mean, var)`` with the biased batch variance, in ``accumulate_dtype(x.dtype)``;
 * ``folded_forward(x, weight, scale, shift, stride, dilation, groups)`` -> ``z``, BN folded into a
-  per-channel scale and shift in ``accumulate_dtype(x)`` (fp32, or fp64 for fp64 inputs);
+  per-channel scale and shift in ``accumulate_dtype(x.dtype)`` (fp32, or fp64 for fp64 inputs);
 * ``batch_norm_relu_batch_stats(x, residual, bn_weight, bn_bias, eps)`` -> ``(z, mean, var)`` and
   ``batch_norm_relu_folded(x, residual, scale, shift)`` -> ``z``, the same for the standalone op."""
 
@@ -16,6 +16,7 @@ import numbers
 import torch
 
 from . import backends
+from .outputs import accumulate_dtype, output_memory_format, output_size
 
 IMPLS = ("auto", "torch", "triton", "cuda")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -89,7 +90,8 @@ def _batch_norm(x, bn_weight, bn_bias, running_mean, running_var, training, mome
                 count = z.numel() // z.shape[1]
                 _update_running_stats(running_mean, running_var, mean, var, count, momentum)
         else:
-            scale, shift = fold_batch_norm(bn_weight, bn_bias, running_mean, running_var, eps, accumulate_dtype(x))
+            scale, shift = fold_batch_norm(bn_weight, bn_bias, running_mean, running_var, eps,
+                                           accumulate_dtype(x.dtype))
             z = folded(scale, shift)
     return z.contiguous(memory_format=memory_format)
 
@@ -141,11 +143,6 @@ def _autocast_dtype(x):
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
 
 
-def accumulate_dtype(x):
-    """The dtype kernels accumulate and keep per-channel BN values in: float64 for float64, else float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def fold_batch_norm(bn_weight, bn_bias, mean, var, eps, dtype):
     """Per-channel ``(scale, shift)`` in ``dtype`` with ``bn(y) = y * scale + shift``; differentiable."""
     scale = torch.rsqrt(var.to(dtype) + eps)
@@ -164,18 +161,6 @@ def _update_running_stats(running_mean, running_var, mean, var, count, momentum)
     unbiased = var * (count / (count - 1))
     running_mean.copy_(running_mean.to(mean.dtype) * (1 - momentum) + mean * momentum)
     running_var.copy_(running_var.to(var.dtype) * (1 - momentum) + unbiased * momentum)
-
-
-def output_memory_format(x):
-    """channels_last when ``x`` is laid out channels-last (and not also plainly contiguous)."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def output_size(size, stride, dilation):
-    # padding = dilation keeps a 3x3 convolution "same" before striding.
-    return (size - 1) // stride + 1
 
 
 def _positive_int(value, name):
@@ -211,7 +196,7 @@ def _check_inputs(x, weight, bn_weight, bn_bias, running_mean, running_var, stri
 
     _check_batch_norm_args(x, c_out, bn_weight, bn_bias, running_mean, running_var, training)
     if training:
-        per_channel = n * output_size(h, stride, dilation) * output_size(w, stride, dilation)
+        per_channel = n * output_size(h, stride) * output_size(w, stride)
         _check_values_per_channel(per_channel, x)
 
 
@@ -250,9 +235,15 @@ def _check_values_per_channel(per_channel, x):
         )
 
 
-def _check_common(x, training, momentum, eps, impl):
+def check_impl(impl):
+    """``impl`` when it names a backend (or "auto"); else ValueError."""
     if not isinstance(impl, str) or impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
+    return impl
+
+
+def _check_common(x, training, momentum, eps, impl):
+    check_impl(impl)
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"x must be a Tensor, got {type(x).__name__}")
     if x.dim() != 4:

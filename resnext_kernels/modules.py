@@ -6,13 +6,7 @@ import warnings
 
 from torch import nn
 
-from .functional import IMPLS, batch_norm_relu, grouped_conv_bn_relu
-
-
-def _check_impl(impl):
-    if not isinstance(impl, str) or impl not in IMPLS:
-        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
-    return impl
+from .functional import batch_norm_relu, check_impl, grouped_conv_bn_relu
 
 
 def _is_frozen_batch_norm(bn):
@@ -109,7 +103,7 @@ class ResNeXtBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.stride = stride
-        self.impl = _check_impl(impl)
+        self.impl = check_impl(impl)
 
     @classmethod
     def from_modules(cls, conv1, bn1, conv2, bn2, conv3, bn3, downsample, *, impl="auto"):
@@ -120,7 +114,7 @@ class ResNeXtBlock(nn.Module):
         block.relu = nn.ReLU(inplace=True)
         block.downsample = downsample
         block.stride = conv2.stride[0]
-        block.impl = _check_impl(impl)
+        block.impl = check_impl(impl)
         return block
 
     def forward(self, x):
@@ -182,7 +176,7 @@ def convert(model, impl="auto"):
     """Swaps every torchvision and timm bottleneck in ``model`` for a ResNeXtBlock that shares its
     parameters and buffers (state_dict keys unchanged); ResNeXtBlocks already there get ``impl``.
     Modifies ``model`` in place and returns it (or the new block when ``model`` itself is one)."""
-    _check_impl(impl)
+    check_impl(impl)
     converters = _converters()
 
     def swap(module, name):

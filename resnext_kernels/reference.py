@@ -3,22 +3,21 @@
 import torch
 import torch.nn.functional as F
 
+from .outputs import output_memory_format
+
+
 def unavailable_reason(device):
     return None
 
 
 def grouped_conv_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, dilation,
                          groups, training, momentum, eps):
-    from .functional import output_memory_format
-
     y = F.conv2d(x, weight, None, stride, dilation, dilation, groups)
     z = torch.relu(F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps))
     return z.contiguous(memory_format=output_memory_format(x))
 
 
 def batch_norm_relu(x, residual, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps):
-    from .functional import output_memory_format
-
     out = F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
     if residual is not None:
         out = out + residual

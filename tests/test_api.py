@@ -135,6 +135,19 @@ def test_missing_extension_says_how_to_build(monkeypatch):
         backends.resolve("cuda", torch.device("cuda"))
 
 
+def test_a_build_from_older_sources_says_to_rebuild(monkeypatch):
+    import resnext_kernels.cuda as cuda_backend
+    from resnext_kernels.cuda.ops import register_namespace
+
+    reason = register_namespace("resnext_kernels_never_built")  # a namespace without the ops
+    assert reason.startswith("the built extension lacks the ops conv_bn_relu_folded, grouped_conv")
+    assert "rebuild" in reason
+    monkeypatch.setattr(cuda_backend, "LOAD_ERROR", None)
+    monkeypatch.setattr(cuda_backend, "_STALE_BUILD", reason)
+    with pytest.raises(RuntimeError, match="impl='cuda': the built extension lacks the ops"):
+        backends.resolve("cuda", torch.device("cuda"))
+
+
 def test_triton_on_cpu_without_the_interpreter_says_why():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = (

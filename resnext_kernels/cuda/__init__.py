@@ -10,19 +10,17 @@ from .._extension import BUILD_HINT, LOAD_ERROR
 from . import emulation
 from .ops import register_namespace
 
-if LOAD_ERROR is None:
-    register_namespace("resnext_kernels")
+_STALE_BUILD = register_namespace("resnext_kernels") if LOAD_ERROR is None else None
 
 
 def unavailable_reason(device):
     if device.type == "cpu" and emulation.enabled():
-        reason = emulation.load()
-        if reason is None:
-            register_namespace(emulation.NAMESPACE)
-        return reason
+        return emulation.load() or register_namespace(emulation.NAMESPACE)
     if LOAD_ERROR is not None:
         return (f"impl='cuda' needs the CUDA extension resnext_kernels._C, which was not built or failed to load "
                 f"({LOAD_ERROR}). {BUILD_HINT}")
+    if _STALE_BUILD is not None:
+        return f"impl='cuda': {_STALE_BUILD}"
     if device.type != "cuda":
         return (f"impl='cuda' runs on CUDA tensors, got a tensor on {device} "
                 "(RESNEXT_KERNELS_CUDA_EMULATE=1 runs the kernels' host test build on CPU tensors, for tests)")

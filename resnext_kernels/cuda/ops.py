@@ -7,18 +7,15 @@ import torch
 
 from .._autograd import register as register_autograd
 from .._autograd import register_batch_norm_relu
-from ..functional import accumulate_dtype, output_memory_format
+from .. import outputs
 
 
-def _conv_output(x, weight, stride):
-    h_out = (x.shape[2] - 1) // stride + 1
-    w_out = (x.shape[3] - 1) // stride + 1
-    return torch.empty((x.shape[0], weight.shape[0], h_out, w_out), dtype=x.dtype, device=x.device,
-                       memory_format=output_memory_format(x))
+# Every op of csrc/op_schemas.h, which a build older than this Python side may lack.
+OP_NAMES = ("conv_bn_relu_folded", "grouped_conv", "conv_bn_relu_train", "conv_bn_relu_backward",
+            "batch_norm_relu_train", "batch_norm_relu_folded", "batch_norm_relu_backward")
 
 
 def _defined(namespace, name):
-    # A build older than this Python side lacks the newer schemas: register what it has.
     try:
         torch._C._dispatch_find_schema_or_throw(f"{namespace}::{name}", "")
     except RuntimeError:
@@ -28,57 +25,47 @@ def _defined(namespace, name):
 
 @functools.cache
 def register_namespace(namespace):
+    """Registers fake kernels and autograd for ``namespace``'s ops: None, or why the build cannot
+    serve (it lacks some of the ops: built from older sources)."""
+    missing = [name for name in OP_NAMES if not _defined(namespace, name)]
+    if missing:
+        return (f"the built extension lacks the ops {', '.join(missing)}: it was built from older sources than "
+                f"this Python side; rebuild it (pip install --no-build-isolation -e .)")
     ops = getattr(torch.ops, namespace)
 
     @torch.library.register_fake(f"{namespace}::conv_bn_relu_folded")
     def _(x, weight, scale, shift, stride, dilation, groups):
-        return _conv_output(x, weight, stride)
-
-    if not _defined(namespace, "grouped_conv"):
-        return
+        return outputs.conv_output(x, weight, stride)
 
     @torch.library.register_fake(f"{namespace}::grouped_conv")
     def _(x, weight, stride, dilation, groups):
-        return _conv_output(x, weight, stride)
+        return outputs.conv_output(x, weight, stride)
 
     @torch.library.register_fake(f"{namespace}::conv_bn_relu_train")
     def _(x, weight, bn_weight, bn_bias, eps, stride, dilation, groups):
-        y = _conv_output(x, weight, stride)
-        stats = torch.empty((4, weight.shape[0]), dtype=accumulate_dtype(x), device=x.device)
-        return torch.empty_like(y), y, stats
-
-    if not _defined(namespace, "conv_bn_relu_backward"):
-        return
+        y = outputs.conv_output(x, weight, stride)
+        return torch.empty_like(y), y, outputs.stats_buffer(x, weight.shape[0])
 
     @torch.library.register_fake(f"{namespace}::conv_bn_relu_backward")
     def _(grad_output, x, weight, y, scale, shift, mean, var, eps, stride, dilation, groups, need_dx, need_dw,
           need_dparams):
-        dx = torch.empty_like(x, memory_format=output_memory_format(x)) if need_dx else x.new_empty((0,))
-        dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else weight.new_empty((0,))
-        dparams_shape = (2, weight.shape[0]) if need_dparams else (0,)
-        return dx, dw, torch.empty(dparams_shape, dtype=accumulate_dtype(x), device=x.device)
+        return outputs.conv_gradients(x, weight, need_dx, need_dw, need_dparams)
 
     register_autograd(ops.conv_bn_relu_train.default, ops.conv_bn_relu_folded.default, ops.grouped_conv.default,
                       ops.conv_bn_relu_backward.default)
 
-    if not _defined(namespace, "batch_norm_relu_train"):
-        return
-
     @torch.library.register_fake(f"{namespace}::batch_norm_relu_train")
     def _(x, residual, bn_weight, bn_bias, eps):
-        z = torch.empty_like(x, memory_format=output_memory_format(x))
-        return z, torch.empty((4, x.shape[1]), dtype=accumulate_dtype(x), device=x.device)
+        return outputs.like_x(x), outputs.stats_buffer(x, x.shape[1])
 
     @torch.library.register_fake(f"{namespace}::batch_norm_relu_folded")
     def _(x, residual, scale, shift):
-        return torch.empty_like(x, memory_format=output_memory_format(x))
+        return outputs.like_x(x)
 
     @torch.library.register_fake(f"{namespace}::batch_norm_relu_backward")
     def _(grad_output, x, output, scale, shift, mean, var, eps, relu_mask, need_dx, need_dparams):
-        dx = torch.empty_like(x, memory_format=output_memory_format(x)) if need_dx else x.new_empty((0,))
-        dparams_shape = (2, x.shape[1]) if need_dparams else (0,)
-        g = torch.empty_like(x, memory_format=output_memory_format(x)) if output is not None else x.new_empty((0,))
-        return dx, torch.empty(dparams_shape, dtype=accumulate_dtype(x), device=x.device), g
+        return outputs.batch_norm_gradients(x, output is not None, need_dx, need_dparams)
 
     register_batch_norm_relu(ops.batch_norm_relu_train.default, ops.batch_norm_relu_folded.default,
                              ops.batch_norm_relu_backward.default)
+    return None

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..functional import output_memory_format
+from ..outputs import accumulate_dtype, conv_gradients
 from . import config
 from .conv import device_guard
 
@@ -366,7 +366,7 @@ def coefficients(dz, y, scale, shift, mean, var, eps, dparams, mask, output=None
     n, c, ho, wo = y.shape
     m = n * ho * wo
     train = mean is not None
-    acc = config.acc_dtype(y.dtype)
+    acc = accumulate_dtype(y.dtype)
     coef = torch.empty((2, c), dtype=acc, device=y.device)
     if not (train or dparams is not None or output is not None):
         return coef
@@ -391,18 +391,6 @@ def coefficients(dz, y, scale, shift, mean, var, eps, dparams, mask, output=None
     return coef
 
 
-def gradient_buffers(x, weight, need_dx, need_dw, need_dparams):
-    """Uninitialised (dx, dw, dparams) as backward() returns them."""
-    if need_dx:
-        dx = torch.empty_like(x, memory_format=output_memory_format(x))
-    else:
-        dx = torch.empty(0, dtype=x.dtype, device=x.device)
-    dw = torch.empty(weight.shape if need_dw else (0,), dtype=weight.dtype, device=weight.device)
-    dparams = torch.empty((2, weight.shape[0]) if need_dparams else (0,), dtype=config.acc_dtype(x.dtype),
-                          device=x.device)
-    return dx, dw, dparams
-
-
 def backward(dz, x, weight, y, scale, shift, mean, var, eps, stride, dilation, groups, need_dx, need_dw,
              need_dparams):
     """Gradients of relu(bn(conv(x))) given dz: ``(dx, dw, dparams)``.
@@ -417,10 +405,10 @@ def backward(dz, x, weight, y, scale, shift, mean, var, eps, stride, dilation, g
     _, _, ho, wo = y.shape
     m = n * ho * wo
     train = mean is not None
-    acc = config.acc_dtype(x.dtype)
+    acc = accumulate_dtype(x.dtype)
     tl_acc = config.tl_acc_dtype(x.dtype)
     dot = dict(ACC=tl_acc, DOT_IN=config.dot_operand_dtype(x.dtype), PRECISION=config.dot_precision(x.dtype))
-    dx, dw, dparams = gradient_buffers(x, weight, need_dx, need_dw, need_dparams)
+    dx, dw, dparams = conv_gradients(x, weight, need_dx, need_dw, need_dparams)
     if m == 0:  # an empty batch: dw and dparams are empty sums
         return dx, dw.zero_(), dparams.zero_()
     with device_guard(x):

@@ -11,10 +11,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..functional import output_memory_format
+from ..outputs import accumulate_dtype, batch_norm_gradients, output_memory_format, stats_buffer
 from . import config
 from .backward import _dy_tile, coefficients
-from .conv import device_guard, merge_stats, normalize_relu, stats_buffer, tile_moments
+from .conv import device_guard, merge_stats, normalize_relu, tile_moments
 
 _BLOCK_M = 64
 _BLOCK_C = 64
@@ -65,14 +65,14 @@ def _dense(t, memory_format):
 
 def train_forward(x, residual, bn_weight, bn_bias, eps):
     """``(z, stats)``: z = relu(batch_norm(x) [+ residual]) with the batch's statistics, stats as
-    conv.stats_buffer's rows."""
+    outputs.stats_buffer's rows."""
     memory_format = output_memory_format(x)
     x = _dense(x, memory_format)
     residual = None if residual is None else _dense(residual, memory_format)
     n, c, h, w = x.shape
     m = n * h * w
     part_rows = triton.cdiv(m, _BLOCK_M)
-    part = torch.empty((3, part_rows, c), dtype=config.acc_dtype(x.dtype), device=x.device)
+    part = torch.empty((3, part_rows, c), dtype=accumulate_dtype(x.dtype), device=x.device)
     stats = stats_buffer(x, c)
     z = torch.empty_like(x)
     with device_guard(x):
@@ -97,16 +97,6 @@ def folded_forward(x, residual, scale, shift):
     return z
 
 
-def gradient_buffers(x, masked, need_dx, need_dparams):
-    """Uninitialised (dx, dparams, g) as backward() returns them (``masked``: with g)."""
-    def like_x(wanted):
-        return torch.empty_like(x, memory_format=output_memory_format(x)) if wanted else x.new_empty((0,))
-
-    dparams = torch.empty((2, x.shape[1]) if need_dparams else (0,), dtype=config.acc_dtype(x.dtype),
-                          device=x.device)
-    return like_x(need_dx), dparams, like_x(masked)
-
-
 def backward(dz, x, output, scale, shift, mean, var, eps, relu_mask, need_dx, need_dparams):
     """``(dx, dparams, g)`` of relu(batch_norm(x) [+ residual]), dx and dparams as backward.backward's
     (without dw). ``relu_mask``: dz is z's gradient, masked where z (recomputed from x; no residual)
@@ -115,7 +105,7 @@ def backward(dz, x, output, scale, shift, mean, var, eps, relu_mask, need_dx, ne
     already. g is empty without ``output``."""
     if output is not None and not relu_mask:
         raise ValueError("output (the ReLU mask's source) needs relu_mask=True")
-    dx, dparams, g = gradient_buffers(x, output is not None, need_dx, need_dparams)
+    dx, dparams, g = batch_norm_gradients(x, output is not None, need_dx, need_dparams)
     if x.numel() == 0:
         return dx, dparams.zero_(), g
     n, c, h, w = x.shape

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..outputs import accumulate_dtype
+
 # @triton.jit reads TRITON_INTERPRET when it decorates a kernel, i.e. when the kernel modules are
 # imported; this flag is read at the same moment so that both agree.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -42,13 +44,8 @@ MIN_DOT = 16
 MAX_CHANNEL_TILE = 64
 
 
-def acc_dtype(dtype):
-    """The accumulation and statistics dtype for inputs of ``dtype``."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def tl_acc_dtype(dtype):
-    return _TL_DTYPES[acc_dtype(dtype)]
+    return _TL_DTYPES[accumulate_dtype(dtype)]
 
 
 def dot_operand_dtype(dtype):

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..functional import output_memory_format, output_size
+from ..outputs import accumulate_dtype, conv_output, stats_buffer
 from . import config
 
 _CONV_CONFIGS = config.autotune_configs("BLOCK_M", [(128, 4, 3), (64, 4, 3), (128, 8, 3), (256, 8, 2), (64, 4, 1)])
@@ -252,18 +252,6 @@ def device_guard(t):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def conv_output(x, weight, stride, dilation):
-    """An uninitialised (N, C_out, H_out, W_out) tensor in x's dtype, laid out in x's memory format."""
-    n, _, h, w = x.shape
-    shape = (n, weight.shape[0], output_size(h, stride, dilation), output_size(w, stride, dilation))
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
-
-
-def stats_buffer(x, c_out):
-    """Rows mean, biased variance, scale, shift of the batch statistics."""
-    return torch.empty((4, c_out), dtype=config.acc_dtype(x.dtype), device=x.device)
-
-
 def _launch_conv(x, weight, out, stride, dilation, groups, *, scale=None, shift=None, part=None):
     """Launches the convolution; returns the BLOCK_M it ran with."""
     n, c_in, h, w = x.shape
@@ -277,7 +265,7 @@ def _launch_conv(x, weight, out, stride, dilation, groups, *, scale=None, shift=
     # autotuning key holds every tensor's dtype, so all three epilogues share one config per shape,
     # and the folded backward recomputes y in the forward's exact summation order (its ReLU mask is
     # the forward's).
-    dummy = torch.empty(1, dtype=config.acc_dtype(x.dtype), device=x.device)
+    dummy = torch.empty(1, dtype=accumulate_dtype(x.dtype), device=x.device)
     grid = lambda meta: (triton.cdiv(n * ho * wo, meta["BLOCK_M"]), triton.cdiv(c_out, block_n))  # noqa: E731
     with _CONV_LAUNCH:
         _conv_kernel[grid](
@@ -293,7 +281,7 @@ def _launch_conv(x, weight, out, stride, dilation, groups, *, scale=None, shift=
 
 def conv(x, weight, stride, dilation, groups):
     """y = conv2d(x, weight, padding=dilation) in x's dtype and memory format."""
-    y = conv_output(x, weight, stride, dilation)
+    y = conv_output(x, weight, stride)
     with device_guard(x):
         _launch_conv(x, weight, y, stride, dilation, groups)
     return y
@@ -301,7 +289,7 @@ def conv(x, weight, stride, dilation, groups):
 
 def folded_forward(x, weight, scale, shift, stride, dilation, groups):
     """relu(conv(x) * scale + shift) in one kernel."""
-    z = conv_output(x, weight, stride, dilation)
+    z = conv_output(x, weight, stride)
     with device_guard(x):
         _launch_conv(x, weight, z, stride, dilation, groups, scale=scale, shift=shift)
     return z
@@ -332,13 +320,13 @@ def merge_stats(part, part_rows, m, tile_m, stats, bn_weight, bn_bias, eps):
 
 
 def train_forward(x, weight, bn_weight, bn_bias, eps, stride, dilation, groups):
-    """(z, y, stats): the output, the saved conv output, and stats_buffer()'s rows."""
-    y = conv_output(x, weight, stride, dilation)
+    """(z, y, stats): the output, the saved conv output, and outputs.stats_buffer's rows."""
+    y = conv_output(x, weight, stride)
     n, c_out, ho, wo = y.shape
     m = n * ho * wo
     # Room for the row tiles of the smallest BLOCK_M that autotuning may pick.
     part_rows = triton.cdiv(m, min(c.kwargs["BLOCK_M"] for c in _CONV_CONFIGS))
-    part = torch.empty((3, part_rows, c_out), dtype=config.acc_dtype(x.dtype), device=x.device)
+    part = torch.empty((3, part_rows, c_out), dtype=accumulate_dtype(x.dtype), device=x.device)
     stats = stats_buffer(x, c_out)
     z = torch.empty_like(y)
     with device_guard(x):

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .._autograd import register as register_autograd
 from .._autograd import register_batch_norm_relu
-from ..functional import output_memory_format
+from .. import outputs
 from . import backward as _backward
 from . import batch_norm_relu as _batch_norm_relu
 from . import conv as _conv
@@ -30,8 +30,8 @@ def conv_bn_relu_train(
 
 @conv_bn_relu_train.register_fake
 def _(x, weight, bn_weight, bn_bias, eps, stride, dilation, groups):
-    y = _conv.conv_output(x, weight, stride, dilation)
-    return torch.empty_like(y), y, _conv.stats_buffer(x, weight.shape[0])
+    y = outputs.conv_output(x, weight, stride)
+    return torch.empty_like(y), y, outputs.stats_buffer(x, weight.shape[0])
 
 
 @torch.library.custom_op("resnext_kernels::triton_conv_scale_shift_relu", mutates_args=())
@@ -44,7 +44,7 @@ def conv_scale_shift_relu(
 
 @conv_scale_shift_relu.register_fake
 def _(x, weight, scale, shift, stride, dilation, groups):
-    return _conv.conv_output(x, weight, stride, dilation)
+    return outputs.conv_output(x, weight, stride)
 
 
 @torch.library.custom_op("resnext_kernels::triton_grouped_conv", mutates_args=())
@@ -56,7 +56,7 @@ def grouped_conv(x: Tensor, weight: Tensor, stride: int, dilation: int, groups: 
 
 @grouped_conv.register_fake
 def _(x, weight, stride, dilation, groups):
-    return _conv.conv_output(x, weight, stride, dilation)
+    return outputs.conv_output(x, weight, stride)
 
 
 @torch.library.custom_op("resnext_kernels::triton_conv_bn_relu_backward", mutates_args=())
@@ -72,7 +72,7 @@ def conv_bn_relu_backward(
 
 @conv_bn_relu_backward.register_fake
 def _(dz, x, weight, y, scale, shift, mean, var, eps, stride, dilation, groups, need_dx, need_dw, need_dparams):
-    return _backward.gradient_buffers(x, weight, need_dx, need_dw, need_dparams)
+    return outputs.conv_gradients(x, weight, need_dx, need_dw, need_dparams)
 
 
 register_autograd(conv_bn_relu_train, conv_scale_shift_relu, grouped_conv, conv_bn_relu_backward)
@@ -88,7 +88,7 @@ def batch_norm_relu_train(
 
 @batch_norm_relu_train.register_fake
 def _(x, residual, bn_weight, bn_bias, eps):
-    return torch.empty_like(x, memory_format=output_memory_format(x)), _conv.stats_buffer(x, x.shape[1])
+    return outputs.like_x(x), outputs.stats_buffer(x, x.shape[1])
 
 
 @torch.library.custom_op("resnext_kernels::triton_batch_norm_relu_folded", mutates_args=())
@@ -99,7 +99,7 @@ def batch_norm_relu_folded(x: Tensor, residual: Optional[Tensor], scale: Tensor,
 
 @batch_norm_relu_folded.register_fake
 def _(x, residual, scale, shift):
-    return torch.empty_like(x, memory_format=output_memory_format(x))
+    return outputs.like_x(x)
 
 
 @torch.library.custom_op("resnext_kernels::triton_batch_norm_relu_backward", mutates_args=())
@@ -114,7 +114,7 @@ def batch_norm_relu_backward(
 
 @batch_norm_relu_backward.register_fake
 def _(grad_output, x, output, scale, shift, mean, var, eps, relu_mask, need_dx, need_dparams):
-    return _batch_norm_relu.gradient_buffers(x, output is not None, need_dx, need_dparams)
+    return outputs.batch_norm_gradients(x, output is not None, need_dx, need_dparams)
 
 
 register_batch_norm_relu(batch_norm_relu_train, batch_norm_relu_folded, batch_norm_relu_backward)
