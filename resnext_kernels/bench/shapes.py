@@ -88,10 +88,6 @@ class Layer:
         """The block's output channels (conv3's, bn3's): planes * 4, planes = 64 * 2^(stage - 1)."""
         return 64 * 2 ** (self.stage - 1) * BOTTLENECK_EXPANSION
 
-    def describe(self):
-        return (f"{self.c_in}x{self.h}x{self.w} -> {self.c_out}x{self.h_out}x{self.w_out}, "
-                f"g{self.groups}, s{self.stride}")
-
     def as_dict(self):
         return dict(dataclasses.asdict(self), id=self.id, h_out=self.h_out, w_out=self.w_out)
 
