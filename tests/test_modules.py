@@ -80,6 +80,27 @@ def test_block_matches_torchvision_bottleneck_in_train_and_eval(impl, bn_kwargs,
     assert torch.allclose(ours(x), theirs(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("stride, inplanes", [(2, 32), (1, 64)], ids=["downsample", "identity"])
+@pytest.mark.parametrize("input_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_block_under_autocast_matches_torchvision_bottleneck(impl, stride, inplanes, input_dtype):
+    # As in a network under autocast: fp32 parameters, bf16 activations between the layers. An fp32
+    # input also meets the block's fp32 identity in bn3's residual.
+    ours, theirs = make_block_pair(impl, stride=stride, inplanes=inplanes)
+    x = torch.randn(2, inplanes, 9, 7, device=DEVICE).to(input_dtype)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out, expected = ours(x), theirs(x)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected)
+    out.float().square().sum().backward()
+    expected.float().square().sum().backward()
+    # The weights' gradients are bf16 convolutions' (cast to fp32): a bf16 ulp or two apart where an
+    # upstream gradient rounds the other way.
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=2e-2, atol=1e-3, msg=lambda m: f"{name}: {m}")
+    assert_same_state(ours, theirs)
+
+
 def record_fused_calls(monkeypatch):
     """The block's calls of the fused ops from now on, as (op, residual given, training)."""
     calls = []
