@@ -3,6 +3,8 @@
 // the launch. Compiled into the nvcc build (CUDA dispatch key) and, with RESNEXT_KERNELS_EMULATE,
 // into the host test build (CPU dispatch key, kernels run by csrc/emulate/).
 
+#include <algorithm>
+
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -67,6 +69,10 @@ std::pair<int64_t, int64_t> check_conv(const at::Tensor& x, const at::Tensor& we
   // The kernels index the pixels of one image in 32 bits (whole tensors in 64).
   TORCH_CHECK(x.size(2) * x.size(3) < (int64_t(1) << 31), "resnext_kernels: images of more than 2^31 - 1 pixels (H x W) ",
               "are not supported, got ", x.sizes());
+  // And a row or column index with a tap's reach, from -dilation to side - 1 + dilation.
+  TORCH_CHECK(std::max(x.size(2), x.size(3)) + 2 * dilation < (int64_t(1) << 31),
+              "resnext_kernels: an image side plus twice the dilation must be < 2^31, got x of shape ", x.sizes(),
+              " and dilation ", dilation);
   return {(x.size(2) - 1) / stride + 1, (x.size(3) - 1) / stride + 1};
 }
 

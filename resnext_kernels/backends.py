@@ -9,8 +9,10 @@ from . import reference
 # Fastest first: "auto" takes the first one available for the input's device.
 _KERNEL_BACKENDS = {"cuda": "resnext_kernels.cuda", "triton": "resnext_kernels.triton"}
 _MODULES = {"torch": reference}  # the backends imported so far
-# The kernels index the pixels of one image in 32 bits (whole tensors in 64).
+# The kernels index the pixels of one image in 32 bits (whole tensors in 64), and a row or column
+# with its taps, side + 2 * dilation (dilation at most the side), too.
 MAX_IMAGE_PIXELS = 2**31 - 1
+MAX_IMAGE_SIDE = MAX_IMAGE_PIXELS // 3
 
 
 def _load(impl):
@@ -31,19 +33,20 @@ def unavailable_reason(impl, device):
     return reason if module is None else module.unavailable_reason(device)
 
 
-def resolve(impl, device, image_pixels=1):
+def resolve(impl, device, image_pixels=1, image_side=1):
     """The backend module for ``impl``; RuntimeError when it cannot run on ``device``.
 
     "auto" takes the fastest backend that runs on ``device`` and images of ``image_pixels`` input
-    pixels; an explicitly named kernel backend raises NotImplementedError for larger images."""
+    pixels with a longest side of ``image_side``; an explicitly named kernel backend raises
+    NotImplementedError for larger images."""
     name = _resolve_name(impl, device)
     # Outside _resolve_name: a symbolic size (torch.compile, dynamic shapes) is no constant; this test
     # becomes a guard on it.
-    if name != "torch" and image_pixels > MAX_IMAGE_PIXELS:
+    if name != "torch" and (image_pixels > MAX_IMAGE_PIXELS or image_side > MAX_IMAGE_SIDE):
         if impl == "auto":
             return reference
-        raise NotImplementedError(f"impl={impl!r}: images of more than 2^31 - 1 pixels (H x W) are not supported; "
-                                  f"impl='torch' runs them")
+        raise NotImplementedError(f"impl={impl!r}: images of more than 2^31 - 1 pixels (H x W) or with a side "
+                                  f"longer than {MAX_IMAGE_SIDE} are not supported; impl='torch' runs them")
     return _MODULES[name]
 
 

@@ -57,7 +57,8 @@ def grouped_conv_bn_relu(
         x, weight = (t.to(low) if t.dtype == torch.float32 else t for t in (x, weight))
     _check_inputs(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, dilation, groups,
                   training, momentum, eps, impl)
-    backend = backends.resolve(impl, x.device, image_pixels=x.shape[2] * x.shape[3])
+    backend = backends.resolve(impl, x.device, image_pixels=x.shape[2] * x.shape[3],
+                               image_side=max(x.shape[2], x.shape[3]))
     args = (x, weight, bn_weight, bn_bias, running_mean, running_var, stride, dilation, groups,
             bool(training), float(momentum), float(eps))
     if backend is backends.reference or (x.shape[0] == 0 and (training or running_mean is None)):

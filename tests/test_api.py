@@ -103,20 +103,24 @@ def test_auto_on_cpu_is_the_reference():
     assert backends.resolve("auto", torch.device("cpu")) is backends.reference
 
 
-# A 46341 x 46341 image (2^31 + 84 681 pixels), as an expanded view with no memory behind it.
-HUGE_IMAGE = (1, 8, 46341, 46341)
+# A 46341 x 46341 image (2^31 + 84 681 pixels), and one of 2^30 x 1 pixels whose rows with the
+# taps' reach (up to 3 * 2^30 with a dilation as long as the side) pass 2^31: expanded views with no
+# memory behind them.
+HUGE_IMAGES = [(1, 8, 46341, 46341), (1, 8, 2**30, 1)]
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
-def test_images_beyond_32_bit_pixel_indexing_are_refused(impl):
+@pytest.mark.parametrize("size", HUGE_IMAGES, ids=str)
+def test_images_beyond_32_bit_pixel_indexing_are_refused(impl, size):
     case = make_case(SHAPE, device=DEVICE)
-    x = case.x[:1, :, :1, :1].expand(*HUGE_IMAGE)
-    with pytest.raises(NotImplementedError, match=r"images of more than 2\^31 - 1 pixels"):
+    x = case.x[:1, :, :1, :1].expand(*size)
+    with pytest.raises(NotImplementedError, match=r"images of more than 2\^31 - 1 pixels \(H x W\) or with a side"):
         resnext_kernels.grouped_conv_bn_relu(x, *case.tensors()[1:], groups=4, training=False, impl=impl)
 
 
 def test_auto_leaves_images_beyond_32_bit_pixel_indexing_to_the_reference():
     assert backends.resolve("auto", torch.device("cuda"), image_pixels=2**31) is backends.reference
+    assert backends.resolve("auto", torch.device("cuda"), image_side=2**30) is backends.reference
 
 
 def test_cuda_on_cpu_tensors_says_why(monkeypatch):

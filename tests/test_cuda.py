@@ -111,6 +111,9 @@ def test_binding_refuses_images_beyond_32_bit_pixel_indexing():
     scale, shift = torch.ones(8, device=DEVICE), torch.zeros(8, device=DEVICE)
     with pytest.raises(RuntimeError, match=r"images of more than 2\^31 - 1 pixels"):
         ops().conv_bn_relu_folded(x, case.weight, scale, shift, 1, 1, 4)
+    # Rows indexed with the taps' reach: side - 1 + dilation must stay a 32-bit int.
+    with pytest.raises(RuntimeError, match=r"an image side plus twice the dilation must be < 2\^31"):
+        ops().conv_bn_relu_folded(case.x, case.weight, scale, shift, 1, 2**30, 4)
 
 
 @needs_cuda_backend
