@@ -228,6 +228,21 @@ def test_statistics_over_many_blocks_stay_accurate_when_the_mean_dwarfs_the_spre
     torch.testing.assert_close(var.double(), x64.var((0, 2, 3)), rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_strided_batch_norm_parameters_give_what_contiguous_ones_give(impl, training):
+    # bn_weight and bn_bias as views with gaps: the contiguous tensors' results (to rounding: even
+    # PyTorch's CPU batch_norm takes another path for strided parameters).
+    x, r, params = make_inputs((2, 8, 5, 5), torch.float32)
+    grad = torch.randn(2, 8, 5, 5, device=DEVICE)
+    want = run(x, r, params, torch.float32, impl, training, grad)
+    strided = dict(params, **{k: layout_as(params[k], "strided") for k in ("bn_weight", "bn_bias")})
+    assert not strided["bn_weight"].is_contiguous()
+    got = run(x, r, strided, torch.float32, impl, training, grad)
+    for name, have, expected in zip(NAMES, got, want, strict=True):
+        torch.testing.assert_close(have, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_two_runs_are_bitwise_identical(impl, dtype):

@@ -179,6 +179,29 @@ def test_gradients_match_float64(impl, shape, training):
         assert_close_to_reference(leaf.grad, leaf64.grad, torch.float32, what=f"grad of {name}")
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_strided_batch_norm_tensors_give_what_contiguous_ones_give(impl, training):
+    # BatchNorm's per-channel tensors as views with gaps (every other element of a longer vector),
+    # the running stats updated through the views: the contiguous tensors' results (to rounding: even
+    # PyTorch's CPU batch_norm takes another path for strided parameters).
+    case = make_case(Shape(2, 8, 8, 5, 5, groups=2))
+    grad = torch.randn(2, 8, 5, 5, device=DEVICE)
+    results = []
+    for layout in ("nchw", "strided"):
+        x, weight = (t.detach().clone().requires_grad_() for t in (case.x, case.weight))
+        bn_weight, bn_bias = (layout_as(t.clone(), layout).requires_grad_() for t in (case.bn_weight, case.bn_bias))
+        mean, var = (layout_as(t.clone(), layout) for t in (case.running_mean, case.running_var))
+        z = resnext_kernels.grouped_conv_bn_relu(x, weight, bn_weight, bn_bias, mean, var, groups=2,
+                                                 training=training, impl=impl)
+        z.backward(grad)
+        results.append(dict(z=z, running_mean=mean, running_var=var, dx=x.grad, dw=weight.grad,
+                            dgamma=bn_weight.grad, dbeta=bn_bias.grad))
+    assert not results[1]["running_mean"].is_contiguous()
+    for name, want in results[0].items():
+        torch.testing.assert_close(results[1][name], want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gradients_without_bn_parameter_gradients(impl, training):

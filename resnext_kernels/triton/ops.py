@@ -18,6 +18,11 @@ from . import batch_norm_relu as _batch_norm_relu
 from . import conv as _conv
 
 
+def _dense(*per_channel):
+    # The kernels index per-channel vectors without strides.
+    return [None if t is None else t.contiguous() for t in per_channel]
+
+
 @torch.library.custom_op("resnext_kernels::triton_conv_bn_relu_train", mutates_args=())
 def conv_bn_relu_train(
     x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float,
@@ -25,7 +30,7 @@ def conv_bn_relu_train(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """BatchNorm with batch statistics: ``(z, y, stats)``, y the convolution output (kept for backward),
     stats rows (mean, biased var, scale, shift) in the accumulation dtype."""
-    return _conv.train_forward(x, weight, bn_weight, bn_bias, eps, stride, dilation, groups)
+    return _conv.train_forward(x, weight, *_dense(bn_weight, bn_bias), eps, stride, dilation, groups)
 
 
 @conv_bn_relu_train.register_fake
@@ -39,7 +44,7 @@ def conv_scale_shift_relu(
     x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, stride: int, dilation: int, groups: int,
 ) -> Tensor:
     """Inference, BatchNorm folded: ``relu(conv(x) * scale + shift)`` in one kernel."""
-    return _conv.folded_forward(x, weight, scale, shift, stride, dilation, groups)
+    return _conv.folded_forward(x, weight, *_dense(scale, shift), stride, dilation, groups)
 
 
 @conv_scale_shift_relu.register_fake
@@ -66,7 +71,7 @@ def conv_bn_relu_backward(
     need_dx: bool, need_dw: bool, need_dparams: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dw, dparams)`` of relu(bn(conv(x))); see backward.backward."""
-    return _backward.backward(dz, x, weight, y, scale, shift, mean, var, eps, stride, dilation, groups,
+    return _backward.backward(dz, x, weight, y, *_dense(scale, shift, mean, var), eps, stride, dilation, groups,
                               need_dx, need_dw, need_dparams)
 
 
@@ -83,7 +88,7 @@ def batch_norm_relu_train(
     x: Tensor, residual: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float,
 ) -> tuple[Tensor, Tensor]:
     """The standalone BatchNorm + ReLU with batch statistics: ``(z, stats)``."""
-    return _batch_norm_relu.train_forward(x, residual, bn_weight, bn_bias, eps)
+    return _batch_norm_relu.train_forward(x, residual, *_dense(bn_weight, bn_bias), eps)
 
 
 @batch_norm_relu_train.register_fake
@@ -94,7 +99,7 @@ def _(x, residual, bn_weight, bn_bias, eps):
 @torch.library.custom_op("resnext_kernels::triton_batch_norm_relu_folded", mutates_args=())
 def batch_norm_relu_folded(x: Tensor, residual: Optional[Tensor], scale: Tensor, shift: Tensor) -> Tensor:
     """Inference: ``relu(x * scale + shift [+ residual])``."""
-    return _batch_norm_relu.folded_forward(x, residual, scale, shift)
+    return _batch_norm_relu.folded_forward(x, residual, *_dense(scale, shift))
 
 
 @batch_norm_relu_folded.register_fake
@@ -108,7 +113,7 @@ def batch_norm_relu_backward(
     var: Optional[Tensor], eps: float, relu_mask: bool, need_dx: bool, need_dparams: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dparams, g)`` of the standalone BatchNorm + ReLU; see batch_norm_relu.backward."""
-    return _batch_norm_relu.backward(grad_output, x, output, scale, shift, mean, var, eps, relu_mask, need_dx,
+    return _batch_norm_relu.backward(grad_output, x, output, *_dense(scale, shift, mean, var), eps, relu_mask, need_dx,
                                      need_dparams)
 
 
