@@ -49,12 +49,12 @@ def grouped_conv_bn_relu(
     ``impl``: ``"torch"`` (reference: cuDNN on GPU), ``"triton"``, ``"cuda"`` or ``"auto"`` (the
     fastest backend available for ``x``'s device).
     """
-    low = _autocast_dtype(x) if isinstance(weight, torch.Tensor) else None
+    low = autocast_dtype(x) if isinstance(weight, torch.Tensor) else None
     if low is not None:
         # As PyTorch's autocast does for conv2d + batch_norm: the convolution in the autocast dtype
-        # (fp32 x or weight cast, so an fp32 weight meets the low-precision x of a previous layer),
-        # BatchNorm's parameters and statistics in fp32.
-        x, weight = (t.to(low) if t.dtype == torch.float32 else t for t in (x, weight))
+        # (x and weight cast unless fp64, so an fp32 weight meets the low-precision x of a previous
+        # layer), BatchNorm's parameters and statistics as they are.
+        x, weight = (t.to(low) if t.is_floating_point() and t.dtype != torch.float64 else t for t in (x, weight))
     _check_inputs(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, dilation, groups,
                   training, momentum, eps, impl)
     backend = backends.resolve(impl, x.device, image_pixels=x.shape[2] * x.shape[3],
@@ -136,7 +136,7 @@ def batch_norm_relu(
     )
 
 
-def _autocast_dtype(x):
+def autocast_dtype(x):
     """The autocast dtype in force for tensor ``x``'s device, or None (also for devices autocast does
     not know, such as meta, where asking raises)."""
     if not isinstance(x, torch.Tensor) or not torch.amp.is_autocast_available(x.device.type):

@@ -526,19 +526,21 @@ def test_autocast_runs_conv_low_and_batch_norm_in_fp32(impl, dtype):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_autocast_takes_the_low_precision_output_of_a_previous_layer(impl):
-    # Under autocast x comes from a previous convolution in bf16 while the weight stays fp32.
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_takes_the_low_precision_output_of_a_previous_layer(impl, x_dtype):
+    # Under autocast x comes from a previous convolution in bf16 while the weight stays fp32; as
+    # autocast casts any floating input but fp64, an fp16 x runs in bf16 too.
     case = make_case(Shape(2, 32, 32, 5, 5, groups=8))
-    x = case.x.to(torch.bfloat16).requires_grad_()
+    x = case.x.to(x_dtype).requires_grad_()
     weight = case.weight.clone().requires_grad_()
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         z = resnext_kernels.grouped_conv_bn_relu(x, weight, case.bn_weight, case.bn_bias, case.running_mean,
                                                  case.running_var, groups=8, training=True, impl=impl)
     assert z.dtype == torch.bfloat16
     z.float().sum().backward()
-    assert x.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.float32
+    assert x.grad.dtype == x_dtype and weight.grad.dtype == torch.float32
     rounded = clone_case(case)
-    rounded.x, rounded.weight = x.detach(), case.weight.to(torch.bfloat16)
+    rounded.x, rounded.weight = x.detach().to(torch.bfloat16), case.weight.to(torch.bfloat16)
     expected, _, _ = reference64(rounded, True)
     assert_close_to_reference(z, expected, torch.bfloat16)
 
