@@ -4,9 +4,10 @@ timm models."""
 
 import warnings
 
+import torch
 from torch import nn
 
-from .functional import batch_norm_relu, check_impl, grouped_conv_bn_relu
+from .functional import autocast_dtype, batch_norm_relu, check_impl, grouped_conv_bn_relu
 
 
 def _is_frozen_batch_norm(bn):
@@ -25,11 +26,25 @@ def _fusable_batch_norm_channels(bn):
     return None
 
 
-def conv3x3_is_fusable(conv, bn):
+def _keeps_dtype(bn, dtype):
+    """Whether bn's output has its input's ``dtype``, as the fused ops' does: nn.BatchNorm2d's always;
+    FrozenBatchNorm2d computes x * scale + shift with its buffers, so promotes x to their dtype."""
+    return not _is_frozen_batch_norm(bn) or all(
+        t.dtype == dtype for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
+
+
+def _conv_output_dtype(x):
+    """nn.Conv2d's output dtype for ``x``: autocast's where autocast casts x, else x's."""
+    low = autocast_dtype(x)
+    return low if low is not None and x.is_floating_point() and x.dtype != torch.float64 else x.dtype
+
+
+def conv3x3_is_fusable(conv, bn, x):
     """Whether ``relu(bn(conv(x)))`` is exactly what grouped_conv_bn_relu computes."""
     channels = _fusable_batch_norm_channels(bn)
     return (
         channels is not None
+        and _keeps_dtype(bn, _conv_output_dtype(x))
         and type(conv) is nn.Conv2d
         and conv.kernel_size == (3, 3)
         and conv.bias is None
@@ -46,6 +61,7 @@ def batch_norm_is_fusable(bn, x, residual=None):
     return (
         x.dim() == 4
         and _fusable_batch_norm_channels(bn) == x.shape[1]
+        and _keeps_dtype(bn, x.dtype)
         and (residual is None
              or (residual.shape == x.shape and residual.dtype == x.dtype and residual.device == x.device))
     )
@@ -120,7 +136,7 @@ class ResNeXtBlock(nn.Module):
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
         out = self._bn_relu(self.bn1, self.conv1(x))
-        if conv3x3_is_fusable(self.conv2, self.bn2):
+        if conv3x3_is_fusable(self.conv2, self.bn2, out):
             out = fused_conv_bn_relu(self.conv2, self.bn2, out, self.impl)
         else:
             out = self.relu(self.bn2(self.conv2(out)))

@@ -157,6 +157,35 @@ def test_block_with_frozen_batch_norm_runs_fused(impl, monkeypatch):
     assert_same_state(ours, theirs)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("buffer_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_block_with_frozen_batch_norm_under_autocast_matches_torchvision(impl, buffer_dtype):
+    # FrozenBatchNorm2d computes x * scale + shift with its buffers: bf16 activations and fp32 buffers
+    # give fp32, which the fused ops (x's dtype) do not give, so they run unfused, as torchvision's.
+    # With bf16 buffers they run fused, rounding once where torchvision rounds scale, shift and x *
+    # scale too: within torchvision's own error of the float64 result.
+    theirs = randomise_bn(Bottleneck(64, 16, 1, None, 4, 16, norm_layer=FrozenBatchNorm2d)).to(DEVICE)
+    for m in theirs.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.to(buffer_dtype)
+    ours = ResNeXtBlock(64, 16, 1, None, 4, 16, norm_layer=FrozenBatchNorm2d, impl=impl).to(DEVICE)
+    ours.load_state_dict(theirs.state_dict())
+    for m in ours.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.to(buffer_dtype)
+    x = torch.randn(2, 64, 7, 5, device=DEVICE).to(torch.bfloat16)
+    expected64 = copy.deepcopy(theirs).double()(x.double())
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out, expected = ours(x), theirs(x)
+    assert out.dtype == expected.dtype == (torch.float32 if buffer_dtype == torch.float32 else torch.bfloat16)
+    if buffer_dtype == torch.float32:
+        torch.testing.assert_close(out, expected)
+    else:
+        def error(z):
+            return ((z.double() - expected64).norm() / expected64.norm()).item()
+        assert error(out) <= 1.25 * error(expected)
+
+
 def test_block_defaults_are_resnext_32x4d():
     block = ResNeXtBlock(256, 64)
     assert block.conv2.groups == 32 and block.conv2.in_channels == 128 and block.impl == "auto"
