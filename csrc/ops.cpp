@@ -57,6 +57,7 @@ std::pair<int64_t, int64_t> check_conv(const at::Tensor& x, const at::Tensor& we
   // dilation to the image's longer side, where larger values change nothing).
   TORCH_CHECK(stride < (int64_t(1) << 31) && dilation < (int64_t(1) << 31) && groups < (int64_t(1) << 31),
               "resnext_kernels: stride, dilation and groups must be < 2^31, got ", stride, ", ", dilation, ", ", groups);
+  TORCH_CHECK(x.size(1) > 0, "resnext_kernels: x must have at least one channel, got ", x.sizes());
   TORCH_CHECK(x.size(1) % groups == 0, "resnext_kernels: x's ", x.size(1), " channels are not divisible by groups=", groups);
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) / groups && weight.size(2) == 3 && weight.size(3) == 3 &&
                   weight.size(0) % groups == 0 && weight.size(0) > 0,

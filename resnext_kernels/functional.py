@@ -179,6 +179,8 @@ def _check_inputs(x, weight, bn_weight, bn_bias, running_mean, running_var, stri
     _positive_int(groups, "groups")
 
     n, c_in, h, w = x.shape
+    if c_in < 1:
+        raise ValueError(f"x must have at least one channel, got shape {tuple(x.shape)}")
     if c_in % groups:
         raise ValueError(f"x's {c_in} channels are not divisible by groups={groups}")
 

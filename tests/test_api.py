@@ -36,6 +36,7 @@ SHAPE = Shape(2, 8, 8, 5, 5, groups=4)
         (lambda c: dict(x=c.x.to(torch.int32)), "x must be float16"),
         (lambda c: dict(x=c.x[:, :, :0]), "non-empty spatial"),
         (lambda c: dict(x=torch.randn(2, 6, 5, 5)), "6 channels are not divisible by groups=4"),
+        (lambda c: dict(x=c.x[:, :0], weight=c.weight[:, :0]), "x must have at least one channel"),
         (lambda c: dict(weight=c.weight[:, :1]), "weight must have shape"),
         (lambda c: dict(weight=torch.randn(8, 2, 5, 5)), "weight must have shape"),
         (lambda c: dict(weight=torch.randn(6, 2, 3, 3)), "weight must have shape"),

@@ -104,6 +104,14 @@ def test_binding_refuses_strides_and_dilations_beyond_32_bits():
 
 
 @needs_cuda_backend
+def test_binding_refuses_inputs_without_channels():
+    case = make_case(Shape(1, 8, 8, 5, 6, groups=4))
+    scale, shift = torch.ones(8, device=DEVICE), torch.zeros(8, device=DEVICE)
+    with pytest.raises(RuntimeError, match="x must have at least one channel"):
+        ops().conv_bn_relu_folded(case.x[:, :0], case.weight[:, :0], scale, shift, 1, 1, 4)
+
+
+@needs_cuda_backend
 def test_binding_refuses_images_beyond_32_bit_pixel_indexing():
     # The ops themselves check what the kernels assume, for callers that bypass the Python API.
     case = make_case(Shape(1, 8, 8, 1, 1, groups=4))
