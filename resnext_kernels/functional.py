@@ -61,7 +61,7 @@ def grouped_conv_bn_relu(
                                image_side=max(x.shape[2], x.shape[3]))
     args = (x, weight, bn_weight, bn_bias, running_mean, running_var, stride, dilation, groups,
             bool(training), float(momentum), float(eps))
-    if backend is backends.reference or (x.shape[0] == 0 and (training or running_mean is None)):
+    if backend is backends.reference or (x.shape[0] == 0 and training):
         # The reference also owns batch statistics of an empty batch: F.batch_norm leaves the running
         # stats alone there.
         return backends.reference.grouped_conv_bn_relu(*args)
@@ -85,9 +85,9 @@ def _batch_norm(x, bn_weight, bn_bias, running_mean, running_var, training, mome
     running-stats update) and the running ones (``folded(scale, shift)`` -> z); z in x's memory format."""
     memory_format = output_memory_format(x)
     with torch.autocast(x.device.type, enabled=False):
-        if training or running_mean is None:
+        if training:
             z, mean, var = batch_stats()
-            if training and running_mean is not None:
+            if running_mean is not None:
                 count = z.numel() // z.shape[1]
                 _update_running_stats(running_mean, running_var, mean, var, count, momentum)
         else:
@@ -126,7 +126,7 @@ def batch_norm_relu(
                                   momentum, eps, impl)
     backend = backends.resolve(impl, x.device, image_pixels=x.shape[2] * x.shape[3])
     training, momentum, eps = bool(training), float(momentum), float(eps)
-    if backend is backends.reference or (x.shape[0] == 0 and (training or running_mean is None)):
+    if backend is backends.reference or (x.shape[0] == 0 and training):
         return backends.reference.batch_norm_relu(x, residual, bn_weight, bn_bias, running_mean, running_var,
                                                   training, momentum, eps)
     return _batch_norm(
