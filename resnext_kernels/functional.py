@@ -139,7 +139,11 @@ def batch_norm_relu(
 def autocast_dtype(x):
     """The autocast dtype in force for tensor ``x``'s device, or None (also for devices autocast does
     not know, such as meta, where asking raises)."""
-    if not isinstance(x, torch.Tensor) or not torch.amp.is_autocast_available(x.device.type):
+    if not isinstance(x, torch.Tensor):
+        return None
+    # Dynamo (torch 2.11) cannot trace is_autocast_available; a compiled graph's tensors are on real
+    # devices anyway.
+    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(x.device.type):
         return None
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
 
