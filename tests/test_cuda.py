@@ -26,8 +26,11 @@ needs_host_build = pytest.mark.skipif(DEVICE.type != "cpu" or "cuda" not in KERN
                                       reason="needs the host test build")
 
 
+NAMESPACE = "resnext_kernels" if DEVICE.type == "cuda" else "resnext_kernels_emulated"
+
+
 def ops():
-    return getattr(torch.ops, "resnext_kernels" if DEVICE.type == "cuda" else "resnext_kernels_emulated")
+    return getattr(torch.ops, NAMESPACE)
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="a GPU runs the nvcc build")
@@ -101,6 +104,22 @@ def test_binding_refuses_strides_and_dilations_beyond_32_bits():
     for stride, dilation in ((2**31, 1), (1, 2**32 + 1)):
         with pytest.raises(RuntimeError, match=r"stride, dilation and groups must be < 2\^31"):
             ops().conv_bn_relu_folded(case.x, case.weight, scale, shift, stride, dilation, 4)
+
+
+@needs_cuda_backend
+def test_a_build_with_an_older_signature_says_to_rebuild():
+    # A build from before an op gained an argument has every op name: the arguments must match too.
+    from resnext_kernels.cuda.ops import FAKES, register_namespace
+
+    library = torch.library.Library("resnext_kernels_older_build", "DEF")
+    for name in FAKES:
+        schema = str(getattr(ops(), name).default._schema).split("::", 1)[1]
+        if name == "conv_bn_relu_backward":
+            schema = schema.replace(", bool need_dparams", "")
+        library.define(schema)
+    reason = register_namespace("resnext_kernels_older_build")
+    assert reason.startswith("the built extension lacks the ops conv_bn_relu_backward as this Python side calls")
+    assert register_namespace(NAMESPACE) is None
 
 
 @needs_cuda_backend
