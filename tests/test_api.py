@@ -128,7 +128,7 @@ def test_cuda_on_cpu_tensors_says_why(monkeypatch):
     from resnext_kernels.cuda import emulation
 
     monkeypatch.setattr(emulation, "enabled", lambda: False)
-    with pytest.raises(RuntimeError, match="impl='cuda' runs on CUDA tensors|impl='cuda' needs the CUDA extension"):
+    with pytest.raises(RuntimeError, match="impl='cuda' runs on CUDA tensors"):
         call(make_case(SHAPE, device="cpu"), impl="cuda")
 
 

@@ -16,14 +16,14 @@ _STALE_BUILD = register_namespace("resnext_kernels") if LOAD_ERROR is None else 
 def unavailable_reason(device):
     if device.type == "cpu" and emulation.enabled():
         return emulation.load() or register_namespace(emulation.NAMESPACE)
+    if device.type != "cuda":
+        return (f"impl='cuda' runs on CUDA tensors, got a tensor on {device} "
+                "(RESNEXT_KERNELS_CUDA_EMULATE=1 runs the kernels' host test build on CPU tensors, for tests)")
     if LOAD_ERROR is not None:
         return (f"impl='cuda' needs the CUDA extension resnext_kernels._C, which was not built or failed to load "
                 f"({LOAD_ERROR}). {BUILD_HINT}")
     if _STALE_BUILD is not None:
         return f"impl='cuda': {_STALE_BUILD}"
-    if device.type != "cuda":
-        return (f"impl='cuda' runs on CUDA tensors, got a tensor on {device} "
-                "(RESNEXT_KERNELS_CUDA_EMULATE=1 runs the kernels' host test build on CPU tensors, for tests)")
     return None
 
 
