@@ -389,7 +389,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_relu_train(const at::Tensor& x, co
   const DeviceScope scope(x);
   const at::Tensor x_c = dense_like_output(x, x);
   const at::Tensor residual_c = residual.has_value() ? dense_like_output(*residual, x) : at::Tensor();
-  at::Tensor z = at::empty_like(x_c);
+  at::Tensor z = empty_like_format(x, x.sizes());
   BatchNormStatsParams stats_params{};
   stats_params.x = x_c.data_ptr();
   stats_params.dtype = dtype_of(x);
@@ -411,7 +411,7 @@ at::Tensor batch_norm_relu_folded(const at::Tensor& x, const std::optional<at::T
   check_per_channel(shift, "shift", x, x.size(1), true);
   const DeviceScope scope(x);
   const at::Tensor x_c = dense_like_output(x, x);
-  at::Tensor z = at::empty_like(x_c);
+  at::Tensor z = empty_like_format(x, x.sizes());
   if (z.numel() == 0) return z;
   const at::Tensor residual_c = residual.has_value() ? dense_like_output(*residual, x) : at::Tensor();
   const at::Tensor scale_c = scale.contiguous(), shift_c = shift.contiguous();

@@ -53,6 +53,12 @@ def layout_as(t, layout):
     return t.contiguous()
 
 
+def with_odd_strides_on_size_one_dims(t):
+    """``t`` (same storage, same values) with its size-1 dims' strides set to values no layout gives
+    them: PyTorch counts a tensor contiguous whatever those strides are, so kernels must not use them."""
+    return t.as_strided(t.shape, [5 if size == 1 else stride for size, stride in zip(t.shape, t.stride())])
+
+
 # BatchNorm shift putting fp16 values at the ReLU's kink (values_at_the_relu_kink).
 KINK_SHIFT = -(2.0**-10) + 2.0**-27
 

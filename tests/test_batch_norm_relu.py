@@ -7,7 +7,13 @@ import torch.nn.functional as F
 
 import resnext_kernels
 from conftest import DEVICE, KERNEL_IMPLS
-from helpers import KINK_SHIFT, assert_close_to_reference, layout_as, values_at_the_relu_kink
+from helpers import (
+    KINK_SHIFT,
+    assert_close_to_reference,
+    layout_as,
+    values_at_the_relu_kink,
+    with_odd_strides_on_size_one_dims,
+)
 
 IMPLS = ["torch"] + KERNEL_IMPLS
 LOW_PRECISION = [torch.float16, torch.bfloat16]
@@ -111,6 +117,24 @@ def test_layouts_of_inputs_and_gradient(impl, layout, training):
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     assert got[0].is_contiguous(memory_format=memory_format)  # z
     assert got[3].is_contiguous(memory_format=memory_format)  # dx, in x's format as PyTorch's
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("shape, layout", [((2, 8, 5, 1), "nchw"), ((2, 8, 5, 1), "channels_last"),
+                                           ((1, 8, 1, 3), "nchw"), ((3, 1, 2, 4), "channels_last")], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_strides_of_size_one_dims_are_ignored(impl, shape, layout, training):
+    x, r, params = make_inputs(shape, torch.float32, layout)
+    x, r = with_odd_strides_on_size_one_dims(x), with_odd_strides_on_size_one_dims(r)
+    grad = with_odd_strides_on_size_one_dims(layout_as(torch.randn(shape, device=DEVICE), layout))
+    expected = reference64(x, r, params, training, grad)
+    got = run(x, r, params, torch.float32, impl, training, grad, layout)
+    for name, a, e in zip(NAMES, got, expected):
+        assert_close_to_reference(a, e, torch.float32, what=name)
+    # The fake kernels' strides: the output format's own.
+    memory_format = torch.channels_last if layout == "channels_last" and shape[1] > 1 else torch.contiguous_format
+    own = torch.empty(shape, memory_format=memory_format).stride()
+    assert got[0].stride() == own and got[3].stride() == own  # z, dx
 
 
 @pytest.mark.parametrize("impl", IMPLS)

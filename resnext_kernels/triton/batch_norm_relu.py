@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..outputs import accumulate_dtype, batch_norm_gradients, output_memory_format, stats_buffer
+from ..outputs import accumulate_dtype, batch_norm_gradients, like_x, output_memory_format, stats_buffer
 from . import config
 from .backward import _dy_tile, coefficients
 from .conv import device_guard, merge_stats, normalize_relu, tile_moments
@@ -60,7 +60,12 @@ def _input_grad_kernel(dz_ptr, y_ptr, dx_ptr, scale_ptr, shift_ptr, mean_ptr, co
 
 
 def _dense(t, memory_format):
-    return t.contiguous(memory_format=memory_format)
+    """``t`` dense in ``memory_format`` with that format's own strides: the kernels step over pixels by
+    the W stride, and PyTorch counts a tensor contiguous whatever the strides of its size-1 dims."""
+    t = t.contiguous(memory_format=memory_format)
+    n, c, h, w = (max(size, 1) for size in t.shape)
+    strides = (h * w * c, 1, w * c, c) if memory_format == torch.channels_last else (c * h * w, h * w, w, 1)
+    return t if t.stride() == strides else t.as_strided(t.shape, strides)
 
 
 def train_forward(x, residual, bn_weight, bn_bias, eps):
@@ -74,7 +79,7 @@ def train_forward(x, residual, bn_weight, bn_bias, eps):
     part_rows = triton.cdiv(m, _BLOCK_M)
     part = torch.empty((3, part_rows, c), dtype=accumulate_dtype(x.dtype), device=x.device)
     stats = stats_buffer(x, c)
-    z = torch.empty_like(x)
+    z = like_x(x)
     with device_guard(x):
         _moments_kernel[(part_rows, triton.cdiv(c, _BLOCK_C))](
             x, part, m, h * w, c, part_rows, x.stride(0), x.stride(1), x.stride(3),
@@ -90,7 +95,7 @@ def folded_forward(x, residual, scale, shift):
     memory_format = output_memory_format(x)
     x = _dense(x, memory_format)
     residual = None if residual is None else _dense(residual, memory_format)
-    z = torch.empty_like(x)
+    z = like_x(x)
     if z.numel():
         with device_guard(x):
             normalize_relu(x, residual, z, scale, shift)
