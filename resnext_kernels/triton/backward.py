@@ -209,15 +209,16 @@ def _dgrad_kernel(
         ho = a + (base_h - i_h * drop)
         wo = b + (base_w - i_w * drop)
         pix_ok = m_ok & (ho >= 0) & (ho < HO) & (wo >= 0) & (wo < WO)
-        dy = _dy_tile(dz_img[:, None] + (ho * sdh + wo * sdw)[:, None] + offs_k[None, :] * sdc,
-                      y_img[:, None] + (ho * syh + wo * syw)[:, None] + offs_k[None, :] * syc,
+        dy = _dy_tile(dz_img[:, None] + (ho * sdh + wo * sdw)[:, None] + offs_k.to(tl.int64)[None, :] * sdc,
+                      y_img[:, None] + (ho * syh + wo * syw)[:, None] + offs_k.to(tl.int64)[None, :] * syc,
                       pix_ok[:, None] & k_ok[None, :], offs_k, k_ok, scale_ptr, shift_ptr, mean_ptr,
                       coef_ptr, C_OUT, TRAIN, ACC)
         # dy enters the GEMM in the input dtype, as an unfused backward would store it.
         dy = config.cast(dy, w_ptr.dtype.element_ty).to(DOT_IN)
         ci = offs_n[None, :] - (offs_k[:, None] // GROUP_OUT) * GROUP_IN
         w_ok = (ci >= 0) & (ci < GROUP_IN) & k_ok[:, None] & n_ok[None, :]
-        b_tile = tl.load(w_ptr + offs_k[:, None] * swo + ci * swi + kh * swh + kw * sww, mask=w_ok, other=0.0)
+        w_offsets = config.weight_offsets(offs_k[:, None], ci, kh, kw, swo, swi, swh, sww)
+        b_tile = tl.load(w_ptr + w_offsets, mask=w_ok, other=0.0)
         acc = tl.dot(dy, b_tile.to(DOT_IN), acc, input_precision=PRECISION, out_dtype=ACC)
     if config.has_non_finite(acc):
         acc = _dgrad_tile_exact(dz_img, y_img, w_ptr, scale_ptr, shift_ptr, mean_ptr, coef_ptr, hi, wi, m_ok,
@@ -225,7 +226,7 @@ def _dgrad_kernel(
                                 sdc, sdh, sdw, syc, syh, syw, swo, swi, swh, sww,
                                 STRIDE, DIL, TRAIN, ACC, BLOCK_M, BLOCK_N)
 
-    dx_ptrs = dx_ptr + (n_img * sxn + hi * sxh + wi * sxw)[:, None] + offs_n[None, :] * sxc
+    dx_ptrs = dx_ptr + (n_img * sxn + hi * sxh + wi * sxw)[:, None] + offs_n.to(tl.int64)[None, :] * sxc
     tl.store(dx_ptrs, config.cast(acc, dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -247,14 +248,14 @@ def _dgrad_tile_exact(dz_img, y_img, w_ptr, scale_ptr, shift_ptr, mean_ptr, coef
         pix_ok = m_ok & (th >= 0) & (th % STRIDE == 0) & (ho < HO) & (tw >= 0) & (tw % STRIDE == 0) & (wo < WO)
         for k in range(k_lo, k_hi):
             offs_k = k + tl.arange(0, 1)
-            dy = _dy_tile(dz_img[:, None] + (ho * sdh + wo * sdw)[:, None] + offs_k[None, :] * sdc,
-                          y_img[:, None] + (ho * syh + wo * syw)[:, None] + offs_k[None, :] * syc,
+            dy = _dy_tile(dz_img[:, None] + (ho * sdh + wo * sdw)[:, None] + offs_k.to(tl.int64)[None, :] * sdc,
+                          y_img[:, None] + (ho * syh + wo * syw)[:, None] + offs_k.to(tl.int64)[None, :] * syc,
                           pix_ok[:, None], offs_k, offs_k < C_OUT, scale_ptr, shift_ptr, mean_ptr, coef_ptr,
                           C_OUT, TRAIN, ACC)
             dy = config.cast(dy, w_ptr.dtype.element_ty).to(ACC)
             ci = offs_n[None, :] - (k // GROUP_OUT) * GROUP_IN
             w_ok = (ci >= 0) & (ci < GROUP_IN) & n_ok[None, :]
-            wk = tl.load(w_ptr + k * swo + ci * swi + kh * swh + kw * sww, mask=w_ok, other=0.0).to(ACC)
+            wk = tl.load(w_ptr + config.weight_offsets(k, ci, kh, kw, swo, swi, swh, sww), mask=w_ok, other=0.0).to(ACC)
             acc += tl.where(w_ok, dy * wk, 0.0)
     return acc
 
@@ -289,7 +290,7 @@ def _wgrad_kernel(
     ci_hi = ((tl.minimum(co0 + BLOCK_CO, C_OUT) - 1) // GROUP_OUT + 1) * GROUP_IN
     offs_ci = ci_lo + tl.program_id(2) * BLOCK_CI + tl.arange(0, BLOCK_CI)
     ci_ok = config.k_mask(offs_ci, ci_hi, EVEN_K)
-    ci_off = offs_ci * sxc
+    ci_off = offs_ci.to(tl.int64) * sxc
 
     tiles = tl.cdiv(M, BLOCK_P)
     tiles_per_split = tl.cdiv(tiles, tl.num_programs(0))
@@ -310,8 +311,8 @@ def _wgrad_kernel(
         n_img = offs_p // (HO * WO)
         ho = (offs_p % (HO * WO)) // WO
         wo = offs_p % WO
-        dy = _dy_tile(dz_ptr + (n_img * sdn + ho * sdh + wo * sdw)[:, None] + offs_co[None, :] * sdc,
-                      y_ptr + (n_img * syn + ho * syh + wo * syw)[:, None] + offs_co[None, :] * syc,
+        dy = _dy_tile(dz_ptr + (n_img * sdn + ho * sdh + wo * sdw)[:, None] + offs_co.to(tl.int64)[None, :] * sdc,
+                      y_ptr + (n_img * syn + ho * syh + wo * syw)[:, None] + offs_co.to(tl.int64)[None, :] * syc,
                       p_ok[:, None] & co_ok[None, :], offs_co, co_ok, scale_ptr, shift_ptr, mean_ptr,
                       coef_ptr, C_OUT, TRAIN, ACC)
         dy_t = tl.trans(config.cast(dy, x_ptr.dtype.element_ty).to(DOT_IN))

@@ -84,6 +84,14 @@ def k_mask(offs_k, k_hi, EVEN_K: tl.constexpr):
     return offs_k < k_hi
 
 
+@triton.jit
+def weight_offsets(c_out, ci, kh, kw, swo, swi, swh, sww):
+    """Element offsets of weight[c_out, ci, kh, kw] in 64 bits: a weight may be a view into a larger
+    tensor, whose strides 32-bit products would overflow (as activations' channel offsets would)."""
+    wide = tl.int64
+    return tl.cast(c_out, wide) * swo + tl.cast(ci, wide) * swi + tl.cast(kh, wide) * swh + tl.cast(kw, wide) * sww
+
+
 def dot_precision(dtype):
     if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
         return "tf32"

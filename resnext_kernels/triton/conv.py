@@ -88,12 +88,13 @@ def _conv_kernel(
         hi = ho * STRIDE + (kh - 1) * DIL
         wi = wo * STRIDE + (kw - 1) * DIL
         pix_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-        a = tl.load(x_img[:, None] + (hi * sxh + wi * sxw)[:, None] + offs_k[None, :] * sxc,
+        a = tl.load(x_img[:, None] + (hi * sxh + wi * sxw)[:, None] + offs_k.to(tl.int64)[None, :] * sxc,
                     mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
         # Block-diagonal weight tile: input channel k feeds output channel n only within a group.
         ci = offs_k[:, None] - group_n[None, :] * GROUP_IN
         w_ok = (ci >= 0) & (ci < GROUP_IN) & k_ok[:, None] & n_ok[None, :]
-        b = tl.load(w_ptr + offs_n[None, :] * swo + ci * swi + kh * swh + kw * sww, mask=w_ok, other=0.0)
+        w_offsets = config.weight_offsets(offs_n[None, :], ci, kh, kw, swo, swi, swh, sww)
+        b = tl.load(w_ptr + w_offsets, mask=w_ok, other=0.0)
         acc = tl.dot(a.to(DOT_IN), b.to(DOT_IN), acc, input_precision=PRECISION, out_dtype=ACC)
     if config.has_non_finite(acc):
         acc = _conv_tile_exact(x_img, w_ptr, ho, wo, m_ok, offs_n, n_ok, group_n, k_lo, k_hi, H, W,
@@ -103,7 +104,7 @@ def _conv_kernel(
     # recomputes the ReLU mask from that rounded y, so it matches the forward's exactly.
     y = config.cast(acc, out_ptr.dtype.element_ty)
     ok = m_ok[:, None] & n_ok[None, :]
-    out_ptrs = out_ptr + (n_img * son + ho * soh + wo * sow)[:, None] + offs_n[None, :] * soc
+    out_ptrs = out_ptr + (n_img * son + ho * soh + wo * sow)[:, None] + offs_n.to(tl.int64)[None, :] * soc
     if FOLD_BN:
         scale = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0).to(ACC)
         shift = tl.load(shift_ptr + offs_n, mask=n_ok, other=0.0).to(ACC)
@@ -148,10 +149,11 @@ def _conv_tile_exact(x_img, w_ptr, ho, wo, m_ok, offs_n, n_ok, group_n, k_lo, k_
         wi = wo * STRIDE + (kw - 1) * DIL
         pix_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
         for k in range(k_lo, k_hi):
-            xk = tl.load(x_img + hi * sxh + wi * sxw + k * sxc, mask=pix_ok, other=0.0).to(ACC)
+            xk = tl.load(x_img + hi * sxh + wi * sxw + tl.cast(k, tl.int64) * sxc, mask=pix_ok, other=0.0).to(ACC)
             ci = k - group_n * GROUP_IN
             w_ok = (ci >= 0) & (ci < GROUP_IN) & n_ok
-            wk = tl.load(w_ptr + offs_n * swo + ci * swi + kh * swh + kw * sww, mask=w_ok, other=0.0).to(ACC)
+            w_offsets = config.weight_offsets(offs_n, ci, kh, kw, swo, swi, swh, sww)
+            wk = tl.load(w_ptr + w_offsets, mask=w_ok, other=0.0).to(ACC)
             acc += tl.where(w_ok[None, :], xk[:, None] * wk[None, :], 0.0)
     return acc
 
