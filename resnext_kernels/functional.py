@@ -49,25 +49,24 @@ def grouped_conv_bn_relu(
     ``impl``: ``"torch"`` (reference: cuDNN on GPU), ``"triton"``, ``"cuda"`` or ``"auto"`` (the
     fastest backend available for ``x``'s device).
     """
-    low = autocast_dtype(x) if isinstance(weight, torch.Tensor) else None
-    if low is not None:
+    if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor):
         # As PyTorch's autocast does for conv2d + batch_norm: the convolution in the autocast dtype
-        # (x and weight cast unless fp64, so an fp32 weight meets the low-precision x of a previous
-        # layer), BatchNorm's parameters and statistics as they are.
-        x, weight = (t.to(low) if t.is_floating_point() and t.dtype != torch.float64 else t for t in (x, weight))
+        # (so an fp32 weight meets the low-precision x of a previous layer), BatchNorm's parameters
+        # and statistics as they are.
+        x, weight = x.to(autocast_conv_dtype(x)), weight.to(autocast_conv_dtype(weight))
     _check_inputs(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, dilation, groups,
                   training, momentum, eps, impl)
-    backend = backends.resolve(impl, x.device, image_pixels=x.shape[2] * x.shape[3],
-                               image_side=max(x.shape[2], x.shape[3]))
+    # A stride or dilation of at least the image's longer side acts as that side: one output pixel per
+    # row and column, every tap but the centre in the padding. The kernels take them as 32-bit ints.
+    longest = max(x.shape[2], x.shape[3])
+    backend = backends.resolve(impl, x.device, image_pixels=x.shape[2] * x.shape[3], image_side=longest,
+                               dtype=x.dtype, dilation=min(dilation, longest))
     args = (x, weight, bn_weight, bn_bias, running_mean, running_var, stride, dilation, groups,
             bool(training), float(momentum), float(eps))
     if backend is backends.reference or (x.shape[0] == 0 and training):
         # The reference also owns batch statistics of an empty batch: F.batch_norm leaves the running
         # stats alone there.
         return backends.reference.grouped_conv_bn_relu(*args)
-    # A stride or dilation of at least the image's longer side acts as that side: one output pixel per
-    # row and column, every tap but the centre in the padding. The kernels take them as 32-bit ints.
-    longest = max(x.shape[2], x.shape[3])
     return _fused(backend, *args[:6], min(stride, longest), min(dilation, longest), *args[8:])
 
 
@@ -136,16 +135,16 @@ def batch_norm_relu(
     )
 
 
-def autocast_dtype(x):
-    """The autocast dtype in force for tensor ``x``'s device, or None (also for devices autocast does
-    not know, such as meta, where asking raises)."""
-    if not isinstance(x, torch.Tensor):
-        return None
-    # Dynamo (torch 2.11) cannot trace is_autocast_available; a compiled graph's tensors are on real
-    # devices anyway.
-    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(x.device.type):
-        return None
-    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+def autocast_conv_dtype(t):
+    """The dtype a convolution of tensor ``t`` runs in: autocast's where autocast is on for ``t``'s
+    device and casts ``t`` (any floating dtype but float64), else ``t``'s own."""
+    if not t.is_floating_point() or t.dtype == torch.float64:
+        return t.dtype
+    # Autocast is not asked about devices it does not know, such as meta, where asking raises. Dynamo
+    # (torch 2.11) cannot trace is_autocast_available; a compiled graph's tensors are on real devices.
+    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(t.device.type):
+        return t.dtype
+    return torch.get_autocast_dtype(t.device.type) if torch.is_autocast_enabled(t.device.type) else t.dtype
 
 
 def fold_batch_norm(bn_weight, bn_bias, mean, var, eps, dtype):
@@ -196,10 +195,11 @@ def _check_inputs(x, weight, bn_weight, bn_bias, running_mean, running_var, stri
             f"weight must have shape (C_out, C_in/groups, 3, 3) = (k*{groups}, {c_in // groups}, 3, 3), "
             f"got {tuple(weight.shape)}"
         )
-    if weight.dtype != x.dtype:
-        raise ValueError(f"weight's dtype {weight.dtype} differs from x's {x.dtype}")
+    # The device first: under autocast a weight on another device is cast by that device's rule.
     if weight.device != x.device:
         raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight's dtype {weight.dtype} differs from x's {x.dtype}")
 
     _check_batch_norm_args(x, c_out, bn_weight, bn_bias, running_mean, running_var, training)
     if training:

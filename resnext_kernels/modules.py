@@ -4,10 +4,9 @@ timm models."""
 
 import warnings
 
-import torch
 from torch import nn
 
-from .functional import autocast_dtype, batch_norm_relu, check_impl, grouped_conv_bn_relu
+from .functional import autocast_conv_dtype, batch_norm_relu, check_impl, grouped_conv_bn_relu
 
 
 def _is_frozen_batch_norm(bn):
@@ -33,18 +32,12 @@ def _keeps_dtype(bn, dtype):
         t.dtype == dtype for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
 
 
-def _conv_output_dtype(x):
-    """nn.Conv2d's output dtype for ``x``: autocast's where autocast casts x, else x's."""
-    low = autocast_dtype(x)
-    return low if low is not None and x.is_floating_point() and x.dtype != torch.float64 else x.dtype
-
-
 def conv3x3_is_fusable(conv, bn, x):
     """Whether ``relu(bn(conv(x)))`` is exactly what grouped_conv_bn_relu computes."""
     channels = _fusable_batch_norm_channels(bn)
     return (
         channels is not None
-        and _keeps_dtype(bn, _conv_output_dtype(x))
+        and _keeps_dtype(bn, autocast_conv_dtype(x))
         and type(conv) is nn.Conv2d
         and conv.kernel_size == (3, 3)
         and conv.bias is None

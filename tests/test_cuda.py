@@ -107,6 +107,28 @@ def test_binding_refuses_strides_and_dilations_beyond_32_bits():
 
 
 @needs_cuda_backend
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_max_dilation_is_where_the_kernels_stop_fitting_shared_memory(dtype):
+    # "auto" and the API's NotImplementedError follow cuda.MAX_DILATION: at the limit the training
+    # forward and backward run; one above it, the ops themselves refuse.
+    from resnext_kernels.cuda import MAX_DILATION
+
+    limit = MAX_DILATION[dtype]
+    bn_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    # One column keeps it fast: a one-pixel tile's halo is (2 dilation + 1)^2 pixels whatever the width.
+    case = make_case(Shape(1, 2, 2, limit + 2, 1, groups=1), dtype=dtype, bn_dtype=bn_dtype)
+    x = case.x.detach().requires_grad_()
+    z = resnext_kernels.grouped_conv_bn_relu(x, *case.tensors()[1:], dilation=limit, groups=1, training=True,
+                                             impl="cuda")
+    z.backward(torch.randn_like(z))
+    scale, shift = torch.ones(2, device=DEVICE, dtype=bn_dtype), torch.zeros(2, device=DEVICE, dtype=bn_dtype)
+    with pytest.raises(RuntimeError, match="dilation and stride too large"):
+        ops().conv_bn_relu_folded(case.x, case.weight, scale, shift, 1, limit + 1, 1)
+    with pytest.raises(RuntimeError, match="dilation and stride too large"):
+        ops().conv_bn_relu_train(case.x, case.weight, None, None, 1e-5, 1, limit + 1, 1)
+
+
+@needs_cuda_backend
 def test_a_build_with_an_older_signature_says_to_rebuild():
     # A build from before an op gained an argument has every op name: the arguments must match too.
     from resnext_kernels.cuda.ops import FAKES, register_namespace
