@@ -4,6 +4,7 @@ timm models."""
 
 import warnings
 
+import torch
 from torch import nn
 
 from .functional import autocast_conv_dtype, batch_norm_relu, check_impl, grouped_conv_bn_relu
@@ -60,6 +61,25 @@ def batch_norm_is_fusable(bn, x, residual=None):
     )
 
 
+_CALL_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _called_plainly(*modules):
+    """Whether calling these modules would run their forwards alone: no forward or backward hooks on
+    them or on every module (pruning, weight_norm, observers, feature taps), which a fused op would
+    skip, and no FX symbolic trace (which records module calls and cannot branch on tensors)."""
+    return not (
+        torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+        or any(getattr(nn.modules.module, "_global" + hooks) for hooks in _CALL_HOOKS)
+        or any(getattr(module, hooks) for module in modules for hooks in _CALL_HOOKS)
+    )
+
+
+def _has_hooks(module):
+    """Whether ``module`` has hooks of any kind (forward, backward, state_dict...)."""
+    return any(isinstance(value, dict) and value for name, value in vars(module).items() if "hook" in name)
+
+
 def _batch_norm_arguments(bn):
     """The BatchNorm arguments of the fused ops for ``bn``, with nn.BatchNorm2d.forward's bookkeeping:
     num_batches_tracked, momentum=None as a cumulative average, track_running_stats=False. A
@@ -94,7 +114,8 @@ class ResNeXtBlock(nn.Module):
     """torchvision's ``Bottleneck`` (expansion 4, stride on the 3x3 conv) with the same submodule
     names, so state_dicts are interchangeable. With nn.BatchNorm2d or torchvision's FrozenBatchNorm2d,
     conv2 + bn2 + relu run through grouped_conv_bn_relu, and bn1 + relu and bn3 + add + relu through
-    batch_norm_relu; another norm_layer runs unfused, as in torchvision."""
+    batch_norm_relu; another norm layer, an activation other than nn.ReLU, hooks on the modules a fused
+    op stands in for, or an FX trace run those modules unfused, as in torchvision."""
 
     expansion = 4
 
@@ -115,12 +136,12 @@ class ResNeXtBlock(nn.Module):
         self.impl = check_impl(impl)
 
     @classmethod
-    def from_modules(cls, conv1, bn1, conv2, bn2, conv3, bn3, downsample, *, impl="auto"):
+    def from_modules(cls, conv1, bn1, conv2, bn2, conv3, bn3, downsample, relu=None, *, impl="auto"):
         """A block made of existing modules (parameters and buffers shared, not copied)."""
         block = cls.__new__(cls)
         nn.Module.__init__(block)
         block.conv1, block.bn1, block.conv2, block.bn2, block.conv3, block.bn3 = conv1, bn1, conv2, bn2, conv3, bn3
-        block.relu = nn.ReLU(inplace=True)
+        block.relu = nn.ReLU(inplace=True) if relu is None else relu
         block.downsample = downsample
         block.stride = conv2.stride[0]
         block.impl = check_impl(impl)
@@ -129,14 +150,18 @@ class ResNeXtBlock(nn.Module):
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
         out = self._bn_relu(self.bn1, self.conv1(x))
-        if conv3x3_is_fusable(self.conv2, self.bn2, out):
+        if self._fusable(self.conv2, self.bn2) and conv3x3_is_fusable(self.conv2, self.bn2, out):
             out = fused_conv_bn_relu(self.conv2, self.bn2, out, self.impl)
         else:
             out = self.relu(self.bn2(self.conv2(out)))
         return self._bn_relu(self.bn3, self.conv3(out), identity)
 
+    def _fusable(self, *modules):
+        """Whether a fused op may stand in for calling ``modules`` and then self.relu."""
+        return type(self.relu) is nn.ReLU and _called_plainly(*modules, self.relu)
+
     def _bn_relu(self, bn, x, residual=None):
-        if batch_norm_is_fusable(bn, x, residual):
+        if self._fusable(bn) and batch_norm_is_fusable(bn, x, residual):
             return fused_batch_norm_relu(bn, x, self.impl, residual)
         out = bn(x)
         if residual is not None:
@@ -149,7 +174,7 @@ class ResNeXtBlock(nn.Module):
 
 def _block_from_torchvision(block, impl):
     return ResNeXtBlock.from_modules(block.conv1, block.bn1, block.conv2, block.bn2, block.conv3, block.bn3,
-                                     block.downsample, impl=impl)
+                                     block.downsample, block.relu, impl=impl)
 
 
 def _block_from_timm(block, impl):
@@ -161,7 +186,10 @@ def _block_from_timm(block, impl):
         and type(block.bn1) is nn.BatchNorm2d
         and type(block.bn3) is nn.BatchNorm2d
     )
-    return _block_from_torchvision(block, impl) if plain else None
+    if not plain:
+        return None
+    return ResNeXtBlock.from_modules(block.conv1, block.bn1, block.conv2, block.bn2, block.conv3, block.bn3,
+                                     block.downsample, impl=impl)
 
 
 def _converters():
@@ -194,13 +222,20 @@ def convert(model, impl="auto"):
             return module
         for kind, build in converters:
             if isinstance(module, kind):
-                block = build(module, impl)
-                if block is None:
+                # A subclass with its own forward computes something else; a new block would lose hooks.
+                if type(module).forward is not kind.forward:
+                    reason = f"its forward is not {kind.__module__}.{kind.__name__}'s"
+                elif _has_hooks(module):
+                    reason = "it has hooks, which a new block would not have"
+                else:
+                    block = build(module, impl)
+                    reason = ("it uses features ResNeXtBlock does not have (activation, norm layer, SE, "
+                              "anti-aliasing, drop-path)") if block is None else None
+                if reason is not None:
                     warnings.warn(f"convert: left {name or 'the model'} ({type(module).__name__}) unchanged: "
-                                  "it uses features ResNeXtBlock does not have (activation, SE, anti-aliasing, "
-                                  "drop-path)", stacklevel=3)
+                                  f"{reason}", stacklevel=3)
                     return module
-                block.train(module.training)
+                block.training = module.training  # its submodules keep their own modes (frozen BatchNorms)
                 return block
         for child_name, child in module.named_children():
             new = swap(child, f"{name}.{child_name}" if name else child_name)

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torch.nn.utils import prune
 from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -285,6 +286,89 @@ def test_convert_leaves_timm_blocks_it_cannot_represent():
     with pytest.warns(UserWarning, match="left .* unchanged"):
         converted = resnext_kernels.convert(model)
     assert not any(isinstance(m, ResNeXtBlock) for m in converted.modules())
+
+
+def small_bottleneck():
+    downsample = nn.Sequential(nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32))
+    return randomise_bn(Bottleneck(16, 8, downsample=downsample, groups=2, base_width=32)).to(DEVICE)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_convert_keeps_the_modes_of_frozen_batch_norms(impl):
+    # model.train() and then bn.eval() on every BatchNorm: a common fine-tuning set-up.
+    original = small_bottleneck().train()
+    for m in original.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    converted = resnext_kernels.convert(copy.deepcopy(original), impl=impl)
+    assert isinstance(converted, ResNeXtBlock) and converted.training
+    assert not any(m.training for m in converted.modules() if isinstance(m, nn.BatchNorm2d))
+    x = torch.randn(2, 16, 5, 5, device=DEVICE)
+    torch.testing.assert_close(converted(x), original(x), rtol=1e-4, atol=1e-4)
+    assert_same_state(converted, original)
+
+
+def test_convert_keeps_a_replaced_activation():
+    original = small_bottleneck().eval()
+    original.relu = nn.SiLU()
+    converted = resnext_kernels.convert(copy.deepcopy(original), impl="torch")
+    assert type(converted.relu) is nn.SiLU
+    x = torch.randn(2, 16, 5, 5, device=DEVICE)
+    torch.testing.assert_close(converted(x), original(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_pruning_the_grouped_conv_survives_convert(impl):
+    # Pruning recomputes conv2.weight in a forward pre-hook: conv2 + bn2 + relu then run unfused
+    # (bn1 and bn3 still fused), over several training steps.
+    original = small_bottleneck().train()
+    copied = copy.deepcopy(original)  # before pruning: a pruned module cannot be deep-copied
+    for model in (original, copied):
+        prune.l1_unstructured(model.conv2, "weight", 0.5)
+    converted = resnext_kernels.convert(copied, impl=impl)
+    x = torch.randn(2, 16, 5, 5, device=DEVICE)
+    for _ in range(2):
+        for model in (original, converted):
+            model.zero_grad()
+            model(x).square().sum().backward()
+        torch.testing.assert_close(converted.conv2.weight_orig.grad, original.conv2.weight_orig.grad,
+                                   rtol=1e-4, atol=1e-4)
+    assert_same_state(converted, original)
+
+
+def test_hooks_on_the_fused_modules_and_on_every_module_run():
+    block = resnext_kernels.convert(small_bottleneck(), impl="torch")
+    called = []
+    for name in ("bn1", "bn2", "bn3"):
+        getattr(block, name).register_forward_hook(lambda *_, name=name: called.append(name))
+    block(torch.randn(2, 16, 5, 5, device=DEVICE))
+    assert called == ["bn1", "bn2", "bn3"]
+    kinds = []
+    handle = nn.modules.module.register_module_forward_hook(lambda module, *_: kinds.append(type(module)))
+    try:
+        resnext_kernels.convert(small_bottleneck(), impl="torch")(torch.randn(2, 16, 5, 5, device=DEVICE))
+    finally:
+        handle.remove()
+    assert kinds.count(nn.BatchNorm2d) == 4 and kinds.count(nn.ReLU) == 3
+
+
+def test_convert_leaves_blocks_with_hooks_or_their_own_forward():
+    class Scaled(Bottleneck):
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    hooked = small_bottleneck()
+    hooked.register_forward_hook(lambda *_: None)
+    for block, reason in ((hooked, "it has hooks"), (Scaled(16, 4), "its forward is not")):
+        with pytest.warns(UserWarning, match=f"left the model .* unchanged: {reason}"):
+            assert resnext_kernels.convert(block) is block
+
+
+def test_fx_symbolic_trace_of_a_block():
+    block = resnext_kernels.convert(small_bottleneck(), impl="torch").eval()
+    traced = torch.fx.symbolic_trace(block)
+    x = torch.randn(2, 16, 5, 5, device=DEVICE)
+    torch.testing.assert_close(traced(x), block(x))
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
