@@ -295,6 +295,7 @@ def test_op_runner_eager_on_a_small_layer(op):
         assert (record["tflops"] is None) == (op != "grouped_conv_bn_relu")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the kernel backends' CPU test instruments are off on a GPU")
 @pytest.mark.parametrize("op", shapes.OPS)
 @pytest.mark.parametrize("mode", shapes.MODES)
 def test_op_runner_providers_compute_the_same(op, mode):

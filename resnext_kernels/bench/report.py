@@ -39,6 +39,7 @@ Figures of a record whose status is not "ok" are None.
 import json
 import math
 import pathlib
+import sys
 
 from . import environment
 from .shapes import MODE_LABELS, OP_LABELS
@@ -255,9 +256,14 @@ def newest_gpu_result(folder):
     for path in sorted(pathlib.Path(folder).glob("*.json")):
         try:
             doc = json.loads(path.read_text())
-        except (ValueError, OSError):
+        except (ValueError, OSError) as error:
+            print(f"skipped {path}: {error}", file=sys.stderr)
             continue
-        if validate(doc) or doc["device"]["type"] != "cuda":
+        problems = validate(doc)
+        if problems:
+            print(f"skipped {path}: {'; '.join(problems)}", file=sys.stderr)
+            continue
+        if doc["device"]["type"] != "cuda":
             continue
         if newest[1] is None or (doc["date"], path.name) > (newest[1]["date"], newest[0].name):
             newest = (path, doc)
