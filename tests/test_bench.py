@@ -434,8 +434,10 @@ def test_result_name_and_merge(tmp_path):
     assert report.result_stem(ops_only) == "2026-11-28-nvidia-h100-80gb-hbm3-0123456"
     path = tmp_path / "r.json"
     report.write_json(ops_only, path)
+    batches_only["copy_bandwidth"] = dict(batches_only["copy_bandwidth"], gbps=1.0)
     merged = report.write_json(batches_only, path)
     assert merged["ops"] and merged["batches"] and set(merged["settings"]) == {"ops", "batches"}
+    assert merged["copy_bandwidth"] == ops_only["copy_bandwidth"]  # the one the ops' floors used
     assert json.loads(path.read_text()) == merged
     other = _gpu_doc(sha="fedcba9876543210")
     other["ops"] = []

@@ -205,6 +205,7 @@ def merge(new, old):
     if not new["ops"] and old.get("ops"):
         merged["ops"] = old["ops"]
         merged["settings"]["ops"] = old.get("settings", {}).get("ops")
+        merged["copy_bandwidth"] = old.get("copy_bandwidth")  # the ops' memory floors were taken from it
         taken = True
     if not new["batches"] and old.get("batches"):
         merged["batches"] = old["batches"]
