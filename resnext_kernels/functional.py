@@ -59,15 +59,16 @@ def grouped_conv_bn_relu(
     # A stride or dilation of at least the image's longer side acts as that side: one output pixel per
     # row and column, every tap but the centre in the padding. The kernels take them as 32-bit ints.
     longest = max(x.shape[2], x.shape[3])
+    kernel_stride, kernel_dilation = min(stride, longest), min(dilation, longest)
     backend = backends.resolve(impl, x.device, image_pixels=x.shape[2] * x.shape[3], image_side=longest,
-                               dtype=x.dtype, dilation=min(dilation, longest))
+                               dtype=x.dtype, dilation=kernel_dilation)
     args = (x, weight, bn_weight, bn_bias, running_mean, running_var, stride, dilation, groups,
             bool(training), float(momentum), float(eps))
     if backend is backends.reference or (x.shape[0] == 0 and training):
         # The reference also owns batch statistics of an empty batch: F.batch_norm leaves the running
         # stats alone there.
         return backends.reference.grouped_conv_bn_relu(*args)
-    return _fused(backend, *args[:6], min(stride, longest), min(dilation, longest), *args[8:])
+    return _fused(backend, *args[:6], kernel_stride, kernel_dilation, *args[8:])
 
 
 def _fused(backend, x, weight, bn_weight, bn_bias, running_mean, running_var, stride, dilation,

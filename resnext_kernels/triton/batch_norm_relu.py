@@ -59,21 +59,25 @@ def _input_grad_kernel(dz_ptr, y_ptr, dx_ptr, scale_ptr, shift_ptr, mean_ptr, co
     tl.store(dx_ptrs, config.cast(dy, dx_ptr.dtype.element_ty), mask=ok)
 
 
-def _dense(t, memory_format):
-    """``t`` dense in ``memory_format`` with that format's own strides: the kernels step over pixels by
-    the W stride, and PyTorch counts a tensor contiguous whatever the strides of its size-1 dims."""
-    t = t.contiguous(memory_format=memory_format)
-    n, c, h, w = (max(size, 1) for size in t.shape)
-    strides = (h * w * c, 1, w * c, c) if memory_format == torch.channels_last else (c * h * w, h * w, w, 1)
-    return t if t.stride() == strides else t.as_strided(t.shape, strides)
+def _in_output_format(x, residual):
+    """``x`` and ``residual`` (or None) dense in the output's memory format with that format's own
+    strides: the kernels step over pixels by the W stride, and PyTorch counts a tensor contiguous
+    whatever the strides of its size-1 dims."""
+    memory_format = output_memory_format(x)
+
+    def dense(t):
+        t = t.contiguous(memory_format=memory_format)
+        n, c, h, w = (max(size, 1) for size in t.shape)
+        strides = (h * w * c, 1, w * c, c) if memory_format == torch.channels_last else (c * h * w, h * w, w, 1)
+        return t if t.stride() == strides else t.as_strided(t.shape, strides)
+
+    return dense(x), None if residual is None else dense(residual)
 
 
 def train_forward(x, residual, bn_weight, bn_bias, eps):
     """``(z, stats)``: z = relu(batch_norm(x) [+ residual]) with the batch's statistics, stats as
     outputs.stats_buffer's rows."""
-    memory_format = output_memory_format(x)
-    x = _dense(x, memory_format)
-    residual = None if residual is None else _dense(residual, memory_format)
+    x, residual = _in_output_format(x, residual)
     n, c, h, w = x.shape
     m = n * h * w
     part_rows = triton.cdiv(m, _BLOCK_M)
@@ -92,9 +96,7 @@ def train_forward(x, residual, bn_weight, bn_bias, eps):
 
 def folded_forward(x, residual, scale, shift):
     """relu(x * scale + shift [+ residual])."""
-    memory_format = output_memory_format(x)
-    x = _dense(x, memory_format)
-    residual = None if residual is None else _dense(residual, memory_format)
+    x, residual = _in_output_format(x, residual)
     z = like_x(x)
     if z.numel():
         with device_guard(x):
