@@ -1,7 +1,8 @@
 """A small run of every CUDA kernel, for compute-sanitizer (memcheck, racecheck) in gpu_check.sh:
 inference, training forward and backward (NCHW and channels-last gradients: the scalar and 16-byte
 dy paths), every dtype, small and large groups, several channel chunks per tile (the tensor-core
-kernels' cp.async copies of the next chunk), stride 2 (8x8 dgrad tiles, one pixel phase per warp); the
+kernels' cp.async copies of the next chunk), stride 2 (8x8 dgrad tiles, one pixel phase per warp),
+dilations beyond a tile's span (halos staged in bands, unevenly apart in dgrad at stride 2); the
 standalone BatchNorm + ReLU with and without a residual (scalar and 16-byte paths); and one ResNeXt
 stage-1 sized bf16 case, large enough that a tensor-core block computes several tiles with its weights
 staged once."""
@@ -11,14 +12,14 @@ import torch
 import resnext_kernels
 
 
-def run(n, c, h, w, groups, stride, dtype, training, device):
+def run(n, c, h, w, groups, stride, dilation, dtype, training, device):
     x = torch.randn(n, c, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(c, c // groups, 3, 3, device=device, dtype=dtype) / (3 * (c // groups) ** 0.5)
     gamma, beta = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)
     mean, var = torch.randn(c, device=device), torch.rand(c, device=device) + 0.5
     leaves = [t.requires_grad_() for t in (x, weight, gamma, beta)]
-    z = resnext_kernels.grouped_conv_bn_relu(*leaves, mean, var, stride=stride, groups=groups, training=training,
-                                             impl="cuda")
+    z = resnext_kernels.grouped_conv_bn_relu(*leaves, mean, var, stride=stride, dilation=dilation, groups=groups,
+                                             training=training, impl="cuda")
     for memory_format in (torch.contiguous_format, torch.channels_last):
         grads = torch.autograd.grad(z, leaves, torch.randn_like(z, memory_format=memory_format), retain_graph=True)
         assert all(g is not None for g in grads)
@@ -46,13 +47,14 @@ def main(device="cuda", large=True):
     """``device="cpu", large=False``: the same run through the host test build (tests/test_cuda.py)."""
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for shape in ((2, 64, 9, 7, 16, 1), (1, 128, 9, 9, 32, 2), (2, 32, 5, 5, 1, 1), (1, 96, 6, 5, 1, 1)):
+        for shape in ((2, 64, 9, 7, 16, 1, 1), (1, 128, 9, 9, 32, 2, 1), (2, 32, 5, 5, 1, 1, 1), (1, 96, 6, 5, 1, 1, 1),
+                      (1, 32, 19, 20, 4, 1, 13), (1, 32, 23, 9, 4, 2, 11)):
             for training in (False, True):
                 run(*shape, dtype, training, device)
         for training in (False, True):
             run_batch_norm_relu(2, 40, 5, 7, dtype, training, device)
     if large:
-        run(32, 128, 56, 56, 32, 1, torch.bfloat16, True, device)
+        run(32, 128, 56, 56, 32, 1, 1, torch.bfloat16, True, device)
         run_batch_norm_relu(32, 128, 56, 56, torch.bfloat16, True, device)  # statistics merged in slabs
     if device == "cuda":
         torch.cuda.synchronize()

@@ -33,12 +33,11 @@ def unavailable_reason(impl, device):
     return reason if module is None else module.unavailable_reason(device)
 
 
-def resolve(impl, device, image_pixels=1, image_side=1, dtype=None, dilation=1):
+def resolve(impl, device, image_pixels=1, image_side=1):
     """The backend module for ``impl``; RuntimeError when it cannot run on ``device``.
 
-    "auto" takes the fastest backend that runs on ``device``, images of ``image_pixels`` input
-    pixels with a longest side of ``image_side``, and a convolution of ``dtype`` inputs with that
-    ``dilation`` (at most the longest side); an explicitly named kernel backend raises
+    "auto" takes the fastest backend that runs on ``device`` and images of ``image_pixels`` input
+    pixels with a longest side of ``image_side``; an explicitly named kernel backend raises
     NotImplementedError where it cannot."""
     name = _resolve_name(impl, device)
     # Outside _resolve_name: a symbolic size (torch.compile, dynamic shapes) is no constant; these
@@ -48,25 +47,18 @@ def resolve(impl, device, image_pixels=1, image_side=1, dtype=None, dilation=1):
             return reference
         raise NotImplementedError(f"impl={impl!r}: images of more than 2^31 - 1 pixels (H x W) or with a side "
                                   f"longer than {MAX_IMAGE_SIDE} are not supported; impl='torch' runs them")
-    max_dilation = _MODULES["cuda"].MAX_DILATION.get(dtype) if name == "cuda" else None
-    if max_dilation is not None and dilation > max_dilation:
-        if impl == "auto":
-            return _MODULES[_resolve_name("auto", device, skip="cuda")]
-        raise NotImplementedError(f"impl='cuda': a dilation above {max_dilation} on an image whose longer side also "
-                                  f"exceeds {max_dilation} is not supported with {dtype} inputs: one output pixel's "
-                                  "input halo would not fit the kernels' shared memory; impl='triton' or 'torch' runs it")
     return _MODULES[name]
 
 
 # torch.compile runs the choice once while tracing (it imports modules and probes builds) and keeps
 # the name it returns as a constant of the graph.
 @torch.compiler.assume_constant_result
-def _resolve_name(impl, device, skip=None):
+def _resolve_name(impl, device):
     if impl == "auto":
         if device.type != "cuda":
             return "torch"
         for name in _KERNEL_BACKENDS:
-            if name != skip and unavailable_reason(name, device) is None:
+            if unavailable_reason(name, device) is None:
                 return name
         return "torch"
     reason = unavailable_reason(impl, device)

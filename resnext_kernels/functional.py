@@ -60,8 +60,7 @@ def grouped_conv_bn_relu(
     # row and column, every tap but the centre in the padding. The kernels take them as 32-bit ints.
     longest = max(x.shape[2], x.shape[3])
     kernel_stride, kernel_dilation = min(stride, longest), min(dilation, longest)
-    backend = backends.resolve(impl, x.device, image_pixels=x.shape[2] * x.shape[3], image_side=longest,
-                               dtype=x.dtype, dilation=kernel_dilation)
+    backend = backends.resolve(impl, x.device, image_pixels=x.shape[2] * x.shape[3], image_side=longest)
     args = (x, weight, bn_weight, bn_bias, running_mean, running_var, stride, dilation, groups,
             bool(training), float(momentum), float(eps))
     if backend is backends.reference or (x.shape[0] == 0 and training):

@@ -131,33 +131,6 @@ def test_auto_leaves_images_beyond_32_bit_pixel_indexing_to_the_reference():
     assert backends.resolve("auto", torch.device("cuda"), image_side=2**30) is backends.reference
 
 
-@pytest.mark.skipif("cuda" not in KERNEL_IMPLS, reason="impl='cuda' cannot run here")
-def test_cuda_refuses_a_dilation_beyond_its_shared_memory():
-    from resnext_kernels.cuda import MAX_DILATION
-
-    limit = MAX_DILATION[torch.float16]
-    case = make_case(Shape(1, 4, 4, limit + 2, limit + 2, groups=2), dtype=torch.float16, bn_dtype=torch.float32,
-                     device=DEVICE)
-    message = f"impl='cuda': a dilation above {limit} .* impl='triton' or 'torch' runs it"
-    with pytest.raises(NotImplementedError, match=message):
-        resnext_kernels.grouped_conv_bn_relu(*case.tensors(), dilation=limit + 1, groups=2, training=False,
-                                             impl="cuda")
-    # A dilation beyond the image's longer side acts as that side.
-    small = make_case(Shape(1, 4, 4, limit, 3, groups=2), dtype=torch.float16, bn_dtype=torch.float32, device=DEVICE)
-    resnext_kernels.grouped_conv_bn_relu(*small.tensors(), dilation=limit + 1, groups=2, training=False, impl="cuda")
-
-
-def test_auto_passes_over_cuda_for_a_dilation_beyond_its_shared_memory(monkeypatch):
-    from resnext_kernels.cuda import MAX_DILATION
-
-    cuda_backend, triton_backend = backends._load("cuda")[0], backends._load("triton")[0]
-    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: None)
-    for dtype, limit in MAX_DILATION.items():
-        device = torch.device("cuda")
-        assert backends.resolve("auto", device, dtype=dtype, dilation=limit) is cuda_backend
-        assert backends.resolve("auto", device, dtype=dtype, dilation=limit + 1) is triton_backend
-
-
 def test_cuda_on_cpu_tensors_says_why(monkeypatch):
     from resnext_kernels.cuda import emulation
 

@@ -255,23 +255,26 @@ def test_double_backward_is_refused(impl, training):
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in Triton's interpreter
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_non_finite_input_gives_the_references_non_finite_pattern(impl, dtype):
+# Dilation 9 on 19x20: banded halos (LARGE_DILATIONS), the Inf read by 9 output pixels of 4 tiles.
+@pytest.mark.parametrize("shape", [Shape(2, 16, 16, 5, 5, groups=4), Shape(1, 16, 16, 19, 20, groups=4, dilation=9)],
+                         ids=str)
+def test_non_finite_input_gives_the_references_non_finite_pattern(impl, dtype, shape):
     # An Inf in x: z is +-Inf (or 0 after ReLU) where it is read, dw Inf or NaN (0 * Inf where ReLU
-    # stops the gradient) in its group's taps. Tiles overhang the 5x5 image, and the pixels beyond
-    # it must contribute nothing, not 0 * Inf. A large BN shift keeps every finite z > 0, so the
-    # patterns do not depend on rounding.
-    shape = Shape(2, 16, 16, 5, 5, groups=4)
+    # stops the gradient) in its group's taps. Tiles overhang the image, and the pixels beyond it must
+    # contribute nothing, not 0 * Inf. A large BN shift keeps every finite z > 0, so the patterns do
+    # not depend on rounding.
     case = make_case(shape, dtype=dtype, layout="channels_last", bn_dtype=torch.float32)
     with torch.no_grad():
-        case.x[0, 5, 2, 2] = float("inf")
+        case.x[0, 5, shape.h // 2, shape.w // 2] = float("inf")
         case.bn_bias.fill_(10.0)
-    grad = torch.randn(2, 16, 5, 5, device=DEVICE, dtype=torch.float64)
+    grad = torch.randn(shape.n, shape.c_out, shape.h, shape.w, device=DEVICE, dtype=torch.float64)
 
     def evaluate(impl, dtype):
         leaves = [t.detach().to(dtype).requires_grad_() for t in (case.x, case.weight)]
         z = resnext_kernels.grouped_conv_bn_relu(*leaves, case.bn_weight.to(dtype), case.bn_bias.to(dtype),
                                                  case.running_mean.to(dtype), case.running_var.to(dtype),
-                                                 groups=shape.groups, training=False, impl=impl)
+                                                 dilation=shape.dilation, groups=shape.groups, training=False,
+                                                 impl=impl)
         z.backward(grad.to(dtype))
         return z, *(t.grad for t in leaves)
 
@@ -621,6 +624,33 @@ def test_random_shapes_match_float64(impl, shape, dtype):
     for k, (name, a, e) in enumerate(zip(names, ours, expected)):
         assert a.dtype == (dtype if name in ("z", "dx", "dw") else torch.float32), name
         assert_close_to_reference(a, e, dtype, baseline=baseline[k] if baseline else None, what=name)
+
+
+# Dilations larger than a kernel tile's own span: the CUDA kernels then stage only the three bands of
+# rows and columns the taps read (csrc/kernels/tensor_core_tiles.cuh), forward, dgrad and wgrad alike;
+# at stride 3 with a dilation it does not divide, dgrad's bands start unevenly apart.
+LARGE_DILATIONS = [Shape(1, 4, 4, 40, 3, groups=2, dilation=30), Shape(1, 16, 16, 19, 20, groups=2, dilation=13),
+                   Shape(2, 6, 6, 23, 9, groups=3, stride=2, dilation=11),
+                   Shape(1, 4, 8, 31, 5, groups=4, stride=3, dilation=14)]
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("shape", LARGE_DILATIONS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_large_dilations_match_float64(impl, shape, dtype):
+    index = LARGE_DILATIONS.index(shape)
+    case64 = make_case(shape, dtype=torch.float64)
+    h_out, w_out = (shape.h - 1) // shape.stride + 1, (shape.w - 1) // shape.stride + 1
+    grad64 = torch.randn(shape.n, shape.c_out, h_out, w_out, device=DEVICE, dtype=torch.float64)
+    for training in (True, False):
+        args = (training, LAYOUTS[index % 3], grad64, "channels_last")
+        expected = forward_backward(case64, torch.float64, "torch", *args)
+        ours = forward_backward(case64, dtype, impl, *args)
+        baseline = forward_backward(case64, dtype, "torch", *args) if dtype == torch.bfloat16 else None
+        for k, (name, a, e) in enumerate(zip(("z", "running_mean", "running_var", "dx", "dw", "dgamma", "dbeta"),
+                                             ours, expected, strict=True)):
+            assert_close_to_reference(a, e, dtype, baseline=baseline[k] if baseline else None,
+                                      what=f"{name} ({'train' if training else 'eval'})")
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)

@@ -372,6 +372,22 @@ def test_fx_symbolic_trace_of_a_block():
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_exported_block_runs_the_fused_ops(impl, training):
+    # torch.export (deployment, AOTInductor): the graph keeps the fused ops, and the exported program
+    # computes what the block computes, running statistics included.
+    torch.manual_seed(0)
+    block = randomise_bn(ResNeXtBlock(64, 16, groups=4, base_width=16, impl=impl)).to(DEVICE).train(training)
+    reference = copy.deepcopy(block)
+    x = torch.randn(2, 64, 5, 7, device=DEVICE)
+    program = torch.export.export(block, (x,))
+    assert "torch.ops.resnext_kernels" in program.graph_module.print_readable(print_output=False)
+    exported = program.module()
+    torch.testing.assert_close(exported(x), reference(x), rtol=1e-4, atol=1e-4)
+    assert_same_state(exported, reference)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
 def test_compiled_block_with_dynamic_shapes_has_no_graph_breaks(impl):
     # Symbolic sizes reach the backend choice and the ops' fake kernels: one graph for every size.
     torch.manual_seed(0)

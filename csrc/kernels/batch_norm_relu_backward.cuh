@@ -130,12 +130,6 @@ __device__ __forceinline__ uint4 dy_vector(const P& p, const float* coef, int co
   }
   return {out[0], out[1], out[2], out[3]};
 }
-// The same, loading y and dz (16 bytes each).
-template <typename T, bool kMask = true>
-__device__ __forceinline__ uint4 dy_vector(const P& p, const float* coef, int64_t n, int co, int64_t oh, int64_t ow) {
-  return dy_vector<T, kMask>(p, coef, co, *reinterpret_cast<const uint4*>(y_vector_at(p, n, co, oh, ow)),
-                      *reinterpret_cast<const uint4*>(dz_vector_at(p, n, co, oh, ow)));
-}
 
 // 1. Partial sums over a block's pixel range. Channel-fast thread order when y is channels-last,
 // pixel-fast otherwise, so that loads are contiguous either way.

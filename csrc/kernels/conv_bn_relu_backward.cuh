@@ -41,14 +41,19 @@ inline int64_t wgrad_splits(const P& p) { return ceil_div(pixels(p), wgrad_pixel
 // (the "halo", computed on the fly) and the weights. Each thread sums over its own channel's group
 // only, so packed small groups never mix. Input pixel ih receives from output row oh through tap kh
 // when ih + d - kh * d = oh * s.
+//
+// Large dilations: the output rows a tile receives from through one tap row span at most
+// band = (tile - 2 + s) / s + 1, and where three such bands are fewer rows than the consecutive halo,
+// only they are staged, back to back, band k = 2 - kh starting at output row floor((ih0 + (k - 1) d) / s)
+// (as the forward does in input space, tensor_core_tiles.cuh).
 struct DgradTiling {
   int tile_h, tile_w;  // input pixels per tile
   int halo_h, halo_w;  // output rows and columns they receive from
+  int band_h, band_w;  // rows (columns) per band, or 0: the halo is consecutive rows (columns)
   int chunk;
   int row;             // shared-memory values per staged halo position or weight row (>= chunk)
   int tiles_h, tiles_w;
   int tiles_per_block;
-  bool ahead;        // tensor cores: room for the next unit's y and dz as copied (dgrad_copied_bytes)
   bool phase_major;  // tensor cores: the tile's pixels numbered phase by phase (dgrad_tile_position)
 };
 
@@ -68,13 +73,35 @@ __device__ __forceinline__ TilePosition dgrad_tile_position(const DgradTiling& t
 
 __device__ __forceinline__ int floor_div(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
+__device__ __forceinline__ int band_shift(int band, int shift1, int shift2) {
+  return band == 0 ? 0 : band == 1 ? shift1 : shift2;
+}
+
 // Where a dgrad block works: its image and input tile, the first output row and column that reach
-// the tile (oh_lo, ow_lo) and the tile's offset from them (eh, ew >= 2d), its input channels and
-// the output channels (whole groups) they receive from. 32-bit arithmetic (spatial sizes and the
-// grid fit in int); 64-bit only in addresses.
+// the tile (oh_lo, ow_lo) and the tile's offset from them (eh, ew >= 2d), how much further than
+// consecutive rows (columns) bands 1 and 2 of a banded halo start, its input channels and the output
+// channels (whole groups) they receive from. 32-bit arithmetic (spatial sizes and the grid fit in
+// int); 64-bit only in addresses.
 struct DgradBlock {
   int64_t n;
   int ih0, iw0, oh_lo, ow_lo, eh, ew, ci0, ci_end, co_begin, co_stop;
+  int shift_h1, shift_h2, shift_w1, shift_w2;
+
+  // The output row (column) staged at halo row (column) r.
+  __device__ __forceinline__ int output_row(int r, const DgradTiling& t) const {
+    return oh_lo + r + (t.band_h ? band_shift(r / t.band_h, shift_h1, shift_h2) : 0);
+  }
+  __device__ __forceinline__ int output_column(int r, const DgradTiling& t) const {
+    return ow_lo + r + (t.band_w ? band_shift(r / t.band_w, shift_w1, shift_w2) : 0);
+  }
+  // Tile row (column) a receives through tap row kh from halo row (row_reach(kh) + a) / s, where s
+  // divides it.
+  __device__ __forceinline__ int row_reach(int kh, int d, int s) const {
+    return eh - kh * d - s * band_shift(2 - kh, shift_h1, shift_h2);
+  }
+  __device__ __forceinline__ int column_reach(int kw, int d, int s) const {
+    return ew - kw * d - s * band_shift(2 - kw, shift_w1, shift_w2);
+  }
 };
 
 __device__ __forceinline__ DgradBlock locate_dgrad_block(const P& p, const DgradTiling& tiling, int cin_pg, int cout_pg,
@@ -90,6 +117,10 @@ __device__ __forceinline__ DgradBlock locate_dgrad_block(const P& p, const Dgrad
   b.ow_lo = floor_div(b.iw0 - d, s);
   b.eh = b.ih0 + d - b.oh_lo * s;
   b.ew = b.iw0 + d - b.ow_lo * s;
+  b.shift_h1 = tiling.band_h ? floor_div(b.ih0, s) - b.oh_lo - tiling.band_h : 0;
+  b.shift_h2 = tiling.band_h ? floor_div(b.ih0 + d, s) - b.oh_lo - 2 * tiling.band_h : 0;
+  b.shift_w1 = tiling.band_w ? floor_div(b.iw0, s) - b.ow_lo - tiling.band_w : 0;
+  b.shift_w2 = tiling.band_w ? floor_div(b.iw0 + d, s) - b.ow_lo - 2 * tiling.band_w : 0;
   b.ci0 = int(blockIdx.y) * kChannels;
   b.ci_end = int(b.ci0 + kChannels < p.c_in ? b.ci0 + kChannels : p.c_in);
   b.co_begin = (b.ci0 / cin_pg) * cout_pg;
@@ -112,7 +143,7 @@ __global__ void __launch_bounds__(kThreads, 1) dgrad(const P p, const DgradTilin
 
   const DgradBlock block = locate_dgrad_block(p, tiling, cin_pg, cout_pg, blockIdx.x);  // one tile per block
   const int64_t n = block.n;
-  const int ih0 = block.ih0, iw0 = block.iw0, oh_lo = block.oh_lo, ow_lo = block.ow_lo, eh = block.eh, ew = block.ew;
+  const int ih0 = block.ih0, iw0 = block.iw0;
   const int ci0 = block.ci0, ci_end = block.ci_end, co_begin = block.co_begin, co_stop = block.co_stop;
 
   const int c_local = int(threadIdx.x) % kChannels, ci = ci0 + c_local, pixel_lane = int(threadIdx.x) / kChannels;
@@ -136,7 +167,7 @@ __global__ void __launch_bounds__(kThreads, 1) dgrad(const P p, const DgradTilin
     __syncthreads();
     for (int i = int(threadIdx.x); i < halo * count; i += kThreads) {
       const int k = i % count, pos = i / count;
-      const int oh = oh_lo + pos / halo_w, ow = ow_lo + pos % halo_w;
+      const int oh = block.output_row(pos / halo_w, tiling), ow = block.output_column(pos % halo_w, tiling);
       Acc v = Acc(0);
       if (oh >= 0 && oh < p.h_out && ow >= 0 && ow < p.w_out) v = dy_at<T>(p, coef, n, k0 + k, oh, ow);
       dy_tile[pos * chunk + k] = v;
@@ -153,7 +184,7 @@ __global__ void __launch_bounds__(kThreads, 1) dgrad(const P p, const DgradTilin
     for (int k = k_begin; k < k_end; ++k)
       for (int tap = 0; tap < 9; ++tap) {
         const Acc wv = w_tile[(c_local * chunk + k) * 9 + tap];
-        const int rh = eh - (tap / 3) * d, rw = ew - (tap % 3) * d;
+        const int rh = block.row_reach(tap / 3, d, s), rw = block.column_reach(tap % 3, d, s);
 #pragma unroll
         for (int j = 0; j < kPixelsPerThread; ++j) {
           if (pixel_h[j] >= 0) {
@@ -192,44 +223,42 @@ inline size_t dgrad_copied_bytes(const DgradTiling& t) {
 
 // Shared memory of a dgrad block. FMA: the dy halo and the weights, `chunk` values per channel, in
 // the accumulation type. Tensor cores: a zero row, the weights and the dy halo, `row` 16-bit values
-// each, then (tiling.ahead) the copied y and dz.
+// each, then the copied y and dz of the next unit.
 template <typename T>
 size_t dgrad_shared_bytes(const DgradTiling& t) {
   const size_t halo = size_t(t.halo_h) * t.halo_w;
   if constexpr (sizeof(T) == 2)
-    return (1 + size_t(9) * kChannels) * t.row * 2 + dgrad_halo_bytes(t) + (t.ahead ? dgrad_copied_bytes(t) : 0);
+    return (1 + size_t(9) * kChannels) * t.row * 2 + dgrad_halo_bytes(t) + dgrad_copied_bytes(t);
   return (halo + size_t(kChannels) * 9) * t.chunk * sizeof(typename Numeric<T>::Acc);
 }
 
 // The largest input tile (up to kMaxPixels) whose output halo leaves room for a chunk of at least
 // one output channel, with the widest chunk that fits (as the forward's chooser); then how many
-// tiles a tensor-core block takes.
+// tiles a tensor-core block takes. A one-pixel tile's banded halo is 3 x 3, so some tile always fits.
 template <typename T>
 bool choose_dgrad_tiling(const P& p, DgradTiling* t) {
   constexpr bool kTensorCores = sizeof(T) == 2;
   const int extra = p.stride == 1 ? 1 : 2;
-  const auto find_tile = [&] {
-    return largest_tile(p.h, p.w, kMaxPixels, [&](int tile_h, int tile_w) {
-      t->tile_h = tile_h;
-      t->tile_w = tile_w;
-      t->halo_h = (tile_h - 1 + 2 * p.dilation) / p.stride + extra;
-      t->halo_w = (tile_w - 1 + 2 * p.dilation) / p.stride + extra;
-      for (int chunk = kMaxChunk; chunk >= 1; --chunk) {
-        if (kTensorCores && chunk > 8 && chunk % 8 != 0) continue;
-        t->chunk = chunk;
-        t->row = kTensorCores ? mma_row(chunk) : chunk;
-        if (dgrad_shared_bytes<T>(*t) <= size_t(kSharedBytes)) return true;
-      }
-      return false;
-    });
+  const auto halo_rows = [&](int tile, int* band) {
+    const int consecutive = (tile - 1 + 2 * p.dilation) / p.stride + extra;
+    const int banded = 3 * (tile == 1 ? 1 : (tile - 2) / p.stride + 2);  // no overflow at strides near 2^31
+    *band = banded < consecutive ? banded / 3 : 0;
+    return *band ? banded : consecutive;
   };
-  // Tensor cores: room for copies one unit ahead wherever some tile leaves it.
-  t->ahead = kTensorCores;
-  if (!find_tile()) {
-    if (!t->ahead) return false;
-    t->ahead = false;
-    if (!find_tile()) return false;
-  }
+  const bool found = largest_tile(p.h, p.w, kMaxPixels, [&](int tile_h, int tile_w) {
+    t->tile_h = tile_h;
+    t->tile_w = tile_w;
+    t->halo_h = halo_rows(tile_h, &t->band_h);
+    t->halo_w = halo_rows(tile_w, &t->band_w);
+    for (int chunk = kMaxChunk; chunk >= 1; --chunk) {
+      if (kTensorCores && chunk > 8 && chunk % 8 != 0) continue;
+      t->chunk = chunk;
+      t->row = kTensorCores ? mma_row(chunk) : chunk;
+      if (dgrad_shared_bytes<T>(*t) <= size_t(kSharedBytes)) return true;
+    }
+    return false;
+  });
+  if (!found) return false;
   t->tiles_h = int(ceil_div(p.h, t->tile_h));
   t->tiles_w = int(ceil_div(p.w, t->tile_w));
   t->tiles_per_block = 1;  // the tensor-core launch sets its own
@@ -258,13 +287,14 @@ constexpr int kNTiles = kChannels / 8;
 template <typename T>
 __device__ __forceinline__ float dgrad_exact_sum(const uint16_t* dy_tile, const uint16_t* w_tile, int row, int k0,
                                                  int count, int qh_tile, int qw_tile, int c, int ci, int halo_w, int s,
-                                                 const SmallDivisor& by_s, int d, int eh, int ew, int cin_pg, int cout_pg) {
+                                                 const SmallDivisor& by_s, int d, const DgradBlock& b, int cin_pg,
+                                                 int cout_pg) {
   const int group_begin = (ci / cin_pg) * cout_pg;
   const int lo = group_begin > k0 ? group_begin : k0;
   const int hi = group_begin + cout_pg < k0 + count ? group_begin + cout_pg : k0 + count;
   float sum = 0.0f;
   for (int tap = 0; tap < 9; ++tap) {
-    const int nh = eh - (tap / 3) * d + qh_tile, nw = ew - (tap % 3) * d + qw_tile;
+    const int nh = b.row_reach(tap / 3, d, s) + qh_tile, nw = b.column_reach(tap % 3, d, s) + qw_tile;
     const int qh = by_s.quotient(nh), qw = by_s.quotient(nw);
     if (qh * s != nh || qw * s != nw) continue;
     for (int k = lo; k < hi; ++k)
@@ -282,7 +312,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
   uint16_t* zero_row = shared;                   // [row]
   uint16_t* w_tile = shared + row;               // [9][kChannels][row]: (tap, input channel, output channel)
   uint16_t* dy_tile = w_tile + 9 * kChannels * row;  // [halo][row]
-  // With tiling.ahead, the next unit's y and dz as copied, [halo][chunk / 8] vectors each, after the
+  // The next unit's y and dz as copied, [halo][chunk / 8] vectors each, after the
   // halo's space: vector (pos, k / 8) is copied and read by the same thread, so no thread waits for
   // another's copies.
   const int copied_vectors = halo * ((chunk + 7) / 8);
@@ -309,9 +339,8 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
   const SmallDivisor by_row(row), by_vectors(row / 8), by_halo_w(halo_w);  // staging loops: indices < 2^20
 
   // The block's work is a sequence of units (tile, chunk of output channels): tiles first .. last - 1
-  // of the input-channel tile blockIdx.y, each in `chunks` chunks. With tiling.ahead, a unit's y and
-  // dz (channels-last) are copied during the previous unit; the thread that copied a vector turns it
-  // into dy.
+  // of the input-channel tile blockIdx.y, each in `chunks` chunks. A unit's y and dz (channels-last)
+  // are copied during the previous unit; the thread that copied a vector turns it into dy.
   const int64_t tiles = p.n * tiling.tiles_h * tiling.tiles_w;
   const int64_t first = int64_t(blockIdx.x) * tiling.tiles_per_block;
   const int64_t last = first + tiling.tiles_per_block < tiles ? first + tiling.tiles_per_block : tiles;
@@ -329,8 +358,8 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
     v.pos = by_vectors.quotient(i);
     v.k = (i - v.pos * by_vectors.d) * 8;
     const int halo_row = by_halo_w.quotient(v.pos);
-    v.oh = b.oh_lo + halo_row;
-    v.ow = b.ow_lo + v.pos - halo_row * halo_w;
+    v.oh = b.output_row(halo_row, tiling);
+    v.ow = b.output_column(v.pos - halo_row * halo_w, tiling);
     v.copied = v.pos * ((chunk + 7) / 8) + v.k / 8;
     return v;
   };
@@ -346,7 +375,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
   };
   float acc[kNTiles][4];
 
-  if (tiling.ahead && by_vectors_of(co_begin)) copy_dy(block, co_begin);
+  if (by_vectors_of(co_begin)) copy_dy(block, co_begin);
   copy_async_commit();
   for (int u = 0; u < units; ++u) {
     const int k0 = co_begin + u % chunks * chunk, count = count_of(k0);
@@ -357,8 +386,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
         for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
     }
     const int64_t n = block.n;
-    const int ih0 = block.ih0, iw0 = block.iw0, oh_lo = block.oh_lo, ow_lo = block.ow_lo, eh = block.eh, ew = block.ew;
-    const int ci0 = block.ci0, ci_end = block.ci_end;
+    const int ih0 = block.ih0, iw0 = block.iw0, ci0 = block.ci0, ci_end = block.ci_end;
     // Pixels of an edge tile outside the image name the zero row (nothing of theirs is stored), and a
     // warp with none inside skips its MMAs (ResNeXt's 28x28 layers: 2 of the 4 warps of their bottom
     // tiles; 14x14: 1).
@@ -372,15 +400,14 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
         const HaloVector v = halo_vector(block, i);
         uint4 dy = {0u, 0u, 0u, 0u};
         if (v.k < count && v.oh >= 0 && v.oh < p.h_out && v.ow >= 0 && v.ow < p.w_out)
-          dy = tiling.ahead ? dy_vector<T>(p, coef, k0 + v.k, y_copied[v.copied], dz_copied[v.copied])
-                            : dy_vector<T>(p, coef, n, k0 + v.k, v.oh, v.ow);
+          dy = dy_vector<T>(p, coef, k0 + v.k, y_copied[v.copied], dz_copied[v.copied]);
         non_finite |= has_non_finite<T>(dy.x) | has_non_finite<T>(dy.y) | has_non_finite<T>(dy.z) | has_non_finite<T>(dy.w);
         *reinterpret_cast<uint4*>(dy_tile + v.pos * row + v.k) = dy;
       }
     } else {
       for (int i = int(threadIdx.x); i < halo * row; i += kMmaThreads) {
         const int pos = by_row.quotient(i), k = i - pos * row, halo_row = by_halo_w.quotient(pos);
-        const int oh = oh_lo + halo_row, ow = ow_lo + pos - halo_row * halo_w;
+        const int oh = block.output_row(halo_row, tiling), ow = block.output_column(pos - halo_row * halo_w, tiling);
         T v = Numeric<T>::store(0.0f);
         if (k < count && oh >= 0 && oh < p.h_out && ow >= 0 && ow < p.w_out)
           v = Numeric<T>::store(dy_at<T>(p, coef, n, k0 + k, oh, ow));
@@ -399,7 +426,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
     const bool any_non_finite = __syncthreads_or(non_finite);
     // The next unit's copies go into this thread's own copied vectors, read above: issued after the
     // barrier, which orders those reads before them (PTX orders cp.async with nothing else).
-    if (tiling.ahead && u + 1 < units) {
+    if (u + 1 < units) {
       const int next_k0 = k0 + chunk < co_stop ? k0 + chunk : co_begin;
       if (by_vectors_of(next_k0))
         copy_dy(next_k0 == co_begin ? locate_dgrad_block(p, tiling, cin_pg, cout_pg, first + (u + 1) / chunks) : block,
@@ -411,7 +438,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
         const int q = r ? pixel[1] : pixel[0];
         return q < tile_pixels && ci0 + c < ci_end
                    ? dgrad_exact_sum<T>(dy_tile, w_tile, row, k0, count, position(q).h, position(q).w, c, ci0 + c,
-                                        halo_w, s, by_s, d, eh, ew, cin_pg, cout_pg)
+                                        halo_w, s, by_s, d, block, cin_pg, cout_pg)
                    : 0.0f;
       });
     } else if (warp_in_image) {
@@ -419,7 +446,8 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
       ntile_k_ranges(ci0, ci_end, cin_pg, cout_pg, k_begin, k_end);
       mma_chunk<T>(acc, k_begin, k_end, k0, count, w_tile, row, lane, s > 1, [&](int tap) {
         // The halo row this lane's ldmatrix row receives from through this tap, or the zero row.
-        const int nh = eh - (tap / 3) * d + a_position.h, nw = ew - (tap % 3) * d + a_position.w;
+        const int nh = block.row_reach(tap / 3, d, s) + a_position.h;
+        const int nw = block.column_reach(tap % 3, d, s) + a_position.w;
         const int qh = by_s.quotient(nh), qw = by_s.quotient(nw);
         return a_in_image && qh * s == nh && qw * s == nw
                    ? FragmentRow{dy_tile + (qh * halo_w + qw) * row + a_column, 1}
@@ -556,28 +584,26 @@ constexpr int kWmmaFixedBytes = kWmmaDyBytes + kWmmaRawBytes + kWmmaZeroBytes + 
 
 struct WgradTiling {
   int tile_h, tile_w;  // output pixels per unit (at most kWgradPixels)
-  int halo_h, halo_w;  // the input rows and columns they read
+  int halo_h, halo_w;  // the input rows and columns they read (staged in bands: tap_reach)
+  int reach_h, reach_w;
   int tiles_h, tiles_w;
   int64_t units_per_split;
-  int buffers;  // input halo buffers: 2 when the next unit's halo copies overlap this unit's MMAs
 };
 
-// The largest output tile whose input halo (two buffers where some tile fits them) fits beside
-// dy_tile; false when not even one pixel's.
+// The largest output tile whose two input halo buffers fit beside dy_tile (a one-pixel tile's
+// banded halo is 3 x 3: some tile always fits).
 inline bool choose_wgrad_tiling(const P& p, WgradTiling* t) {
-  const auto find_tile = [&] {
-    const int budget = (kSharedBytes - kWmmaFixedBytes) / (t->buffers * kWmmaHaloRow * 2);
-    return largest_tile(p.h_out, p.w_out, kWgradPixels, [&](int tile_h, int tile_w) {
-      t->tile_h = tile_h;
-      t->tile_w = tile_w;
-      t->halo_h = (tile_h - 1) * p.stride + 2 * p.dilation + 1;
-      t->halo_w = (tile_w - 1) * p.stride + 2 * p.dilation + 1;
-      return int64_t(t->halo_h) * t->halo_w <= budget;
-    });
-  };
-  t->buffers = 2;
-  while (!find_tile())
-    if (--t->buffers == 0) return false;
+  const int budget = (kSharedBytes - kWmmaFixedBytes) / (2 * kWmmaHaloRow * 2);
+  const bool found = largest_tile(p.h_out, p.w_out, kWgradPixels, [&](int tile_h, int tile_w) {
+    t->tile_h = tile_h;
+    t->tile_w = tile_w;
+    t->reach_h = tap_reach(tile_h, p.stride, p.dilation);
+    t->reach_w = tap_reach(tile_w, p.stride, p.dilation);
+    t->halo_h = halo_extent(tile_h, p.stride, t->reach_h);
+    t->halo_w = halo_extent(tile_w, p.stride, t->reach_w);
+    return int64_t(t->halo_h) * t->halo_w <= budget;
+  });
+  if (!found) return false;
   const int tile_h = t->tile_h, tile_w = t->tile_w;
   t->tiles_h = int(ceil_div(p.h_out, tile_h));
   t->tiles_w = int(ceil_div(p.w_out, tile_w));
@@ -590,7 +616,7 @@ inline int64_t wgrad_mma_splits(const P& p, const WgradTiling& t) {
   return ceil_div(p.n * t.tiles_h * t.tiles_w, t.units_per_split);
 }
 inline size_t wgrad_mma_shared_bytes(const WgradTiling& t) {
-  return size_t(kWmmaFixedBytes) + size_t(t.buffers) * t.halo_h * t.halo_w * kWmmaHaloRow * 2;
+  return size_t(kWmmaFixedBytes) + size_t(2) * t.halo_h * t.halo_w * kWmmaHaloRow * 2;
 }
 
 __host__ __device__ inline int wgrad_mma_input_begin(const P& p, int co0) {
@@ -615,15 +641,14 @@ __global__ void __launch_bounds__(kMmaThreads, 2) wgrad_mma(const P p, const Wgr
   const int ci_count = ci_stop - ci_begin < kWmmaInputs ? ci_stop - ci_begin : kWmmaInputs;
   const int tile_w = tiling.tile_w, tile_pixels = tiling.tile_h * tile_w, halo_w = tiling.halo_w;
   const int halo = tiling.halo_h * halo_w;
-  // Input halo buffers, [halo][kWmmaHaloRow]: (position, ci). With two, the next unit's halo lands
-  // in one while the MMAs read the other.
-  const bool ahead = tiling.buffers == 2;
+  // Two input halo buffers, [halo][kWmmaHaloRow]: (position, ci). The next unit's halo lands in one
+  // while the MMAs read the other.
   const auto x_halo_of = [&](int64_t unit) {
-    return shared + kChannels * kWmmaRow + (ahead ? int(unit % 2) * halo * kWmmaHaloRow : 0);
+    return shared + kChannels * kWmmaRow + int(unit % 2) * halo * kWmmaHaloRow;
   };
   // y and dz of the unit's pixels as copied, 8 channels per vector: vector i is copied and read
   // by the same thread, so no thread waits for another's copies.
-  uint4* y_copied = reinterpret_cast<uint4*>(shared + kChannels * kWmmaRow + tiling.buffers * halo * kWmmaHaloRow);
+  uint4* y_copied = reinterpret_cast<uint4*>(shared + kChannels * kWmmaRow + 2 * halo * kWmmaHaloRow);
   uint4* dz_copied = y_copied + kWmmaVectors;
   uint16_t* zero_row = reinterpret_cast<uint16_t*>(dz_copied + kWmmaVectors);  // [8]
   // [kWgradPixels]: the halo position of a pixel's first tap, -1: none.
@@ -691,7 +716,8 @@ __global__ void __launch_bounds__(kMmaThreads, 2) wgrad_mma(const P p, const Wgr
     const int ih0 = (ut / tiling.tiles_w) * tiling.tile_h * s - d, iw0 = (ut % tiling.tiles_w) * tile_w * s - d;
     for (int i = int(threadIdx.x); i < halo * (kWmmaInputs / 8); i += kMmaThreads) {
       const int pos = i / (kWmmaInputs / 8), c = i % (kWmmaInputs / 8) * 8, halo_row = by_halo_w.quotient(pos);
-      const int ih = ih0 + halo_row, iw = iw0 + (pos - halo_row * halo_w);
+      const int ih = ih0 + halo_input_offset(halo_row, tiling.reach_h, d);
+      const int iw = iw0 + halo_input_offset(pos - halo_row * halo_w, tiling.reach_w, d);
       const bool inside = c < ci_count && ih >= 0 && ih < p.h && iw >= 0 && iw < p.w;
       copy_async_16(x_halo + pos * kWmmaHaloRow + c,
                     inside ? x + un * p.x_stride[0] + (ci_begin + c) + ih * p.x_stride[2] + iw * p.x_stride[3] : x,
@@ -699,9 +725,9 @@ __global__ void __launch_bounds__(kMmaThreads, 2) wgrad_mma(const P p, const Wgr
     }
   };
 
-  // Each unit's y and dz (and, with two buffers, x) copies start during the previous unit.
+  // Each unit's y, dz and x copies start during the previous unit.
   copy_dy(n, tile);
-  if (ahead && vector_x) copy_x(n, tile, x_halo_of(u0));
+  if (vector_x) copy_x(n, tile, x_halo_of(u0));
   copy_async_commit();
   for (int64_t u = u0; u < u1; ++u) {
     const int oh0 = (tile / tiling.tiles_w) * tiling.tile_h, ow0 = (tile % tiling.tiles_w) * tile_w;
@@ -715,8 +741,6 @@ __global__ void __launch_bounds__(kMmaThreads, 2) wgrad_mma(const P p, const Wgr
       const int ph = q / tile_w, pw = q % tile_w;
       pixel_base[q] = q < tile_pixels && oh0 + ph < p.h_out && ow0 + pw < p.w_out ? ph * s * halo_w + pw * s : -1;
     }
-    if (!ahead && vector_x) copy_x(n, tile, x_halo);
-    copy_async_commit();
     copy_async_wait<0>();
     // dy, 8 channels of a pixel at a time: from the copied vectors where they are all there, else
     // one by one.
@@ -739,7 +763,8 @@ __global__ void __launch_bounds__(kMmaThreads, 2) wgrad_mma(const P p, const Wgr
     if (!vector_x) {
       for (int i = int(threadIdx.x); i < halo * kWmmaInputs; i += kMmaThreads) {
         const int c = i % kWmmaInputs, pos = i / kWmmaInputs, halo_row = by_halo_w.quotient(pos);
-        const int ih = ih0 + halo_row, iw = iw0 + (pos - halo_row * halo_w);
+        const int ih = ih0 + halo_input_offset(halo_row, tiling.reach_h, d);
+        const int iw = iw0 + halo_input_offset(pos - halo_row * halo_w, tiling.reach_w, d);
         uint16_t v = 0;
         if (c < ci_count && ih >= 0 && ih < p.h && iw >= 0 && iw < p.w)
           v = x[n * p.x_stride[0] + (ci_begin + c) * p.x_stride[1] + ih * p.x_stride[2] + iw * p.x_stride[3]];
@@ -753,7 +778,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2) wgrad_mma(const P p, const Wgr
     if (++tile == int(tiles)) tile = 0, ++n;
     if (u + 1 < u1) {
       copy_dy(n, tile);
-      if (ahead && vector_x) copy_x(n, tile, x_halo_of(u + 1));
+      if (vector_x) copy_x(n, tile, x_halo_of(u + 1));
     }
     copy_async_commit();
     for (int ks = 0; ks < k_pixels; ks += kMmaK) {
@@ -766,7 +791,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2) wgrad_mma(const P p, const Wgr
 #pragma unroll
       for (int j = 0; j < kWmmaNTiles; ++j) {
         if ((needed >> 2 * j & 3) == 0) continue;
-        const int tap = tap_of(j), offset = (tap / 3) * d * halo_w + (tap % 3) * d;
+        const int tap = tap_of(j), offset = (tap / 3) * tiling.reach_h * halo_w + (tap % 3) * tiling.reach_w;
         uint32_t b[2];
         ldmatrix_trans(b, base < 0 ? zero_row : x_halo + (base + offset) * kWmmaHaloRow + slice_of(j));
         if (needed >> 2 * j & 1) mma_m16n8k16<T>(acc[0][j], a[0], b);
@@ -813,7 +838,7 @@ const char* launch(const P& p, void* stream) {
   if (p.dx != nullptr) {
     DgradTiling tiling;
     if (!choose_dgrad_tiling<T>(p, &tiling))
-      return "dilation and stride too large: one input pixel's output halo does not fit in shared memory";
+      return "internal error: no dgrad tile fits in shared memory";
     const size_t bytes = dgrad_shared_bytes<T>(tiling);
     const int64_t dgrad_tiles = p.n * tiling.tiles_h * tiling.tiles_w;
     if constexpr (sizeof(T) == 2)
@@ -833,24 +858,20 @@ const char* launch(const P& p, void* stream) {
   }
   if (p.dw != nullptr) {
     int64_t splits = wgrad_splits(p);
-    bool tensor_cores = false;
-    WgradTiling tiling;
-    if constexpr (sizeof(T) == 2) {
-      tensor_cores = choose_wgrad_tiling(p, &tiling);
-      if (tensor_cores) {
-        int input_tiles = 1;  // the most any output-channel tile needs
-        for (int co0 = 0; co0 < p.c_out; co0 += kChannels) {
-          const int tiles = int(ceil_div(wgrad_mma_input_stop(p, co0) - wgrad_mma_input_begin(p, co0), kWmmaInputs));
-          input_tiles = tiles > input_tiles ? tiles : input_tiles;
-        }
-        splits = wgrad_mma_splits(p, tiling);
-        if (!grid_fits(splits, channel_tiles, input_tiles)) return kGridTooLarge;
-        auto wgrad_kernel = wgrad_mma<T>;
-        RK_LAUNCH(wgrad_kernel, dim3(unsigned(splits), channel_tiles, unsigned(input_tiles)), dim3(kMmaThreads),
-                  wgrad_mma_shared_bytes(tiling), s, p, tiling);
+    if constexpr (sizeof(T) == 2) {  // 16-bit inputs run on tensor cores; fp32 and fp64 on FMA units
+      WgradTiling tiling;
+      if (!choose_wgrad_tiling(p, &tiling)) return "internal error: no wgrad tile fits in shared memory";
+      int input_tiles = 1;  // the most any output-channel tile needs
+      for (int co0 = 0; co0 < p.c_out; co0 += kChannels) {
+        const int tiles = int(ceil_div(wgrad_mma_input_stop(p, co0) - wgrad_mma_input_begin(p, co0), kWmmaInputs));
+        input_tiles = tiles > input_tiles ? tiles : input_tiles;
       }
-    }
-    if (!tensor_cores) {  // fp32 / fp64, or a dilation whose halo does not fit
+      splits = wgrad_mma_splits(p, tiling);
+      if (!grid_fits(splits, channel_tiles, input_tiles)) return kGridTooLarge;
+      auto wgrad_kernel = wgrad_mma<T>;
+      RK_LAUNCH(wgrad_kernel, dim3(unsigned(splits), channel_tiles, unsigned(input_tiles)), dim3(kMmaThreads),
+                wgrad_mma_shared_bytes(tiling), s, p, tiling);
+    } else {
       auto wgrad_kernel = wgrad<T>;
       RK_LAUNCH(wgrad_kernel,
                 dim3(unsigned(splits), channel_tiles, unsigned(ceil_div(p.c_in / p.groups, kWgradInputs))),

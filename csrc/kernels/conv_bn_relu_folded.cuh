@@ -25,12 +25,12 @@ constexpr int kSharedBytes = 48 * 1024;                // without opting in to l
 
 struct Tiling {
   int tile_h, tile_w;   // output pixels per tile
-  int halo_h, halo_w;   // the input rows and columns the tile reads
+  int halo_h, halo_w;   // the input rows and columns the tile reads (staged in bands: tap_reach)
+  int reach_h, reach_w; // rows and columns between the taps in the staged halo (tap_reach)
   int chunk;            // input channels per shared-memory stage
   int row;              // shared-memory values per staged halo position or weight row (>= chunk)
   int tiles_h, tiles_w;
   int tiles_per_block;  // consecutive tiles of one channel tile that a block computes in turn
-  int buffers;          // halo buffers of the tensor-core kernel: 2 when the next halo's copies overlap
 };
 
 // Where a block works on tile `tile` (counted over the batch): its image, output tile and channel
@@ -144,7 +144,8 @@ __global__ void __launch_bounds__(kThreads) conv_bn_relu_folded_fma(const ConvBn
     __syncthreads();  // the previous chunk's tiles have been read by everyone
     for (int i = int(threadIdx.x); i < halo * count; i += kThreads) {
       const int k = i % count, pos = i / count;
-      const int64_t ih = ih0 + pos / halo_w, iw = iw0 + pos % halo_w;
+      const int64_t ih = ih0 + halo_input_offset(pos / halo_w, tiling.reach_h, d);
+      const int64_t iw = iw0 + halo_input_offset(pos % halo_w, tiling.reach_w, d);
       Acc v = Acc(0);
       if (ih >= 0 && ih < p.h && iw >= 0 && iw < p.w)
         v = Numeric<T>::load(x[n * p.x_stride[0] + (k0 + k) * p.x_stride[1] + ih * p.x_stride[2] + iw * p.x_stride[3]]);
@@ -162,7 +163,7 @@ __global__ void __launch_bounds__(kThreads) conv_bn_relu_folded_fma(const ConvBn
     for (int k = k_begin; k < k_end; ++k)
       for (int tap = 0; tap < 9; ++tap) {
         const Acc wv = w_tile[(c_local * chunk + k) * 9 + tap];
-        const int dy = (tap / 3) * d, dx = (tap % 3) * d;
+        const int dy = (tap / 3) * tiling.reach_h, dx = (tap % 3) * tiling.reach_w;
 #pragma unroll
         for (int j = 0; j < kPixelsPerThread; ++j) {
           const int pixel = pixel_lane + j * kPixelLanes;
@@ -239,14 +240,14 @@ __host__ __device__ inline size_t buffer_bytes(const Tiling& t) {
 // own group's input channels only.
 template <typename T>
 __device__ __forceinline__ float exact_chunk_sum(const uint16_t* x_tile, const uint16_t* w_tile, int row, int base,
-                                                 int c, int co, int k0, int count, int halo_w, int d, int cin_pg,
-                                                 int cout_pg) {
+                                                 int c, int co, int k0, int count, const Tiling& tiling,
+                                                 int cin_pg, int cout_pg) {
   const int group_begin = (co / cout_pg) * cin_pg;
   const int lo = group_begin > k0 ? group_begin : k0;
   const int hi = group_begin + cin_pg < k0 + count ? group_begin + cin_pg : k0 + count;
   float sum = 0.0f;
   for (int tap = 0; tap < 9; ++tap) {
-    const int offset = (tap / 3) * d * halo_w + (tap % 3) * d;
+    const int offset = (tap / 3) * tiling.reach_h * tiling.halo_w + (tap % 3) * tiling.reach_w;
     for (int k = lo; k < hi; ++k)
       sum += Numeric<T>::from_bits(x_tile[(base + offset) * row + k - k0]) *
              Numeric<T>::from_bits(w_tile[(tap * kChannels + c) * row + k - k0]);
@@ -279,7 +280,8 @@ __device__ __forceinline__ void copy_halo_async(uint16_t* x_tile, const ConvBnRe
   const SmallDivisor by_halo_w(halo_w), by_vectors(tiling.row / 8);  // dividends < 2^20
   for (int i = int(threadIdx.x); i < halo * by_vectors.d; i += kMmaThreads) {
     const int pos = by_vectors.quotient(i), k = (i - pos * by_vectors.d) * 8, halo_row = by_halo_w.quotient(pos);
-    const int64_t ih = b.ih0 + halo_row, iw = b.iw0 + (pos - halo_row * halo_w);
+    const int64_t ih = b.ih0 + halo_input_offset(halo_row, tiling.reach_h, p.dilation);
+    const int64_t iw = b.iw0 + halo_input_offset(pos - halo_row * halo_w, tiling.reach_w, p.dilation);
     const bool inside = k < count && ih >= 0 && ih < p.h && iw >= 0 && iw < p.w;
     copy_async_16(x_tile + 8 * i,
                   inside ? x + b.n * p.x_stride[0] + (k0 + k) + ih * p.x_stride[2] + iw * p.x_stride[3] : x, inside);
@@ -309,7 +311,8 @@ __device__ __forceinline__ int stage_halo(uint16_t* x_tile, const ConvBnReluPara
   int non_finite = 0;
   for (int i = int(threadIdx.x); i < halo * row; i += kMmaThreads) {
     const int pos = by_row.quotient(i), k = i - pos * row, halo_row = by_halo_w.quotient(pos);
-    const int64_t ih = b.ih0 + halo_row, iw = b.iw0 + (pos - halo_row * halo_w);
+    const int64_t ih = b.ih0 + halo_input_offset(halo_row, tiling.reach_h, p.dilation);
+    const int64_t iw = b.iw0 + halo_input_offset(pos - halo_row * halo_w, tiling.reach_w, p.dilation);
     uint16_t v = 0;
     if (k < count && ih >= 0 && ih < p.h && iw >= 0 && iw < p.w)
       v = x[b.n * p.x_stride[0] + (k0 + k) * p.x_stride[1] + ih * p.x_stride[2] + iw * p.x_stride[3]];
@@ -325,14 +328,13 @@ __global__ void __launch_bounds__(kMmaThreads, 4) conv_bn_relu_folded_mma(const 
   const int chunk = tiling.chunk, row = tiling.row, halo_w = tiling.halo_w, tile_w = tiling.tile_w;
   const int tile_pixels = tiling.tile_h * tile_w;
   uint16_t* w_tile = shared;  // [9][kChannels][row]
-  // Halo buffers ([halo][row], then the epilogue's StagedTile). With two, one is computed from while
-  // the next unit's halo lands in the other.
-  const bool ahead = tiling.buffers == 2;
+  // Two halo buffers ([halo][row], then the epilogue's StagedTile): one is computed from while the
+  // next unit's halo lands in the other.
   const auto x_buffer = [&, buffer_values = int(buffer_bytes<kTrain>(tiling) / 2)](int64_t unit) {
-    return shared + 9 * kChannels * row + (ahead ? int(unit % 2) * buffer_values : 0);
+    return shared + 9 * kChannels * row + int(unit % 2) * buffer_values;
   };
   const uint16_t* weight = static_cast<const uint16_t*>(p.weight);
-  const int s = p.stride, d = p.dilation;
+  const int s = p.stride, reach_h = tiling.reach_h, reach_w = tiling.reach_w;
 
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
   // The halo positions of this lane's two fragment rows (pixels warp*16 + g and + 8), and of the
@@ -359,7 +361,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) conv_bn_relu_folded_mma(const 
 
   // The block's work is a sequence of units (tile, chunk of input channels): tiles first .. last - 1
   // of the channel tile blockIdx.y, each in `chunks` chunks. Where a unit's halo can be copied
-  // 16 bytes at a time, its copies start during the previous unit (with two buffers).
+  // 16 bytes at a time, its copies start during the previous unit.
   const int64_t tiles = p.n * tiling.tiles_h * tiling.tiles_w;
   const int64_t first = int64_t(blockIdx.x) * tiling.tiles_per_block;
   const int64_t last = first + tiling.tiles_per_block < tiles ? first + tiling.tiles_per_block : tiles;
@@ -372,7 +374,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) conv_bn_relu_folded_mma(const 
   ntile_k_ranges(b.co0, b.co_end, b.cout_pg, b.cin_pg, k_begin, k_end);
   float acc[kNTiles][4];
 
-  if (ahead && copied(ci_begin)) copy_halo_async(x_buffer(0), p, tiling, b, ci_begin, count_of(ci_begin));
+  if (copied(ci_begin)) copy_halo_async(x_buffer(0), p, tiling, b, ci_begin, count_of(ci_begin));
   copy_async_commit();
   for (int64_t u = 0; u < units; ++u) {
     const int k0 = ci_begin + int(u % chunks) * chunk, count = count_of(k0);
@@ -385,19 +387,15 @@ __global__ void __launch_bounds__(kMmaThreads, 4) conv_bn_relu_folded_mma(const 
     }
     __syncthreads();  // everyone is done with the previous unit's buffer (the next one's) and weights
     if (chunks > 1 || u == 0) stage_weights(w_tile, weight, row, k0, count, b);
-    if (!ahead && copied(k0)) copy_halo_async(x_tile, p, tiling, b, k0, count);
     if (u + 1 < units) {
       const int next_k0 = k0 + chunk < ci_end ? k0 + chunk : ci_begin;
       if (next_k0 == ci_begin) next = locate_block(p, tiling, first + (u + 1) / chunks);
-      if (ahead && copied(next_k0)) copy_halo_async(x_buffer(u + 1), p, tiling, next, next_k0, count_of(next_k0));
+      if (copied(next_k0)) copy_halo_async(x_buffer(u + 1), p, tiling, next, next_k0, count_of(next_k0));
     }
     copy_async_commit();
     int non_finite;
     if (copied(k0)) {
-      if (ahead)
-        copy_async_wait<1>();  // this unit's group; the next unit's stays in flight
-      else
-        copy_async_wait<0>();
+      copy_async_wait<1>();  // this unit's group; the next unit's stays in flight
       non_finite = copied_non_finite<T>(x_tile, tiling);
     } else {
       non_finite = stage_halo<T>(x_tile, p, tiling, b, k0, count);
@@ -408,13 +406,13 @@ __global__ void __launch_bounds__(kMmaThreads, 4) conv_bn_relu_folded_mma(const 
     if (__syncthreads_or(non_finite)) {
       add_exact_sums(acc, t, [&](int c, int r) {
         return (r ? pixel[1] : pixel[0]) < tile_pixels && b.co0 + c < b.co_end
-                   ? exact_chunk_sum<T>(x_tile, w_tile, row, r ? base[1] : base[0], c, b.co0 + c, k0, count, halo_w,
-                                        d, b.cin_pg, b.cout_pg)
+                   ? exact_chunk_sum<T>(x_tile, w_tile, row, r ? base[1] : base[0], c, b.co0 + c, k0, count, tiling,
+                                        b.cin_pg, b.cout_pg)
                    : 0.0f;
       });
     } else if (warp_in_image) {
       mma_chunk<T>(acc, k_begin, k_end, k0, count, w_tile, row, lane, false, [&](int tap) {
-        return FragmentRow{x_tile + (a_base + (tap / 3) * d * halo_w + (tap % 3) * d) * row + a_column, 1};
+        return FragmentRow{x_tile + (a_base + (tap / 3) * reach_h * halo_w + (tap % 3) * reach_w) * row + a_column, 1};
       });
     }
     if (k0 + chunk < ci_end) continue;
@@ -484,7 +482,7 @@ template <typename T, bool kTrain>
 size_t shared_bytes(const Tiling& t) {
   const size_t halo = size_t(t.halo_h) * t.halo_w;
   if constexpr (sizeof(T) == 2) {
-    return size_t(9) * kChannels * t.row * 2 + t.buffers * buffer_bytes<kTrain>(t);
+    return size_t(9) * kChannels * t.row * 2 + 2 * buffer_bytes<kTrain>(t);
   } else {
     using Acc = typename Numeric<T>::Acc;
     // The training epilogue stages the tile's y over the (finished) input tiles, the lanes' partial
@@ -497,29 +495,27 @@ size_t shared_bytes(const Tiling& t) {
 
 // The largest tile (up to kMaxPixels) whose halo and weights fit in shared memory for a chunk of at
 // least one input channel, with the widest chunk that fits (whole 8-channel vectors for 16-bit
-// types above 8, keeping staged rows 16-byte aligned); then how many tiles a block takes.
+// types above 8, keeping staged rows 16-byte aligned); then how many tiles a block takes. A one-pixel
+// tile's halo is 3 x 3 pixels whatever the dilation (tap_reach), so some tile always fits.
 template <typename T, bool kTrain>
 bool choose_tiling(const ConvBnReluParams& p, Tiling* t) {
   constexpr bool kTensorCores = sizeof(T) == 2;
-  const auto find_tile = [&] {
-    return largest_tile(p.h_out, p.w_out, kMaxPixels, [&](int tile_h, int tile_w) {
-      t->tile_h = tile_h;
-      t->tile_w = tile_w;
-      t->halo_h = (tile_h - 1) * p.stride + 2 * p.dilation + 1;
-      t->halo_w = (tile_w - 1) * p.stride + 2 * p.dilation + 1;
-      for (int chunk = kMaxChunk; chunk >= 1; --chunk) {
-        if (kTensorCores && chunk > 8 && chunk % 8 != 0) continue;
-        t->chunk = chunk;
-        t->row = kTensorCores ? mma_row(chunk) : chunk;
-        if (shared_bytes<T, kTrain>(*t) <= size_t(kSharedBytes)) return true;
-      }
-      return false;
-    });
-  };
-  // Tensor cores: two halo buffers wherever some tile fits them, so that copies overlap the MMAs.
-  t->buffers = kTensorCores ? 2 : 1;
-  while (!find_tile())
-    if (--t->buffers == 0) return false;
+  const bool found = largest_tile(p.h_out, p.w_out, kMaxPixels, [&](int tile_h, int tile_w) {
+    t->tile_h = tile_h;
+    t->tile_w = tile_w;
+    t->reach_h = tap_reach(tile_h, p.stride, p.dilation);
+    t->reach_w = tap_reach(tile_w, p.stride, p.dilation);
+    t->halo_h = halo_extent(tile_h, p.stride, t->reach_h);
+    t->halo_w = halo_extent(tile_w, p.stride, t->reach_w);
+    for (int chunk = kMaxChunk; chunk >= 1; --chunk) {
+      if (kTensorCores && chunk > 8 && chunk % 8 != 0) continue;
+      t->chunk = chunk;
+      t->row = kTensorCores ? mma_row(chunk) : chunk;
+      if (shared_bytes<T, kTrain>(*t) <= size_t(kSharedBytes)) return true;
+    }
+    return false;
+  });
+  if (!found) return false;
   t->tiles_h = int((p.h_out + t->tile_h - 1) / t->tile_h);
   t->tiles_w = int((p.w_out + t->tile_w - 1) / t->tile_w);
   t->tiles_per_block = 1;  // the tensor-core launch sets its own
@@ -530,7 +526,7 @@ template <typename T, bool kTrain = false>
 const char* launch(const ConvBnReluParams& p, void* stream) {
   Tiling tiling;
   if (!choose_tiling<T, kTrain>(p, &tiling))
-    return "dilation and stride too large: one output pixel's input halo does not fit in shared memory";
+    return "internal error: no convolution tile fits in shared memory";
   const size_t bytes = shared_bytes<T, kTrain>(tiling);
   const int64_t tiles = p.n * tiling.tiles_h * tiling.tiles_w;
   if constexpr (sizeof(T) == 2)

@@ -34,7 +34,7 @@ const char* launch_conv_bn_relu_folded(const ConvBnReluParams& params, void* str
 
 // Training pass 1: y = conv2d(...) (no scale, shift or ReLU) into `out`, in x's dtype, and the
 // partial statistics of the stored y into `partials`. conv_stats_blocks: the partials' block count
-// (0 when the tile does not fit in shared memory; the launch then reports why).
+// (0 only if no tile fit in shared memory, which tap_reach rules out; the launch then reports it).
 int64_t conv_stats_blocks(const ConvBnReluParams& params);
 const char* launch_conv_stats(const ConvBnReluParams& params, void* stream);
 

@@ -65,6 +65,21 @@ inline bool largest_tile(int64_t h, int64_t w, int max_pixels, Fits fits) {
   return true;
 }
 
+// Large dilations. A tile of `tile` output rows reads input rows spanning (tile - 1) * stride +
+// 2 * dilation + 1, and once the dilation passes the tile's own span, (tile - 1) * stride + 1, most of
+// them are rows no tap reads. Then only three bands of `span` rows are staged, one per tap row, back to
+// back: in the staged halo the taps lie `reach` = min(dilation, span) rows apart, and staged row r
+// holds the input row r + (r / reach) * (dilation - reach) past the halo's first. Columns alike. With
+// reach == dilation this is the whole halo, so no dilation is too large for shared memory.
+__host__ __device__ inline int tap_reach(int tile, int stride, int dilation) {
+  const int span = (tile - 1) * stride + 1;
+  return dilation < span ? dilation : span;
+}
+__host__ __device__ inline int halo_extent(int tile, int stride, int reach) { return (tile - 1) * stride + 2 * reach + 1; }
+__device__ __forceinline__ int halo_input_offset(int r, int reach, int dilation) {
+  return reach == dilation ? r : r + (r / reach) * (dilation - reach);
+}
+
 // The A row a lane names to ldmatrix for one tap: its address at K step 0, and how far it moves
 // per K column (0: an all-zero row, read at its start at every step, named by a pixel the tap does
 // not reach).

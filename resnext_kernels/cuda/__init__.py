@@ -12,12 +12,6 @@ from .ops import register_namespace
 
 _STALE_BUILD = register_namespace("resnext_kernels") if LOAD_ERROR is None else None
 
-# The largest dilation (once clamped to the image's longer side) for which the (2 dilation + 1)^2
-# input pixels of one output pixel fit a block's 48 KiB of shared memory with one channel
-# (choose_tiling, choose_dgrad_tiling in csrc/kernels). test_cuda checks both sides of each limit.
-MAX_DILATION = {torch.float16: 13, torch.bfloat16: 13, torch.float32: 54, torch.float64: 37}
-
-
 def unavailable_reason(device):
     if device.type == "cpu" and emulation.enabled():
         return emulation.load() or register_namespace(emulation.NAMESPACE)
