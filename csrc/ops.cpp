@@ -4,6 +4,7 @@
 // into the host test build (CPU dispatch key, kernels run by csrc/emulate/).
 
 #include <algorithm>
+#include <limits>
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -92,9 +93,19 @@ bool is_channels_last(const at::Tensor& x) {
   return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
 }
 
+// Memory the kernels write: on a GPU, PyTorch's caching allocator hands back whatever earlier kernels
+// left there. The host test build fills it with NaN instead (a fresh CPU allocation would read as
+// zeros), so that an element a kernel fails to write shows up in the tests.
+at::Tensor unwritten(at::Tensor t) {
+#ifdef RESNEXT_KERNELS_EMULATE
+  t.fill_(std::numeric_limits<double>::quiet_NaN());
+#endif
+  return t;
+}
+
 at::Tensor empty_like_format(const at::Tensor& x, at::IntArrayRef sizes) {
-  return at::empty(sizes, x.options().memory_format(is_channels_last(x) ? at::MemoryFormat::ChannelsLast
-                                                                         : at::MemoryFormat::Contiguous));
+  const auto format = is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  return unwritten(at::empty(sizes, x.options().memory_format(format)));
 }
 
 // The current device's multiprocessors (kernels size their blocks by it); 0 in the host test build.
@@ -184,7 +195,7 @@ at::Tensor conv_pass1(const at::Tensor& x, const at::Tensor& weight, int64_t str
   ConvBnReluParams p = conv_params(x, weight_c, y, stride, dilation, groups);
   if (partials != nullptr) {
     const int64_t blocks = conv_stats_blocks(p);
-    *partials = at::empty({3, blocks, weight.size(0)}, x.options().dtype(acc_type_of(x)));
+    *partials = unwritten(at::empty({3, blocks, weight.size(0)}, x.options().dtype(acc_type_of(x))));
     p.partials = partials->data_ptr();
   }
   const char* error = launch_conv_stats(p, stream_of(x));
@@ -232,7 +243,7 @@ BatchNormReluParams normalize_params(const at::Tensor& y, const at::Tensor& resi
 at::Tensor merge_and_normalize(const at::Tensor& y, const at::Tensor& residual, const at::Tensor& z,
                                const at::Tensor& partials, const std::pair<at::Tensor, at::Tensor>& affine,
                                double eps) {
-  at::Tensor stats = at::empty({4, z.size(1)}, y.options().dtype(acc_type_of(y)));
+  at::Tensor stats = unwritten(at::empty({4, z.size(1)}, y.options().dtype(acc_type_of(y))));
   BatchNormReluParams p = normalize_params(y, residual, z);
   p.partials = partials.data_ptr();
   p.blocks = partials.size(1);
@@ -241,7 +252,7 @@ at::Tensor merge_and_normalize(const at::Tensor& y, const at::Tensor& residual, 
   p.eps = eps;
   p.stats = stats.data_ptr();
   const int64_t slabs = batch_norm_train_slabs(p.blocks);
-  at::Tensor merged = slabs > 0 ? at::empty({3, slabs, z.size(1)}, stats.options()) : at::Tensor();
+  at::Tensor merged = slabs > 0 ? unwritten(at::empty({3, slabs, z.size(1)}, stats.options())) : at::Tensor();
   p.slabs = slabs > 0 ? merged.data_ptr() : nullptr;
   check_launch(launch_batch_norm_train(p, stream_of(y)), "batch norm");
   return stats;
@@ -257,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train(const at::Tens
   at::Tensor partials;
   at::Tensor y = conv_pass1(x, weight, stride, dilation, groups, &partials);
   TORCH_CHECK(y.numel() > 0, "resnext_kernels: batch statistics need a non-empty batch, got x of shape ", x.sizes());
-  at::Tensor z = at::empty_like(y);
+  at::Tensor z = unwritten(at::empty_like(y));
   at::Tensor stats = merge_and_normalize(y, at::Tensor(), z, partials, affine, eps);
   return {z, y, stats};
 }
@@ -323,9 +334,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_backward(
   const BackwardPerChannel per_channel = backward_per_channel(scale, shift, mean, var, x, c_out);
   const auto acc = acc_type_of(x);
   at::Tensor dx = need_dx ? empty_like_format(x, x.sizes()) : at::empty({0}, x.options());
-  at::Tensor dw = need_dw ? at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous))
-                          : at::empty({0}, weight.options());
-  at::Tensor dparams = need_dparams ? at::empty({2, c_out}, x.options().dtype(acc)) : at::empty({0}, x.options().dtype(acc));
+  const auto dw_options = weight.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor dw = need_dw ? unwritten(at::empty(weight.sizes(), dw_options)) : at::empty({0}, weight.options());
+  at::Tensor dparams = need_dparams ? unwritten(at::empty({2, c_out}, x.options().dtype(acc)))
+                                    : at::empty({0}, x.options().dtype(acc));
   if (x.size(0) == 0) {
     dx.zero_();
     dw.zero_();
@@ -351,7 +363,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_backward(
   p.dilation = int(dilation);
   p.groups = int(groups);
   p.sm_count = sm_count();
-  at::Tensor workspace = at::empty({backward_workspace_elements(p)}, x.options().dtype(acc));
+  at::Tensor workspace = unwritten(at::empty({backward_workspace_elements(p)}, x.options().dtype(acc)));
   p.workspace = workspace.data_ptr();
   const char* error = launch_conv_bn_relu_backward(p, stream_of(x));
   check_launch(error, "conv_bn_relu_backward");
@@ -397,7 +409,8 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_relu_train(const at::Tensor& x, co
   stats_params.c = c;
   stats_params.hw = x.size(2) * x.size(3);
   stats_params.channels_last = is_channels_last(x_c);
-  at::Tensor partials = at::empty({3, batch_norm_stats_blocks(stats_params), c}, x.options().dtype(acc_type_of(x)));
+  at::Tensor partials =
+      unwritten(at::empty({3, batch_norm_stats_blocks(stats_params), c}, x.options().dtype(acc_type_of(x))));
   stats_params.partials = partials.data_ptr();
   check_launch(launch_batch_norm_stats(stats_params, stream_of(x)), "batch norm statistics");
   at::Tensor stats = merge_and_normalize(x_c, residual_c, z, partials, affine, eps);
@@ -431,7 +444,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward(
   const BackwardPerChannel per_channel = backward_per_channel(scale, shift, mean, var, x, c);
   const auto acc = acc_type_of(x);
   at::Tensor dx = need_dx ? empty_like_format(x, x.sizes()) : at::empty({0}, x.options());
-  at::Tensor dparams = need_dparams ? at::empty({2, c}, x.options().dtype(acc)) : at::empty({0}, x.options().dtype(acc));
+  at::Tensor dparams =
+      need_dparams ? unwritten(at::empty({2, c}, x.options().dtype(acc))) : at::empty({0}, x.options().dtype(acc));
   at::Tensor g = output.has_value() ? empty_like_format(x, x.sizes()) : at::empty({0}, x.options());
   if (x.numel() == 0) {
     dparams.zero_();
@@ -448,7 +462,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward(
     p.z_stride[i] = output.has_value() ? output->stride(i) : 0;
     p.g_stride[i] = output.has_value() ? g.stride(i) : 0;
   }
-  at::Tensor workspace = at::empty({batch_norm_relu_backward_workspace_elements(p)}, x.options().dtype(acc));
+  at::Tensor workspace =
+      unwritten(at::empty({batch_norm_relu_backward_workspace_elements(p)}, x.options().dtype(acc)));
   p.workspace = workspace.data_ptr();
   check_launch(launch_batch_norm_relu_backward(p, relu_mask, stream_of(x)), "batch_norm_relu_backward");
   return {dx, dparams, g};

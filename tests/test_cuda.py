@@ -180,10 +180,10 @@ def test_training_forward_and_backward_are_deterministic(dtype):
 def test_results_do_not_depend_on_the_schedule_of_threads(dtype, training, monkeypatch):
     # The host build's default schedule runs warps in lockstep, which hides a race between warps that
     # issue the same warp-level operations: one warp overwriting shared memory another still reads,
-    # or reading what another has not written yet, with no barrier between. The warp-serial schedule
-    # runs each warp alone up to the next __syncthreads(), and blocks, warps and lanes last first (a
-    # block writing outside its tile is no longer overwritten by the block owning it). Every kernel,
-    # bitwise.
+    # or reading what another has not written yet, with no barrier between. The warp-serial schedules
+    # run each warp alone up to the next __syncthreads(), blocks, warps and lanes last first (a block
+    # writing outside its tile is no longer overwritten by the block owning it) or first first (a
+    # later warp's write no longer lands before an earlier warp's read). Every kernel, bitwise.
     # Several tiles per persistent block (stride 1), packed 4-channel groups, stride 2 on odd sizes
     # (8x8 dgrad tiles, a warp per pixel phase, some warps skipping every tap);
     # several chunks per tile (the next chunk's copies in flight); dilations beyond the tiles' span
@@ -196,11 +196,11 @@ def test_results_do_not_depend_on_the_schedule_of_threads(dtype, training, monke
         grad = torch.randn(shape.n, shape.c_out, (shape.h - 1) // shape.stride + 1, (shape.w - 1) // shape.stride + 1,
                            device=DEVICE, dtype=dtype).contiguous(memory_format=torch.channels_last)
         runs = []
-        for schedule in ("lockstep", "warp-serial"):
+        for schedule in ("lockstep", "warp-serial", "warp-serial-ascending"):
             monkeypatch.setenv("RESNEXT_KERNELS_EMULATE_SCHEDULE", schedule)
             runs.append(_train_step("cuda", case, grad, training))
-        for name, a, b in zip(("z", "mean", "var", "dx", "dw", "dgamma", "dbeta"), *runs):
-            assert torch.equal(a, b), f"{shape}: {name}"
+        for name, first, *others in zip(("z", "mean", "var", "dx", "dw", "dgamma", "dbeta"), *runs):
+            assert all(torch.equal(first, other) for other in others), f"{shape}: {name}"
 
 
 @needs_cuda_backend

@@ -7,18 +7,20 @@
 //
 // Model:
 //  * Blocks run one after another. A block's threads are cooperative fibers (ucontext) on one OS
-//    thread; a fiber runs until it waits at a barrier or returns, then the next one runs. Two
+//    thread; a fiber runs until it waits at a barrier or returns, then the next one runs. Three
 //    schedules, chosen by RESNEXT_KERNELS_EMULATE_SCHEDULE:
 //      lockstep (default): passes over all threads in ascending order, each resumed once per pass,
 //        so warps advance together, one warp-level operation (MMA, shuffle) per pass;
 //      warp-serial: blocks in descending order; within a block always the highest-numbered thread
 //        that can run, and a thread releasing a barrier yields too: each warp runs alone until all
 //        its lanes wait at __syncthreads() (or have returned), the last warp first after every
-//        barrier, lanes last first.
-//    A kernel whose results differ between the two has a race: a warp reading shared memory another
+//        barrier, lanes last first;
+//      warp-serial-ascending: the same with blocks, warps and lanes first first.
+//    A kernel whose results differ between them has a race: a warp reading shared memory another
 //    writes, or overwriting what another still reads, with no __syncthreads() between them (lockstep
-//    hides such races between warps that run the same sequence of warp-level operations), or a block
-//    writing outside its own part of the output (which a later block would otherwise overwrite).
+//    hides such races between warps that run the same sequence of warp-level operations, and each
+//    serial order those where the warp it runs first is the writer), or a block writing outside its
+//    own part of the output (which a later block would otherwise overwrite).
 //  * __syncthreads() is a barrier over the block's live threads; warp operations (__syncwarp,
 //    shuffles, votes, MMA) are barriers over the warp's live lanes with an exchange slot per lane.
 //    As on the GPU, every lane named in a full mask must take part.
@@ -186,7 +188,7 @@ struct Block {
   std::vector<unsigned char> exchange;  // kExchangeBytes per thread, for warp operations
   const std::function<void()>* body = nullptr;
   std::string error;
-  bool yield_on_release = false;  // warp-serial: the thread completing a barrier returns to the scheduler
+  bool yield_on_release = false;  // warp-serial*: the thread completing a barrier returns to the scheduler
 };
 
 inline Block* running_block = nullptr;
@@ -241,15 +243,17 @@ inline dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 namespace emu {
 
-// True for the warp-serial schedule (see the top of this file).
-inline bool warp_serial_schedule() {
+enum class Schedule { kLockstep, kWarpSerial, kWarpSerialAscending };  // see the top of this file
+
+inline Schedule schedule_from_environment() {
   const char* schedule = std::getenv("RESNEXT_KERNELS_EMULATE_SCHEDULE");
-  if (!schedule || !std::strcmp(schedule, "lockstep")) return false;
-  if (!std::strcmp(schedule, "warp-serial")) return true;
-  throw std::runtime_error("RESNEXT_KERNELS_EMULATE_SCHEDULE must be lockstep or warp-serial");
+  if (!schedule || !std::strcmp(schedule, "lockstep")) return Schedule::kLockstep;
+  if (!std::strcmp(schedule, "warp-serial")) return Schedule::kWarpSerial;
+  if (!std::strcmp(schedule, "warp-serial-ascending")) return Schedule::kWarpSerialAscending;
+  throw std::runtime_error("RESNEXT_KERNELS_EMULATE_SCHEDULE must be lockstep, warp-serial or warp-serial-ascending");
 }
 
-inline void run_block(Block& block, int threads, dim3 block_dim, bool warp_serial) {
+inline void run_block(Block& block, int threads, dim3 block_dim, Schedule schedule) {
   for (int t = 0; t < threads; ++t) {
     Fiber& fiber = block.fibers[t];
     fiber.linear = t;
@@ -285,12 +289,19 @@ inline void run_block(Block& block, int threads, dim3 block_dim, bool warp_seria
   const auto deadlock = [] {
     return std::runtime_error("emulated kernel: deadlock (a barrier that some threads never reach)");
   };
-  block.yield_on_release = warp_serial;
+  block.yield_on_release = schedule != Schedule::kLockstep;
   while (live > 0) {
-    if (warp_serial) {
+    if (schedule == Schedule::kWarpSerial) {
       int t = threads - 1;
       while (t >= 0 && !runnable(t)) --t;
       if (t < 0) throw deadlock();
+      resume(t);
+      continue;
+    }
+    if (schedule == Schedule::kWarpSerialAscending) {
+      int t = 0;
+      while (t < threads && !runnable(t)) ++t;
+      if (t == threads) throw deadlock();
       resume(t);
       continue;
     }
@@ -309,12 +320,12 @@ inline void launch(dim3 grid, dim3 block_dim, size_t dynamic_shared_bytes, const
     throw std::runtime_error("emulated launch: grid outside CUDA's limits");
   // 48 KB: the most a launch gets without cudaFuncSetAttribute, which the kernels never call.
   if (dynamic_shared_bytes > 48 * 1024) throw std::runtime_error("emulated launch: more than 48 KB of dynamic shared memory");
-  const bool warp_serial = warp_serial_schedule();
+  const Schedule schedule = schedule_from_environment();
   gridDim = grid;
   blockDim = block_dim;
   dynamic_shared_memory.assign(dynamic_shared_bytes + 16, 0xff);  // all-ones bits: NaN in every float type
   while (int(fiber_stacks.size()) < threads) fiber_stacks.emplace_back(new char[kFiberStack]);
-  const auto order = [&](unsigned i, unsigned n) { return warp_serial ? n - 1 - i : i; };
+  const auto order = [&](unsigned i, unsigned n) { return schedule == Schedule::kWarpSerial ? n - 1 - i : i; };
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -330,7 +341,7 @@ inline void launch(dim3 grid, dim3 block_dim, size_t dynamic_shared_bytes, const
         for (int t = 0; t < threads; ++t) block.warp_barriers[t / 32].live++;
         running_block = &block;
         try {
-          run_block(block, threads, block_dim, warp_serial);
+          run_block(block, threads, block_dim, schedule);
         } catch (...) {
           running_block = nullptr;
           throw;

@@ -411,8 +411,10 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
         T v = Numeric<T>::store(0.0f);
         if (k < count && oh >= 0 && oh < p.h_out && ow >= 0 && ow < p.w_out)
           v = Numeric<T>::store(dy_at<T>(p, coef, n, k0 + k, oh, ow));
-        reinterpret_cast<T*>(dy_tile)[pos * row + k] = v;
-        non_finite |= (dy_tile[pos * row + k] & 0x7fff) >= Numeric<T>::kNonFinite;
+        uint16_t bits;
+        memcpy(&bits, &v, 2);
+        dy_tile[pos * row + k] = bits;
+        non_finite |= (bits & 0x7fff) >= Numeric<T>::kNonFinite;
       }
     }
     if (chunks > 1 || u == 0)
@@ -757,7 +759,9 @@ __global__ void __launch_bounds__(kMmaThreads, 2) wgrad_mma(const P p, const Wgr
         T dy = Numeric<T>::store(0.0f);
         if (v.in_tile && co0 + v.c + e < p.c_out)
           dy = Numeric<T>::store(dy_at<T>(p, ws.coef, n, co0 + v.c + e, v.oh, v.ow));
-        reinterpret_cast<T*>(dy_tile)[(v.c + e) * kWmmaRow + v.q] = dy;
+        uint16_t bits;
+        memcpy(&bits, &dy, 2);
+        dy_tile[(v.c + e) * kWmmaRow + v.q] = bits;
       }
     }
     if (!vector_x) {

@@ -225,15 +225,15 @@ constexpr int kNTiles = kChannels / 8;
 // The epilogue stages the tile's stored values over the halo (StagedTile, tensor_core_tiles.cuh), for
 // 16-byte stores and the training statistics, whose lanes' sums follow ([2][lanes][kChannels]).
 constexpr int kStageRow = StagedTile<kChannels>::kRow;
-constexpr int kMmaStageBytes = kMaxPixels * kStageRow * 4;
-constexpr int kMmaStatsBytes = kMmaStageBytes + 2 * (kMmaThreads / kChannels) * kChannels * 4;
+constexpr int kMmaStatsBytes = (kMaxPixels * kStageRow + 2 * (kMmaThreads / kChannels) * kChannels) * 4;
 
 // Bytes of one halo buffer of the tensor-core kernel: the halo ([halo][row] 16-bit values), or the
-// epilogue's staged tile and statistics over it, whichever is larger (a multiple of 16).
-template <bool kTrain>
+// epilogue's staged tile and statistics over it, whichever is larger (a multiple of 16). The same in
+// inference, which stages no statistics: the folded backward recomputes y with the training kernel,
+// which must choose the inference forward's tile and chunk, i.e. sum in its order, for its ReLU mask.
 __host__ __device__ inline size_t buffer_bytes(const Tiling& t) {
-  const size_t x_bytes = size_t(t.halo_h) * t.halo_w * t.row * 2, stage = kTrain ? kMmaStatsBytes : kMmaStageBytes;
-  return x_bytes > stage ? x_bytes : stage;
+  const size_t x_bytes = size_t(t.halo_h) * t.halo_w * t.row * 2;
+  return x_bytes > size_t(kMmaStatsBytes) ? x_bytes : size_t(kMmaStatsBytes);
 }
 
 // The exact partial sum of one chunk for output channel `co` at the halo position `base`: over its
@@ -330,7 +330,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) conv_bn_relu_folded_mma(const 
   uint16_t* w_tile = shared;  // [9][kChannels][row]
   // Two halo buffers ([halo][row], then the epilogue's StagedTile): one is computed from while the
   // next unit's halo lands in the other.
-  const auto x_buffer = [&, buffer_values = int(buffer_bytes<kTrain>(tiling) / 2)](int64_t unit) {
+  const auto x_buffer = [&, buffer_values = int(buffer_bytes(tiling) / 2)](int64_t unit) {
     return shared + 9 * kChannels * row + int(unit % 2) * buffer_values;
   };
   const uint16_t* weight = static_cast<const uint16_t*>(p.weight);
@@ -482,7 +482,7 @@ template <typename T, bool kTrain>
 size_t shared_bytes(const Tiling& t) {
   const size_t halo = size_t(t.halo_h) * t.halo_w;
   if constexpr (sizeof(T) == 2) {
-    return size_t(9) * kChannels * t.row * 2 + 2 * buffer_bytes<kTrain>(t);
+    return size_t(9) * kChannels * t.row * 2 + 2 * buffer_bytes(t);
   } else {
     using Acc = typename Numeric<T>::Acc;
     // The training epilogue stages the tile's y over the (finished) input tiles, the lanes' partial
