@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: one command for a lent GPU machine (H100/H200, no network, torch and triton
 # preinstalled). Builds the extension for sm_90 with every core; then, at the same time (nothing is
-# timed yet), the whole test suite on the GPU, compute-sanitizer's memcheck and racecheck on a small
-# run of every CUDA kernel, the main job's self-check and warm-up runs of the benchmarks (timings
+# timed yet), the whole test suite on the GPU, compute-sanitizer's memcheck, racecheck and synccheck
+# on a small run of every CUDA kernel, the main job's self-check and warm-up runs of the benchmarks (timings
 # thrown away); then, alone on the GPU, the quick per-op (with each kernel's time) and per-batch
 # benchmarks, whose JSON, markdown and PNG land in $OUT/results/ named as in benchmarks/results/
 # (<date>-<device>-<commit>): copy the JSON there, run benchmarks/update_readme.py, commit. Everything
@@ -78,6 +78,8 @@ step tests 170 env RESNEXT_KERNELS_TRITON_AUTOTUNE=0 OUT="$OUT" SHARDS="$TEST_SH
 step memcheck 120 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 1 \
   "$PY" benchmarks/sanitizer_case.py &
 step racecheck 150 "$SANITIZER" --tool racecheck --error-exitcode 1 "$PY" benchmarks/sanitizer_case.py &
+# Barriers and warp operations some named threads never reach, which the host test build cannot see.
+step synccheck 120 "$SANITIZER" --tool synccheck --error-exitcode 1 "$PY" benchmarks/sanitizer_case.py --small &
 step selfcheck 90 "$PY" -m resnext_kernels.bench --check-only --dtype bfloat16 &
 # Warm-ups of the benchmarks below, their timings thrown away: they fill the disk caches of Triton's
 # compiled kernels and of torch.compile's graphs, so that the benchmarks themselves spend their budget
@@ -110,10 +112,10 @@ echo
 echo "== GPU check summary ($((SECONDS - START)) s, output in $OUT) =="
 grep -m1 "^torch" "$OUT/environment.txt"
 grep -m1 "resnext_kernels: building" "$OUT/build.log"
-for name in build tests memcheck racecheck selfcheck warm_ops warm_batch; do echo "$name: $(status $name)"; done
+for name in build tests memcheck racecheck synccheck selfcheck warm_ops warm_batch; do echo "$name: $(status $name)"; done
 echo "-- tests --"
 for log in "$OUT"/tests-*.log; do echo "$log:"; grep -E "FAILED|ERROR" "$log" | head -n 10; tail -n 2 "$log"; echo; done
-echo "-- sanitizers --"; tail -n 2 "$OUT/memcheck.log" "$OUT/racecheck.log"
+echo "-- sanitizers --"; tail -n 2 "$OUT/memcheck.log" "$OUT/racecheck.log" "$OUT/synccheck.log"
 echo "-- selfcheck --"; tail -n 12 "$OUT/selfcheck.log"
 for name in bench_ops bench_batch; do echo "$name: $(status $name)"; done
 echo "-- targets --"; grep -h -A 20 "^### Against the issues" "$OUT/bench_ops.log" "$OUT/bench_batch.log" | grep "^|" | grep -v -e "^| target " -e "^|---"

@@ -7,6 +7,8 @@ standalone BatchNorm + ReLU with and without a residual (scalar and 16-byte path
 stage-1 sized bf16 case, large enough that a tensor-core block computes several tiles with its weights
 staged once."""
 
+import sys
+
 import torch
 
 import resnext_kernels
@@ -62,4 +64,4 @@ def main(device="cuda", large=True):
 
 
 if __name__ == "__main__":
-    main()
+    main(large="--small" not in sys.argv[1:])
