@@ -390,6 +390,16 @@ def _run_sanitized(body):
 
 
 @needs_host_build
+def test_warp_operations_need_every_lane_at_the_same_operation():
+    # Undefined on a GPU (a hang, or values from another operation): the host build must refuse them,
+    # or a kernel doing so would pass here and fail there.
+    with pytest.raises(RuntimeError, match="lane 1 of the warp has returned; a warp-wide operation needs every lane"):
+        ops().misuse_warp_operation(0)
+    with pytest.raises(RuntimeError, match="different warp-wide operations: (__shfl_sync and __any_sync|__any_sync and __shfl_sync)"):
+        ops().misuse_warp_operation(1)
+
+
+@needs_host_build
 def test_address_sanitizer_catches_an_out_of_bounds_read_in_a_kernel():
     output, status = _run_sanitized(
         "x, w = torch.randn(1, 8, 5, 5), torch.randn(8, 2, 3, 3)\n"

@@ -23,7 +23,8 @@
 //    own part of the output (which a later block would otherwise overwrite).
 //  * __syncthreads() is a barrier over the block's live threads; warp operations (__syncwarp,
 //    shuffles, votes, MMA) are barriers over the warp's live lanes with an exchange slot per lane.
-//    As on the GPU, every lane named in a full mask must take part.
+//    As on the GPU, every lane named in a full mask must take part: a warp operation that meets a
+//    lane which has returned, or lanes at different warp operations, is an error.
 //  * __shared__ variables become function-level statics: one copy, reused by every block in turn
 //    (the GPU gives no initial values either). Dynamic shared memory is a per-launch buffer filled
 //    with a poison pattern before every block, so that a read of shared memory the block never
@@ -177,6 +178,7 @@ struct Fiber {
   uint64_t waiting_generation = 0;
   std::vector<AsyncCopy> uncommitted;         // cp.async issued since the last commit
   std::deque<std::vector<AsyncCopy>> groups;  // committed groups in flight, oldest first
+  const char* warp_operation = "";            // the warp-wide operation this lane last joined
 };
 
 struct Block {
@@ -376,15 +378,35 @@ inline T atomicAdd(T* address, T value) {
 }
 
 namespace emu {
+// The kernels' warp-wide operations (full-mask votes and shuffles, ldmatrix, mma.sync: all .aligned)
+// need every lane of the warp at the same operation; the GPU leaves anything else undefined (a hang,
+// or values from another operation). Here it is an error: called by every lane after publishing its
+// part, as the operation's first warp barrier.
+inline void join_warp_operation(const char* operation) {
+  current_fiber().warp_operation = operation;
+  __syncwarp();
+  const Block& block = *running_block;
+  const int base = warp_id() * 32;
+  for (int l = base; l < base + 32 && l < int(block.fibers.size()); ++l) {
+    const Fiber& lane = block.fibers[l];
+    if (lane.done)
+      throw std::runtime_error(std::string(operation) + ": lane " + std::to_string(l - base) +
+                               " of the warp has returned; a warp-wide operation needs every lane");
+    if (std::strcmp(lane.warp_operation, operation) != 0)
+      throw std::runtime_error(std::string("lanes of one warp at different warp-wide operations: ") + operation +
+                               " and " + lane.warp_operation);
+  }
+}
+
 // Every lane publishes `value`, then receives every lane's (its own in place of lanes the block
 // does not have).
 template <typename T>
-inline std::array<T, 32> warp_gather(T value) {
+inline std::array<T, 32> warp_gather(T value, const char* operation) {
   static_assert(sizeof(T) <= kExchangeBytes, "value too large for the exchange slot");
   Block& block = *running_block;
   const int warp = warp_id();
   std::memcpy(&block.exchange[size_t(current_fiber().linear) * kExchangeBytes], &value, sizeof(T));
-  __syncwarp();
+  join_warp_operation(operation);
   std::array<T, 32> values;
   for (int lane = 0; lane < 32; ++lane) {
     values[lane] = value;
@@ -397,31 +419,36 @@ inline std::array<T, 32> warp_gather(T value) {
 
 // Every lane publishes `value`, then reads the value of lane `source(lane)` of its warp.
 template <typename T, typename Source>
-inline T warp_exchange(T value, Source source) {
-  const std::array<T, 32> values = warp_gather(value);
+inline T warp_exchange(T value, Source source, const char* operation) {
+  const std::array<T, 32> values = warp_gather(value, operation);
   const int src = source(lane_id());
   return src >= 0 && src < 32 ? values[src] : value;
 }
 }  // namespace emu
 
 inline int __any_sync(unsigned, int predicate) {
-  const std::array<int, 32> votes = emu::warp_gather(int(predicate != 0));
+  const std::array<int, 32> votes = emu::warp_gather(int(predicate != 0), "__any_sync");
   return std::any_of(votes.begin(), votes.end(), [](int vote) { return vote != 0; });
 }
 template <typename T>
 inline T __shfl_sync(unsigned, T value, int source, int width = 32) {
-  return emu::warp_exchange(value, [&](int lane) { return (lane / width) * width + source % width; });
+  return emu::warp_exchange(value, [&](int lane) { return (lane / width) * width + source % width; }, "__shfl_sync");
 }
 template <typename T>
 inline T __shfl_xor_sync(unsigned, T value, int mask, int width = 32) {
-  return emu::warp_exchange(value, [&](int lane) { return (lane ^ mask) < ((lane / width) + 1) * width ? lane ^ mask : lane; });
+  return emu::warp_exchange(
+      value, [&](int lane) { return (lane ^ mask) < ((lane / width) + 1) * width ? lane ^ mask : lane; },
+      "__shfl_xor_sync");
 }
 template <typename T>
 inline T __shfl_down_sync(unsigned, T value, unsigned delta, int width = 32) {
-  return emu::warp_exchange(value, [&](int lane) {
-    int src = lane + int(delta);
-    return src / width == lane / width ? src : lane;
-  });
+  return emu::warp_exchange(
+      value,
+      [&](int lane) {
+        int src = lane + int(delta);
+        return src / width == lane / width ? src : lane;
+      },
+      "__shfl_down_sync");
 }
 
 // ---- cp.async ----------------------------------------------------------------------------------------
@@ -481,7 +508,7 @@ inline void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], c
   Fragments mine{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}};
   static_assert(sizeof(Fragments) <= kExchangeBytes, "fragments exceed the exchange slot");
   std::memcpy(&block.exchange[size_t(current_fiber().linear) * kExchangeBytes], &mine, sizeof mine);
-  __syncwarp();
+  join_warp_operation("mma.sync");
   const int lane = lane_id(), base = warp_id() * 32;
   auto fragments_of = [&](int l) {
     Fragments f;
@@ -533,11 +560,11 @@ inline void ldmatrix(uint32_t (&r)[N], const uint16_t* row) {
   }
   for (int m = 0; m < N; ++m) {
     if (!Trans) {
-      const uint16_t* source = warp_exchange(row, [m](int l) { return 8 * m + l / 4; });
+      const uint16_t* source = warp_exchange(row, [m](int l) { return 8 * m + l / 4; }, "ldmatrix");
       std::memcpy(&r[m], source + 2 * (lane % 4), 4);
     } else {
-      const uint16_t* first = warp_exchange(row, [m](int l) { return 8 * m + 2 * (l % 4); });
-      const uint16_t* second = warp_exchange(row, [m](int l) { return 8 * m + 2 * (l % 4) + 1; });
+      const uint16_t* first = warp_exchange(row, [m](int l) { return 8 * m + 2 * (l % 4); }, "ldmatrix.trans");
+      const uint16_t* second = warp_exchange(row, [m](int l) { return 8 * m + 2 * (l % 4) + 1; }, "ldmatrix.trans");
       r[m] = uint32_t(first[lane / 4]) | uint32_t(second[lane / 4]) << 16;
     }
   }

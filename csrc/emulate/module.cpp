@@ -1,10 +1,12 @@
 // Host test build: declares the extension's op schemas in the namespace resnext_kernels_emulated
-// (ops.cpp, compiled with RESNEXT_KERNELS_EMULATE, registers their CPU implementations), plus one
-// test hook for the AddressSanitizer build.
+// (ops.cpp, compiled with RESNEXT_KERNELS_EMULATE, registers their CPU implementations), plus test
+// hooks: a kernel reading out of bounds, for the AddressSanitizer build, and kernels misusing warp
+// operations, which the compatibility layer must refuse.
 #include <ATen/ATen.h>
 
 #include "../kernels/params.h"
 #include "../op_schemas.h"
+#include "cuda_emulation.h"
 
 namespace {
 
@@ -33,11 +35,27 @@ at::Tensor read_past_the_end(const at::Tensor& x, const at::Tensor& weight, int6
   return out;
 }
 
+// Undefined on a GPU (a hang, or another operation's values): 0, a full-mask vote after the odd lanes
+// have returned; 1, half the warp voting while the other half shuffles.
+__global__ void misused_warp_operation(int kind) {
+  const int lane = int(threadIdx.x) % 32;
+  if (kind == 0 && lane % 2) return;
+  if (kind == 1 && lane < 16)
+    __shfl_sync(0xffffffffu, lane, 0);
+  else
+    __any_sync(0xffffffffu, lane);
+}
+
+void misuse_warp_operation(int64_t kind) {
+  RK_LAUNCH(misused_warp_operation, dim3(1), dim3(32), 0, nullptr, int(kind));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(resnext_kernels_emulated, m) {
   resnext_kernels::define_ops(m);
   m.def("read_past_the_end(Tensor x, Tensor weight, int groups) -> Tensor");
+  m.def("misuse_warp_operation(int kind) -> ()", &misuse_warp_operation);  // no tensors: every dispatch key
 }
 
 TORCH_LIBRARY_IMPL(resnext_kernels_emulated, CPU, m) { m.impl("read_past_the_end", &read_past_the_end); }
