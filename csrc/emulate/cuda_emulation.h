@@ -325,7 +325,9 @@ inline void launch(dim3 grid, dim3 block_dim, size_t dynamic_shared_bytes, const
   const Schedule schedule = schedule_from_environment();
   gridDim = grid;
   blockDim = block_dim;
-  dynamic_shared_memory.assign(dynamic_shared_bytes + 16, 0xff);  // all-ones bits: NaN in every float type
+  // All-ones bits: NaN in every float type. Exactly the launch's bytes in a fresh allocation, so that
+  // the AddressSanitizer build catches any access past their end, not only ldmatrix's and cp.async's.
+  std::vector<unsigned char>(dynamic_shared_bytes, 0xff).swap(dynamic_shared_memory);
   while (int(fiber_stacks.size()) < threads) fiber_stacks.emplace_back(new char[kFiberStack]);
   const auto order = [&](unsigned i, unsigned n) { return schedule == Schedule::kWarpSerial ? n - 1 - i : i; };
   for (unsigned bz = 0; bz < grid.z; ++bz)
@@ -459,7 +461,7 @@ inline void copy_async_16(void* to, const void* from, bool valid) {
   const auto shared = reinterpret_cast<uintptr_t>(dynamic_shared_memory.data());
   if (address % 16 != 0 || (valid && reinterpret_cast<uintptr_t>(from) % 16 != 0))
     throw std::runtime_error("cp.async: address not 16-byte aligned");
-  if (address < shared || address + 16 > shared + dynamic_shared_memory.size() - 16)
+  if (address < shared || address + 16 > shared + dynamic_shared_memory.size())
     throw std::runtime_error("cp.async: destination outside the block's dynamic shared memory");
   Fiber& fiber = current_fiber();
   const auto overlaps = [&](const std::vector<AsyncCopy>& copies) {
@@ -555,7 +557,7 @@ inline void ldmatrix(uint32_t (&r)[N], const uint16_t* row) {
     const auto address = reinterpret_cast<uintptr_t>(row);
     const auto shared = reinterpret_cast<uintptr_t>(dynamic_shared_memory.data());
     if (address % 16 != 0) throw std::runtime_error("ldmatrix: row address not 16-byte aligned");
-    if (address < shared || address + 16 > shared + dynamic_shared_memory.size() - 16)
+    if (address < shared || address + 16 > shared + dynamic_shared_memory.size())
       throw std::runtime_error("ldmatrix: row outside the block's dynamic shared memory");
   }
   for (int m = 0; m < N; ++m) {
