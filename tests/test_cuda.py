@@ -177,13 +177,15 @@ def test_training_forward_and_backward_are_deterministic(dtype):
 @needs_host_build
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_results_do_not_depend_on_the_schedule_of_threads(dtype, training, monkeypatch):
+def test_results_do_not_depend_on_the_schedule_of_threads_or_the_tiles_per_block(dtype, training, monkeypatch):
     # The host build's default schedule runs warps in lockstep, which hides a race between warps that
     # issue the same warp-level operations: one warp overwriting shared memory another still reads,
     # or reading what another has not written yet, with no barrier between. The warp-serial schedules
     # run each warp alone up to the next __syncthreads(), blocks, warps and lanes last first (a block
     # writing outside its tile is no longer overwritten by the block owning it) or first first (a
-    # later warp's write no longer lands before an earlier warp's read). Every kernel, bitwise.
+    # later warp's write no longer lands before an earlier warp's read). Every kernel, bitwise; and
+    # with as many resident blocks as a GPU reports (here 8, or a million: one tile per block, as
+    # small shapes get there), persistent tensor-core blocks computing other numbers of tiles.
     # Several tiles per persistent block (stride 1), packed 4-channel groups, stride 2 on odd sizes
     # (8x8 dgrad tiles, a warp per pixel phase, some warps skipping every tap);
     # several chunks per tile (the next chunk's copies in flight); dilations beyond the tiles' span
@@ -196,8 +198,10 @@ def test_results_do_not_depend_on_the_schedule_of_threads(dtype, training, monke
         grad = torch.randn(shape.n, shape.c_out, (shape.h - 1) // shape.stride + 1, (shape.w - 1) // shape.stride + 1,
                            device=DEVICE, dtype=dtype).contiguous(memory_format=torch.channels_last)
         runs = []
-        for schedule in ("lockstep", "warp-serial", "warp-serial-ascending"):
+        for schedule, slots in (("lockstep", "0"), ("warp-serial", "0"), ("warp-serial-ascending", "0"),
+                                ("lockstep", "8"), ("lockstep", "1000000")):
             monkeypatch.setenv("RESNEXT_KERNELS_EMULATE_SCHEDULE", schedule)
+            monkeypatch.setenv("RESNEXT_KERNELS_EMULATE_SLOTS", slots)
             runs.append(_train_step("cuda", case, grad, training))
         for name, first, *others in zip(("z", "mean", "var", "dx", "dw", "dgamma", "dbeta"), *runs):
             assert all(torch.equal(first, other) for other in others), f"{shape}: {name}"

@@ -88,12 +88,15 @@ __device__ __forceinline__ int has_non_finite(uint32_t word) {
 }
 
 // How many blocks of `kernel` (`threads` threads, `shared_bytes` of dynamic shared memory) the
-// device holds at once: sm_count times what one multiprocessor holds; 0 in the host test build.
+// device holds at once: sm_count times what one multiprocessor holds. In the host test build,
+// RESNEXT_KERNELS_EMULATE_SLOTS (default 0: none known, so persistent blocks take the most tiles; a
+// large value gives one tile per block, as small test shapes get on a GPU).
 template <typename Kernel>
 inline int64_t resident_blocks(Kernel kernel, int threads, size_t shared_bytes, int sm_count) {
 #ifdef RESNEXT_KERNELS_EMULATE
   (void)kernel, (void)threads, (void)shared_bytes, (void)sm_count;
-  return 0;
+  const char* slots = std::getenv("RESNEXT_KERNELS_EMULATE_SLOTS");
+  return slots ? std::atoll(slots) : 0;
 #else
   int per_multiprocessor = 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, kernel, threads, shared_bytes) != cudaSuccess) {
