@@ -317,6 +317,40 @@ def test_the_three_epilogues_share_one_autotuning_key(monkeypatch):
     assert len(tensor_dtypes) == 1, tensor_dtypes
 
 
+def test_launch_grids_stay_within_cuda_limits(monkeypatch):
+    # A GPU refuses grid axes 1 and 2 beyond 65535 (the interpreter has no limit): dgrad's stride^2
+    # phase pairs, 299^2 here, go on axis 0. Grids recorded, kernels not run.
+    grids = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                grids.append(grid({"BLOCK_M": 64, "BLOCK_P": 64}) if callable(grid) else grid)
+            return launch
+
+    for name in ("_dgrad_kernel", "_wgrad_kernel"):
+        monkeypatch.setattr(triton_backward, name, Recorder())
+    case = make_case(Shape(1, 4, 4, 300, 300, groups=2, stride=299))
+    y = triton_conv.conv(case.x, case.weight, 299, 1, 2)
+    scale, shift = torch.ones(4, device=DEVICE), torch.zeros(4, device=DEVICE)
+    triton_backward.backward(torch.randn_like(y), case.x, case.weight, y, scale, shift, None, None, 1e-5, 299, 1, 2,
+                             True, True, True)
+    assert len(grids) == 2
+    for grid in grids:
+        assert grid[0] < 2**31 and all(axis <= 65535 for axis in grid[1:]), grid
+
+
+def test_eps_survives_fp32_kernel_arguments():
+    # A compiled kernel takes a Python float as fp32 (the interpreter keeps it exact): eps goes as its
+    # fp32 rounding plus the rest, both fp32, whose sum keeps an fp64 BatchNorm's eps to 48 bits.
+    for eps in (1e-5, 1e-3, 0.1, 3.0, 1e-30, 1e30):
+        high, low = config.eps_arguments(eps)
+        as_fp32 = [torch.tensor(v, dtype=torch.float32).item() for v in (high, low)]
+        assert as_fp32[0] == high == torch.tensor(eps, dtype=torch.float32).item()
+        assert abs(as_fp32[0] + as_fp32[1] - eps) <= 2.0**-46 * eps, eps
+    assert config.eps_arguments(1e300) == (float("inf"), 0.0)  # fp32 BatchNorm adds inf too
+
+
 def test_fp32_dot_precision_follows_cudnn():
     assert config.dot_precision(torch.float32) == "ieee"  # turned off by the _ieee_fp32 fixture
     torch.backends.cudnn.allow_tf32 = True
@@ -325,9 +359,14 @@ def test_fp32_dot_precision_follows_cudnn():
 
 
 # Compiles the kernels for an H100 (sm_90) without one: what the interpreter cannot check -- that the
-# code lowers (tl.dot shapes, dtypes, control flow) and that the unpipelined config every autotune list
+# code lowers (tl.dot shapes, dtypes, control flow; fp32 dots as TF32 and as IEEE, which the GPU's
+# tests use), that every autotuning config of the GEMM kernels compiles (the autotuner skips configs
+# that run out of resources, but another compile error ends the first call), also as a launch on
+# aligned channels-last tensors specialises them, and that the unpipelined config every autotune list
 # ends with fits in shared memory at the largest channel tiles, so autotuning always has a config.
 _SM90_SCRIPT = r"""
+import re
+
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -337,10 +376,23 @@ from resnext_kernels.triton import backward, batch_norm_relu, config, conv
 MAX_SHARED = 232448  # bytes of shared memory one H100 block may use
 PER_CHANNEL = {"scale_ptr", "shift_ptr", "mean_ptr", "coef_ptr", "part_ptr", "gamma_ptr", "beta_ptr", "stats_ptr"}
 DTYPES = [("bf16", tl.bfloat16, "fp32", tl.float32, "ieee"), ("fp32", tl.float32, "fp32", tl.float32, "tf32"),
-          ("fp64", tl.float64, "fp64", tl.float64, "ieee")]
+          ("fp32", tl.float32, "fp32", tl.float32, "ieee"), ("fp64", tl.float64, "fp64", tl.float64, "ieee")]
 
 
-def compile_for_sm90(kernel, data, acc, constexprs, config=None):
+# (attrs, constants) of a launch on 16-byte aligned channels-last tensors whose pixel strides are
+# multiples of 16: Triton marks such pointers and ints divisible by 16 and makes ints equal to 1 (the
+# channel strides) constants.
+def aligned_channels_last(kernel):
+    attrs, constants = {}, {}
+    for i, name in enumerate(kernel.fn.arg_names):
+        if name.endswith("_ptr") or re.fullmatch(r"s[a-vx-z][nhw]", name):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif re.fullmatch(r"s[a-vx-z]c", name):
+            constants[name] = 1
+    return attrs, constants
+
+
+def compile_for_sm90(kernel, data, acc, constexprs, config=None, attrs=None):
     fn = getattr(kernel, "fn", kernel) if config is not None else kernel
     signature = {}
     for name in fn.arg_names:
@@ -349,14 +401,15 @@ def compile_for_sm90(kernel, data, acc, constexprs, config=None):
         elif name.endswith("_ptr"):
             signature[name] = "*" + (acc if name in PER_CHANNEL else data)
         else:
-            signature[name] = "fp32" if name == "eps" else "i32"
+            signature[name] = "fp32" if name.startswith("eps") else "i32"
     options = dict(num_warps=4, num_stages=1)
     if config is not None:
         constexprs = {**constexprs, **config.kwargs}
         options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
     missing = [p.name for p in fn.params if p.is_constexpr and p.name not in constexprs]
     assert not missing, f"{fn.__name__}: no value for {missing} (it would compile as a runtime argument)"
-    compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32), options=options)
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                              options=options)
     shared = compiled.metadata.shared
     print(fn.__name__, data, {k: v for k, v in constexprs.items() if isinstance(v, (int, str))}, shared)
     assert shared <= MAX_SHARED, f"{fn.__name__} ({data}) needs {shared} bytes of shared memory"
@@ -396,6 +449,19 @@ compile_for_sm90(backward._dgrad_kernel, "bf16", "fp32", dict(STRIDE=2, DIL=1, T
                                                               BLOCK_K=16, **dot), backward._DGRAD_CONFIGS[0])
 compile_for_sm90(backward._wgrad_kernel, "bf16", "fp32", dict(STRIDE=2, DIL=1, TRAIN=False, BLOCK_CO=16,
                                                               BLOCK_CI=16, **dot), backward._WGRAD_CONFIGS[0])
+# Every config, as the benchmarks autotune them: bf16 at ResNeXt-50's stage-1 tiles (4 channels per
+# group, packed), launched on aligned channels-last tensors.
+dot = dict(ACC=tl.float32, DOT_IN=tl.bfloat16, PRECISION="ieee", K_ALIGN=16, EVEN_K=True)
+for kernel, configs, constexprs in (
+        (conv._conv_kernel, conv._CONV_CONFIGS,
+         dict(STRIDE=1, DIL=1, FOLD_BN=False, STATS=True, BLOCK_N=16, BLOCK_K=16, **dot)),
+        (backward._dgrad_kernel, backward._DGRAD_CONFIGS,
+         dict(STRIDE=1, DIL=1, TAP_STEP=1, TRAIN=True, BLOCK_N=16, BLOCK_K=16, **dot)),
+        (backward._wgrad_kernel, backward._WGRAD_CONFIGS,
+         dict(STRIDE=1, DIL=1, TRAIN=True, BLOCK_CO=16, BLOCK_CI=16, **dot))):
+    attrs, constants = aligned_channels_last(kernel)
+    for config_ in configs:
+        compile_for_sm90(kernel, "bf16", "fp32", {**constexprs, **constants}, config_, attrs)
 """
 
 

@@ -597,12 +597,7 @@ struct WgradTiling {
 inline bool choose_wgrad_tiling(const P& p, WgradTiling* t) {
   const int budget = (kSharedBytes - kWmmaFixedBytes) / (2 * kWmmaHaloRow * 2);
   const bool found = largest_tile(p.h_out, p.w_out, kWgradPixels, [&](int tile_h, int tile_w) {
-    t->tile_h = tile_h;
-    t->tile_w = tile_w;
-    t->reach_h = tap_reach(tile_h, p.stride, p.dilation);
-    t->reach_w = tap_reach(tile_w, p.stride, p.dilation);
-    t->halo_h = halo_extent(tile_h, p.stride, t->reach_h);
-    t->halo_w = halo_extent(tile_w, p.stride, t->reach_w);
+    set_tile_and_halo(t, tile_h, tile_w, p.stride, p.dilation);
     return int64_t(t->halo_h) * t->halo_w <= budget;
   });
   if (!found) return false;

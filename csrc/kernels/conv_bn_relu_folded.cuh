@@ -501,12 +501,7 @@ template <typename T, bool kTrain>
 bool choose_tiling(const ConvBnReluParams& p, Tiling* t) {
   constexpr bool kTensorCores = sizeof(T) == 2;
   const bool found = largest_tile(p.h_out, p.w_out, kMaxPixels, [&](int tile_h, int tile_w) {
-    t->tile_h = tile_h;
-    t->tile_w = tile_w;
-    t->reach_h = tap_reach(tile_h, p.stride, p.dilation);
-    t->reach_w = tap_reach(tile_w, p.stride, p.dilation);
-    t->halo_h = halo_extent(tile_h, p.stride, t->reach_h);
-    t->halo_w = halo_extent(tile_w, p.stride, t->reach_w);
+    set_tile_and_halo(t, tile_h, tile_w, p.stride, p.dilation);
     for (int chunk = kMaxChunk; chunk >= 1; --chunk) {
       if (kTensorCores && chunk > 8 && chunk % 8 != 0) continue;
       t->chunk = chunk;

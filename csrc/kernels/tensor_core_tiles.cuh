@@ -79,6 +79,16 @@ __host__ __device__ inline int halo_extent(int tile, int stride, int reach) { re
 __device__ __forceinline__ int halo_input_offset(int r, int reach, int dilation) {
   return reach == dilation ? r : r + (r / reach) * (dilation - reach);
 }
+// A tiling's tile of output pixels and the input halo it stages (fields tile_*, reach_*, halo_*).
+template <typename AnyTiling>
+inline void set_tile_and_halo(AnyTiling* t, int tile_h, int tile_w, int stride, int dilation) {
+  t->tile_h = tile_h;
+  t->tile_w = tile_w;
+  t->reach_h = tap_reach(tile_h, stride, dilation);
+  t->reach_w = tap_reach(tile_w, stride, dilation);
+  t->halo_h = halo_extent(tile_h, stride, t->reach_h);
+  t->halo_w = halo_extent(tile_w, stride, t->reach_w);
+}
 
 // The A row a lane names to ldmatrix for one tap: its address at K step 0, and how far it moves
 // per K column (0: an all-zero row, read at its start at every step, named by a pixel the tap does

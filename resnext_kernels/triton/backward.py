@@ -21,6 +21,7 @@ and process) and device size (which sets the number of splits).
 """
 
 import math
+import threading
 
 import torch
 import triton
@@ -40,6 +41,9 @@ _SUM_BLOCK = 1024
 WGRAD_MAX_TILE = 32
 # Fewest pixels worth a wgrad split of its own.
 _WGRAD_MIN_SPLIT_PIXELS = 64 if config.INTERPRET else 1024
+# Held around the autotuned launches: an autotuner keeps the arguments of the call it serves in one
+# attribute for every caller (e.g. autograd's threads of two GPUs).
+_AUTOTUNED_LAUNCH = threading.Lock()
 
 
 @triton.jit
@@ -115,7 +119,7 @@ def _reduce_kernel(
 
 @triton.jit
 def _finalize_kernel(
-    part_ptr, scale_ptr, var_ptr, coef_ptr, dparam_ptr, M, C, ROWS, eps,
+    part_ptr, scale_ptr, var_ptr, coef_ptr, dparam_ptr, M, C, ROWS, eps_high, eps_low,
     TRAIN: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -130,7 +134,7 @@ def _finalize_kernel(
         s2 += tl.sum(tl.load(part_ptr + ROWS * C + part, mask=ok, other=0.0), axis=0)
     if TRAIN:
         scale = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
-        rstd = 1.0 / tl.sqrt(tl.load(var_ptr + offs_c, mask=c_ok, other=0.0) + eps)
+        rstd = 1.0 / tl.sqrt(config.add_eps(tl.load(var_ptr + offs_c, mask=c_ok, other=0.0), eps_high, eps_low))
         tl.store(coef_ptr + offs_c, -scale * rstd * rstd * s2 / M, mask=c_ok)
         tl.store(coef_ptr + C + offs_c, -scale * s1 / M, mask=c_ok)
         s2 *= rstd
@@ -156,7 +160,7 @@ def _receiving_taps(phase, STRIDE: tl.constexpr, DIL: tl.constexpr):
     return first, count, base
 
 
-@triton.autotune(configs=_DGRAD_CONFIGS, key=["C_IN", "C_OUT", "GROUP_IN", "GROUP_OUT", "STRIDE", "DIL"])
+@triton.autotune(configs=_DGRAD_CONFIGS, key=["C_IN", "C_OUT", "GROUP_IN", "GROUP_OUT", "STRIDE", "DIL", "PRECISION"])
 @triton.jit
 def _dgrad_kernel(
     dz_ptr, y_ptr, w_ptr, dx_ptr, scale_ptr, shift_ptr, mean_ptr, coef_ptr,
@@ -169,16 +173,20 @@ def _dgrad_kernel(
     # Implicit GEMM over input pixels x input channels; K runs over the taps and the output channels of
     # the groups this tile's input channels feed. An input row ih receives from tap kh only where
     # ih + DIL * (1 - kh) is a multiple of STRIDE, i.e. by its phase ih % STRIDE: so each program takes
-    # the pixels of one phase pair (program_id(2)) and loops over their taps only -- at stride 2, 2.25
-    # taps per pixel on average instead of 9 mostly masked ones. The taps a phase receives from are
-    # TAP_STEP = STRIDE / gcd(STRIDE, DIL) apart.
-    phase_h = tl.program_id(2) // STRIDE
-    phase_w = tl.program_id(2) % STRIDE
+    # the pixels of one phase pair and loops over their taps only -- at stride 2, 2.25 taps per pixel on
+    # average instead of 9 mostly masked ones. The taps a phase receives from are TAP_STEP = STRIDE /
+    # gcd(STRIDE, DIL) apart. Axis 0 counts (phase pair, pixel tile), phase-major, with as many tiles per
+    # phase as phase (0, 0) needs, the largest: STRIDE^2 phases could pass grid axis 1 or 2's 65535.
+    phase_tiles = tl.cdiv(tl.cast(N, tl.int64) * ((H + STRIDE - 1) // STRIDE) * ((W + STRIDE - 1) // STRIDE),
+                          BLOCK_M)
+    phase = tl.program_id(0).to(tl.int64) // phase_tiles
+    phase_h = (phase // STRIDE).to(tl.int32)
+    phase_w = (phase % STRIDE).to(tl.int32)
     # This phase's rows and columns (H + STRIDE - 1 - phase > 0: the quotients are floors); an image
     # smaller than the stride has none for some phases.
     rows = (H + STRIDE - 1 - phase_h) // STRIDE
     cols = (W + STRIDE - 1 - phase_w) // STRIDE
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (tl.program_id(0).to(tl.int64) - phase * phase_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_img = offs_m // tl.maximum(rows * cols, 1)  # int64: the batch may hold more than 2^31 pixels
     m_ok = (n_img < N) & (rows * cols > 0)
     a = (offs_m % tl.maximum(rows * cols, 1)) // tl.maximum(cols, 1)
@@ -269,7 +277,7 @@ def _wgrad_tap(acc, dy_t, x_pix, hi, wi, p_ok, ci_off, ci_ok, H, W, sxh, sxw,
     return tl.dot(dy_t, x.to(DOT_IN), acc, input_precision=PRECISION, out_dtype=acc.dtype)
 
 
-@triton.autotune(configs=_WGRAD_CONFIGS, key=["C_IN", "C_OUT", "GROUP_IN", "GROUP_OUT", "STRIDE", "DIL"])
+@triton.autotune(configs=_WGRAD_CONFIGS, key=["C_IN", "C_OUT", "GROUP_IN", "GROUP_OUT", "STRIDE", "DIL", "PRECISION"])
 @triton.jit
 def _wgrad_kernel(
     x_ptr, dz_ptr, y_ptr, part_ptr, scale_ptr, shift_ptr, mean_ptr, coef_ptr,
@@ -386,7 +394,7 @@ def coefficients(dz, y, scale, shift, mean, var, eps, dparams, mask, output=None
         BLOCK_C=_REDUCE_BLOCK_C,
     )
     _finalize_kernel[(c_blocks,)](
-        part, scale, var if train else scale, coef, sums, m, c, rows, eps,
+        part, scale, var if train else scale, coef, sums, m, c, rows, *config.eps_arguments(eps),
         TRAIN=train, ACC=tl_acc, BLOCK_T=_FINALIZE_BLOCK_T, BLOCK_C=_REDUCE_BLOCK_C,
     )
     return coef
@@ -419,17 +427,21 @@ def backward(dz, x, weight, y, scale, shift, mean, var, eps, stride, dilation, g
         if need_dx:
             block_n, block_k = config.gemm_channel_tiles(c_in // groups, c_out // groups, groups)
             k_align, even_k = config.k_range_layout(c_in // groups, c_out // groups, c_in, block_n, block_k)
-            # One program column per phase pair (ih % stride, iw % stride); phase (0, 0) has the most pixels.
+            # As many pixel tiles for each phase pair (ih % stride, iw % stride) as the largest, (0, 0), needs.
             phase_pixels = n * triton.cdiv(h, stride) * triton.cdiv(w, stride)
-            grid = lambda meta: (triton.cdiv(phase_pixels, meta["BLOCK_M"]), triton.cdiv(c_in, block_n), stride**2)  # noqa: E731
-            _dgrad_kernel[grid](
-                dz, y, weight, dx, *per_channel,
-                n, h, w, ho, wo, c_in, c_out, c_in // groups, c_out // groups,
-                *dz.stride(), *y.stride(), *weight.stride(), *dx.stride(),
-                STRIDE=stride, DIL=dilation, TAP_STEP=stride // math.gcd(stride, dilation), TRAIN=train,
-                K_ALIGN=k_align, EVEN_K=even_k,
-                BLOCK_N=block_n, BLOCK_K=block_k, **dot,
-            )
+
+            def grid(meta):
+                return triton.cdiv(phase_pixels, meta["BLOCK_M"]) * stride**2, triton.cdiv(c_in, block_n)
+
+            with _AUTOTUNED_LAUNCH:
+                _dgrad_kernel[grid](
+                    dz, y, weight, dx, *per_channel,
+                    n, h, w, ho, wo, c_in, c_out, c_in // groups, c_out // groups,
+                    *dz.stride(), *y.stride(), *weight.stride(), *dx.stride(),
+                    STRIDE=stride, DIL=dilation, TAP_STEP=stride // math.gcd(stride, dilation), TRAIN=train,
+                    K_ALIGN=k_align, EVEN_K=even_k,
+                    BLOCK_N=block_n, BLOCK_K=block_k, **dot,
+                )
         if need_dw:
             block_co, block_ci = config.gemm_channel_tiles(c_out // groups, c_in // groups, groups, WGRAD_MAX_TILE)
             ci_span = config.groups_spanned(block_co, c_out // groups, groups) * (c_in // groups)
@@ -438,13 +450,14 @@ def backward(dz, x, weight, y, scale, shift, mean, var, eps, stride, dilation, g
             tiles = triton.cdiv(c_out, block_co) * ci_tiles
             splits = max(1, min(config.parallel_programs(x.device) // tiles, triton.cdiv(m, _WGRAD_MIN_SPLIT_PIXELS)))
             wpart = torch.empty((splits, *weight.shape), dtype=acc, device=x.device)
-            _wgrad_kernel[(splits, triton.cdiv(c_out, block_co), ci_tiles)](
-                x, dz, y, wpart, *per_channel,
-                m, h, w, ho, wo, c_in, c_out, c_in // groups, c_out // groups,
-                *x.stride(), *dz.stride(), *y.stride(),
-                STRIDE=stride, DIL=dilation, TRAIN=train, K_ALIGN=k_align, EVEN_K=even_k,
-                BLOCK_CO=block_co, BLOCK_CI=block_ci, **dot,
-            )
+            with _AUTOTUNED_LAUNCH:
+                _wgrad_kernel[(splits, triton.cdiv(c_out, block_co), ci_tiles)](
+                    x, dz, y, wpart, *per_channel,
+                    m, h, w, ho, wo, c_in, c_out, c_in // groups, c_out // groups,
+                    *x.stride(), *dz.stride(), *y.stride(),
+                    STRIDE=stride, DIL=dilation, TRAIN=train, K_ALIGN=k_align, EVEN_K=even_k,
+                    BLOCK_CO=block_co, BLOCK_CI=block_ci, **dot,
+                )
             _sum_splits_kernel[(triton.cdiv(dw.numel(), _SUM_BLOCK),)](
                 wpart, dw, dw.numel(), splits, ACC=tl_acc, BLOCK=_SUM_BLOCK,
             )

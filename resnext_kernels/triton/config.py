@@ -19,7 +19,9 @@ IEEE fp32 otherwise, read at every call. Triton's interpreter always computes in
 """
 
 import functools
+import math
 import os
+import struct
 
 import torch
 import triton
@@ -90,6 +92,25 @@ def weight_offsets(c_out, ci, kh, kw, swo, swi, swh, sww):
     tensor, whose strides 32-bit products would overflow (as activations' channel offsets would)."""
     wide = tl.int64
     return tl.cast(c_out, wide) * swo + tl.cast(ci, wide) * swi + tl.cast(kh, wide) * swh + tl.cast(kw, wide) * sww
+
+
+def eps_arguments(eps):
+    """BatchNorm's ``eps`` as two kernel arguments for add_eps: its fp32 rounding and the rest. A
+    compiled kernel takes a Python float as fp32 (the interpreter keeps it exact), which would round
+    an fp64 BatchNorm's eps."""
+    try:
+        high = struct.unpack("f", struct.pack("f", eps))[0]
+    except OverflowError:
+        high = math.inf
+    if math.isinf(high):  # beyond fp32's range: inf, which fp32 BatchNorm adds too
+        return math.inf, 0.0
+    return high, eps - high
+
+
+@triton.jit
+def add_eps(v, eps_high, eps_low):
+    """``v + eps`` from eps_arguments, in v's dtype: fp32(eps) in fp32, eps to 48 bits in fp64."""
+    return v + (tl.cast(eps_high, v.dtype) + tl.cast(eps_low, v.dtype))
 
 
 def dot_precision(dtype):

@@ -50,7 +50,7 @@ _ELEMENTWISE_BLOCK = 4096
 _CONV_LAUNCH = threading.Lock()
 
 
-@triton.autotune(configs=_CONV_CONFIGS, key=["C_IN", "C_OUT", "GROUP_IN", "GROUP_OUT", "STRIDE", "DIL"])
+@triton.autotune(configs=_CONV_CONFIGS, key=["C_IN", "C_OUT", "GROUP_IN", "GROUP_OUT", "STRIDE", "DIL", "PRECISION"])
 @triton.jit
 def _conv_kernel(
     x_ptr, w_ptr, out_ptr, scale_ptr, shift_ptr, part_ptr,
@@ -160,8 +160,8 @@ def _conv_tile_exact(x_img, w_ptr, ho, wo, m_ok, offs_n, n_ok, group_n, k_lo, k_
 
 @triton.jit
 def _stats_kernel(
-    part_ptr, out_ptr, gamma_ptr, beta_ptr, M, C, TILES, TILE_M, TILES_PER_PROGRAM, PART_ROWS, OUT_ROWS, eps,
-    FINAL: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+    part_ptr, out_ptr, gamma_ptr, beta_ptr, M, C, TILES, TILE_M, TILES_PER_PROGRAM, PART_ROWS, OUT_ROWS,
+    eps_high, eps_low, FINAL: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
     ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Merges the (shift, offset, m2) partials of row tiles [t_lo, t_hi), each TILE_M pixels but the
@@ -199,7 +199,7 @@ def _stats_kernel(
     if FINAL:
         mean += base
         var = m2 / count
-        scale = 1.0 / tl.sqrt(var + eps)
+        scale = 1.0 / tl.sqrt(config.add_eps(var, eps_high, eps_low))
         if HAS_GAMMA:
             scale *= tl.load(gamma_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)
         shift = -mean * scale
@@ -312,12 +312,13 @@ def merge_stats(part, part_rows, m, tile_m, stats, bn_weight, bn_bias, eps):
         segments = triton.cdiv(tiles, per_program)
         merged = torch.empty((3, segments, c_out), dtype=stats.dtype, device=stats.device)
         _stats_kernel[(c_blocks, segments)](
-            part, merged, gamma, beta, m, c_out, tiles, tile_m, per_program, part_rows, segments, eps,
-            FINAL=False, **common,
+            part, merged, gamma, beta, m, c_out, tiles, tile_m, per_program, part_rows, segments,
+            *config.eps_arguments(eps), FINAL=False, **common,
         )
         part, part_rows, tiles, tile_m = merged, segments, segments, tile_m * per_program
     _stats_kernel[(c_blocks, 1)](
-        part, stats, gamma, beta, m, c_out, tiles, tile_m, tiles, part_rows, 0, eps, FINAL=True, **common,
+        part, stats, gamma, beta, m, c_out, tiles, tile_m, tiles, part_rows, 0, *config.eps_arguments(eps),
+        FINAL=True, **common,
     )
 
 
