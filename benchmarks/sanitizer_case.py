@@ -1,11 +1,11 @@
-"""A small run of every CUDA kernel, for compute-sanitizer (memcheck, racecheck) in gpu_check.sh:
+"""A small run of every CUDA kernel, for compute-sanitizer (memcheck, racecheck, synccheck) in gpu_check.sh:
 inference, training forward and backward (NCHW and channels-last gradients: the scalar and 16-byte
 dy paths), every dtype, small and large groups, several channel chunks per tile (the tensor-core
 kernels' cp.async copies of the next chunk), stride 2 (8x8 dgrad tiles, one pixel phase per warp),
 dilations beyond a tile's span (halos staged in bands, unevenly apart in dgrad at stride 2); the
-standalone BatchNorm + ReLU with and without a residual (scalar and 16-byte paths); and one ResNeXt
-stage-1 sized bf16 case, large enough that a tensor-core block computes several tiles with its weights
-staged once."""
+standalone BatchNorm + ReLU with and without a residual (scalar and 16-byte paths); on a GPU, a bf16
+case just large enough that tensor-core blocks compute two tiles each, weights staged once; and, unless
+--small, one ResNeXt stage-1 sized bf16 case."""
 
 import sys
 
@@ -55,6 +55,8 @@ def main(device="cuda", large=True):
                 run(*shape, dtype, training, device)
         for training in (False, True):
             run_batch_norm_relu(2, 40, 5, 7, dtype, training, device)
+    if device == "cuda":  # 1 024 tiles x channel tiles on 132 SMs x 4 slots (the host test build always runs 8)
+        run(16, 128, 28, 28, 32, 1, 1, torch.bfloat16, True, device)
     if large:
         run(32, 128, 56, 56, 32, 1, 1, torch.bfloat16, True, device)
         run_batch_norm_relu(32, 128, 56, 56, torch.bfloat16, True, device)  # statistics merged in slabs

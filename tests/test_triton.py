@@ -376,18 +376,18 @@ from resnext_kernels.triton import backward, batch_norm_relu, config, conv
 MAX_SHARED = 232448  # bytes of shared memory one H100 block may use
 PER_CHANNEL = {"scale_ptr", "shift_ptr", "mean_ptr", "coef_ptr", "part_ptr", "gamma_ptr", "beta_ptr", "stats_ptr"}
 DTYPES = [("bf16", tl.bfloat16, "fp32", tl.float32, "ieee"), ("fp32", tl.float32, "fp32", tl.float32, "tf32"),
-          ("fp32", tl.float32, "fp32", tl.float32, "ieee"), ("fp64", tl.float64, "fp64", tl.float64, "ieee")]
+          ("fp64", tl.float64, "fp64", tl.float64, "ieee")]
 
 
-# (attrs, constants) of a launch on 16-byte aligned channels-last tensors whose pixel strides are
-# multiples of 16: Triton marks such pointers and ints divisible by 16 and makes ints equal to 1 (the
-# channel strides) constants.
+# (attrs, constants) much as a launch on 16-byte aligned channels-last tensors with pixel strides, pixel
+# counts and channel counts that are multiples of 16 has them: Triton marks such pointers and ints
+# divisible by 16 and makes ints equal to 1 (the channel strides, a contiguous weight's last) constants.
 def aligned_channels_last(kernel):
     attrs, constants = {}, {}
     for i, name in enumerate(kernel.fn.arg_names):
-        if name.endswith("_ptr") or re.fullmatch(r"s[a-vx-z][nhw]", name):
+        if name.endswith("_ptr") or re.fullmatch(r"s[a-vx-z][nhw]|C_IN|C_OUT|M", name):
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif re.fullmatch(r"s[a-vx-z]c", name):
+        elif re.fullmatch(r"s[a-vx-z]c|sww", name):
             constants[name] = 1
     return attrs, constants
 
@@ -430,7 +430,8 @@ for data, data_tl, acc, acc_tl, precision in DTYPES:
         compile_for_sm90(conv._stats_kernel, acc, acc, dict(FINAL=final, HAS_GAMMA=True, HAS_BETA=False,
                                                             ACC=acc_tl, BLOCK_T=32, BLOCK_C=32))
     for residual in (False, True):
-        compile_for_sm90(conv._bn_relu_kernel, data, acc, dict(HAS_RESIDUAL=residual, ACC=acc_tl, BLOCK_P=64, BLOCK_C=64))
+        compile_for_sm90(conv._bn_relu_kernel, data, acc,
+                         dict(HAS_RESIDUAL=residual, ACC=acc_tl, BLOCK_P=64, BLOCK_C=64))
     for mask, output_mask in ((False, False), (True, False), (False, True)):
         compile_for_sm90(backward._reduce_kernel, data, acc, dict(TRAIN=True, MASK=mask, OUTPUT_MASK=output_mask,
                                                                   ACC=acc_tl, BLOCK_M=128, BLOCK_C=32))
@@ -440,6 +441,16 @@ for data, data_tl, acc, acc_tl, precision in DTYPES:
     compile_for_sm90(batch_norm_relu._moments_kernel, data, acc, dict(ACC=acc_tl, BLOCK_M=64, BLOCK_C=64))
     compile_for_sm90(backward._finalize_kernel, acc, acc, dict(TRAIN=True, ACC=acc_tl, BLOCK_T=32, BLOCK_C=32))
     compile_for_sm90(backward._sum_splits_kernel, data, acc, dict(ACC=acc_tl, BLOCK=1024))
+# fp32 dots in IEEE precision, as the GPU's tests (cuDNN's TF32 off) run them: another lowering.
+dot = dict(ACC=tl.float32, DOT_IN=tl.float32, PRECISION="ieee")
+widest = dict(BLOCK_N=config.MAX_CHANNEL_TILE, BLOCK_K=config.MAX_CHANNEL_TILE, K_ALIGN=16, EVEN_K=True)
+compile_for_sm90(conv._conv_kernel, "fp32", "fp32", dict(STRIDE=2, DIL=1, FOLD_BN=False, STATS=True, **widest, **dot),
+                 conv._CONV_CONFIGS[-1])
+compile_for_sm90(backward._dgrad_kernel, "fp32", "fp32", dict(STRIDE=2, DIL=2, TAP_STEP=1, TRAIN=True, **widest, **dot),
+                 backward._DGRAD_CONFIGS[-1])
+compile_for_sm90(backward._wgrad_kernel, "fp32", "fp32",
+                 dict(STRIDE=1, DIL=2, TRAIN=True, BLOCK_CO=backward.WGRAD_MAX_TILE, BLOCK_CI=backward.WGRAD_MAX_TILE,
+                      K_ALIGN=16, EVEN_K=True, **dot), backward._WGRAD_CONFIGS[-1])
 # The inference epilogue and the folded backward, with the first (pipelined) configs, ResNeXt's tiles and
 # masked K ranges.
 dot = dict(ACC=tl.float32, DOT_IN=tl.bfloat16, PRECISION="ieee", K_ALIGN=1, EVEN_K=False)

@@ -587,7 +587,7 @@ constexpr int kWmmaFixedBytes = kWmmaDyBytes + kWmmaRawBytes + kWmmaZeroBytes + 
 struct WgradTiling {
   int tile_h, tile_w;  // output pixels per unit (at most kWgradPixels)
   int halo_h, halo_w;  // the input rows and columns they read (staged in bands: tap_reach)
-  int reach_h, reach_w;
+  int reach_h, reach_w;  // rows and columns between the taps in the staged halo (tap_reach)
   int tiles_h, tiles_w;
   int64_t units_per_split;
 };

@@ -1,6 +1,6 @@
 // The building blocks of the packed tensor-core kernels (forward, dgrad): K ranges of packed groups,
-// shared row sizes, the tile search (every kernel's), persistent blocks, the per-chunk MMA loop, the
-// exact fallback for non-finite chunks, and the staged 16-byte epilogue.
+// shared row sizes, the tile search and banded halos (every kernel's), persistent blocks, the per-chunk
+// MMA loop, the exact fallback for non-finite chunks, and the staged 16-byte epilogue.
 #pragma once
 
 #include "platform.cuh"

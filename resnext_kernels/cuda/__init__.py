@@ -12,6 +12,7 @@ from .ops import register_namespace
 
 _STALE_BUILD = register_namespace("resnext_kernels") if LOAD_ERROR is None else None
 
+
 def unavailable_reason(device):
     if device.type == "cpu" and emulation.enabled():
         return emulation.load() or register_namespace(emulation.NAMESPACE)

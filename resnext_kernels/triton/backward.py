@@ -164,7 +164,7 @@ def _receiving_taps(phase, STRIDE: tl.constexpr, DIL: tl.constexpr):
 @triton.jit
 def _dgrad_kernel(
     dz_ptr, y_ptr, w_ptr, dx_ptr, scale_ptr, shift_ptr, mean_ptr, coef_ptr,
-    N, H, W, HO, WO, C_IN, C_OUT, GROUP_IN, GROUP_OUT,
+    N, H, W, HO, WO, C_IN, C_OUT, GROUP_IN, GROUP_OUT, PHASE_COLS,
     sdn, sdc, sdh, sdw, syn, syc, syh, syw, swo, swi, swh, sww, sxn, sxc, sxh, sxw,
     STRIDE: tl.constexpr, DIL: tl.constexpr, TAP_STEP: tl.constexpr, TRAIN: tl.constexpr,
     ACC: tl.constexpr, DOT_IN: tl.constexpr, PRECISION: tl.constexpr, K_ALIGN: tl.constexpr, EVEN_K: tl.constexpr,
@@ -176,14 +176,14 @@ def _dgrad_kernel(
     # the pixels of one phase pair and loops over their taps only -- at stride 2, 2.25 taps per pixel on
     # average instead of 9 mostly masked ones. The taps a phase receives from are TAP_STEP = STRIDE /
     # gcd(STRIDE, DIL) apart. Axis 0 counts (phase pair, pixel tile), phase-major, with as many tiles per
-    # phase as phase (0, 0) needs, the largest: STRIDE^2 phases could pass grid axis 1 or 2's 65535.
+    # phase as phase (0, 0) needs, the largest, over the phase pairs that hold pixels: rows below
+    # min(STRIDE, H), columns below PHASE_COLS = min(STRIDE, W) (STRIDE^2 could pass any grid axis).
     phase_tiles = tl.cdiv(tl.cast(N, tl.int64) * ((H + STRIDE - 1) // STRIDE) * ((W + STRIDE - 1) // STRIDE),
                           BLOCK_M)
     phase = tl.program_id(0).to(tl.int64) // phase_tiles
-    phase_h = (phase // STRIDE).to(tl.int32)
-    phase_w = (phase % STRIDE).to(tl.int32)
-    # This phase's rows and columns (H + STRIDE - 1 - phase > 0: the quotients are floors); an image
-    # smaller than the stride has none for some phases.
+    phase_h = (phase // PHASE_COLS).to(tl.int32)
+    phase_w = (phase % PHASE_COLS).to(tl.int32)
+    # This phase's rows and columns (H + STRIDE - 1 - phase > 0: the quotients are floors), at least one.
     rows = (H + STRIDE - 1 - phase_h) // STRIDE
     cols = (W + STRIDE - 1 - phase_w) // STRIDE
     offs_m = (tl.program_id(0).to(tl.int64) - phase * phase_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -427,16 +427,18 @@ def backward(dz, x, weight, y, scale, shift, mean, var, eps, stride, dilation, g
         if need_dx:
             block_n, block_k = config.gemm_channel_tiles(c_in // groups, c_out // groups, groups)
             k_align, even_k = config.k_range_layout(c_in // groups, c_out // groups, c_in, block_n, block_k)
-            # As many pixel tiles for each phase pair (ih % stride, iw % stride) as the largest, (0, 0), needs.
+            # As many pixel tiles for each phase pair (ih % stride, iw % stride) holding pixels as the
+            # largest, (0, 0), needs.
             phase_pixels = n * triton.cdiv(h, stride) * triton.cdiv(w, stride)
+            phases = min(stride, h) * min(stride, w)
 
             def grid(meta):
-                return triton.cdiv(phase_pixels, meta["BLOCK_M"]) * stride**2, triton.cdiv(c_in, block_n)
+                return triton.cdiv(phase_pixels, meta["BLOCK_M"]) * phases, triton.cdiv(c_in, block_n)
 
             with _AUTOTUNED_LAUNCH:
                 _dgrad_kernel[grid](
                     dz, y, weight, dx, *per_channel,
-                    n, h, w, ho, wo, c_in, c_out, c_in // groups, c_out // groups,
+                    n, h, w, ho, wo, c_in, c_out, c_in // groups, c_out // groups, min(stride, w),
                     *dz.stride(), *y.stride(), *weight.stride(), *dx.stride(),
                     STRIDE=stride, DIL=dilation, TAP_STEP=stride // math.gcd(stride, dilation), TRAIN=train,
                     K_ALIGN=k_align, EVEN_K=even_k,

@@ -102,8 +102,8 @@ def eps_arguments(eps):
         high = struct.unpack("f", struct.pack("f", eps))[0]
     except OverflowError:
         high = math.inf
-    if math.isinf(high):  # beyond fp32's range: inf, which fp32 BatchNorm adds too
-        return math.inf, 0.0
+    if math.isinf(high):  # beyond fp32's range: inf, as fp32 BatchNorm adds (fp64 would add eps: left aside)
+        return math.copysign(math.inf, eps), 0.0
     return high, eps - high
 
 
