@@ -603,6 +603,26 @@ def _random_shapes(count, seed=20261128):
 RANDOM_SHAPES = _random_shapes(16)
 
 
+def _check_against_float64(shape, dtype, impl, training, layout, grad_layout):
+    """Forward (running statistics included) and every gradient of a fresh case of ``shape``, computed in
+    ``dtype`` by ``impl``, against float64: fp32/fp64 within a fixed bound, 16-bit within a multiple of
+    PyTorch's own error in that dtype. Returns the results, named as RESULTS."""
+    case64 = make_case(shape, dtype=torch.float64)
+    h_out, w_out = (shape.h - 1) // shape.stride + 1, (shape.w - 1) // shape.stride + 1
+    grad64 = torch.randn(shape.n, shape.c_out, h_out, w_out, device=DEVICE, dtype=torch.float64)
+    args = (training, layout, grad64, grad_layout)
+    expected = forward_backward(case64, torch.float64, "torch", *args)
+    ours = forward_backward(case64, dtype, impl, *args)
+    baseline = forward_backward(case64, dtype, "torch", *args) if dtype in LOW_PRECISION else None
+    for k, (name, a, e) in enumerate(zip(RESULTS, ours, expected, strict=True)):
+        assert_close_to_reference(a, e, dtype, baseline=baseline[k] if baseline else None,
+                                  what=f"{name} ({'train' if training else 'eval'})")
+    return ours
+
+
+RESULTS = ("z", "running_mean", "running_var", "dx", "dw", "dgamma", "dbeta")
+
+
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
 @pytest.mark.parametrize("shape", RANDOM_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -612,18 +632,9 @@ def test_random_shapes_match_float64(impl, shape, dtype):
     # fp32 the FMA paths.
     index = RANDOM_SHAPES.index(shape)
     training, layout, grad_layout = index % 2 == 0, LAYOUTS[index % 3], LAYOUTS[index // 3 % 3]
-    case64 = make_case(shape, dtype=torch.float64)
-    h_out = (shape.h - 1) // shape.stride + 1
-    w_out = (shape.w - 1) // shape.stride + 1
-    grad64 = torch.randn(shape.n, shape.c_out, h_out, w_out, device=DEVICE, dtype=torch.float64)
-    args = (training, layout, grad64, grad_layout)
-    expected = forward_backward(case64, torch.float64, "torch", *args)
-    ours = forward_backward(case64, dtype, impl, *args)
-    baseline = forward_backward(case64, dtype, "torch", *args) if dtype != torch.float32 else None
-    names = ("z", "running_mean", "running_var", "dx", "dw", "dgamma", "dbeta")
-    for k, (name, a, e) in enumerate(zip(names, ours, expected)):
+    ours = _check_against_float64(shape, dtype, impl, training, layout, grad_layout)
+    for name, a in zip(RESULTS, ours):
         assert a.dtype == (dtype if name in ("z", "dx", "dw") else torch.float32), name
-        assert_close_to_reference(a, e, dtype, baseline=baseline[k] if baseline else None, what=name)
 
 
 # Dilations larger than a kernel tile's own span: the CUDA kernels then stage only the three bands of
@@ -640,19 +651,9 @@ LARGE_DILATIONS = [Shape(1, 4, 4, 40, 3, groups=2, dilation=30), Shape(1, 16, 16
                                          if impl == "cuda" or dtype == torch.float32], ids=str)
 @pytest.mark.parametrize("shape", LARGE_DILATIONS, ids=str)
 def test_large_dilations_match_float64(impl, dtype, shape):
-    index = LARGE_DILATIONS.index(shape)
-    case64 = make_case(shape, dtype=torch.float64)
-    h_out, w_out = (shape.h - 1) // shape.stride + 1, (shape.w - 1) // shape.stride + 1
-    grad64 = torch.randn(shape.n, shape.c_out, h_out, w_out, device=DEVICE, dtype=torch.float64)
+    layout = LAYOUTS[LARGE_DILATIONS.index(shape) % 3]
     for training in (True, False):
-        args = (training, LAYOUTS[index % 3], grad64, "channels_last")
-        expected = forward_backward(case64, torch.float64, "torch", *args)
-        ours = forward_backward(case64, dtype, impl, *args)
-        baseline = forward_backward(case64, dtype, "torch", *args) if dtype == torch.bfloat16 else None
-        for k, (name, a, e) in enumerate(zip(("z", "running_mean", "running_var", "dx", "dw", "dgamma", "dbeta"),
-                                             ours, expected, strict=True)):
-            assert_close_to_reference(a, e, dtype, baseline=baseline[k] if baseline else None,
-                                      what=f"{name} ({'train' if training else 'eval'})")
+        _check_against_float64(shape, dtype, impl, training, layout, "channels_last")
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
@@ -661,11 +662,5 @@ def test_stride_and_dilation_beyond_the_image(impl, stride, dilation):
     # The kernels take 32-bit values: a stride or dilation at least the image's longer side (here 6)
     # must act as that side, never wrap (2^32 + 1 would become 1).
     shape = Shape(2, 8, 8, 5, 6, groups=4, stride=stride, dilation=dilation)
-    case64 = make_case(shape, dtype=torch.float64)
-    grad64 = torch.randn(2, 8, (5 - 1) // stride + 1, (6 - 1) // stride + 1, device=DEVICE, dtype=torch.float64)
     for training in (True, False):
-        args = (training, "nchw", grad64, "nchw")
-        expected = forward_backward(case64, torch.float64, "torch", *args)
-        for name, a, e in zip(("z", "running_mean", "running_var", "dx", "dw", "dgamma", "dbeta"),
-                              forward_backward(case64, torch.float32, impl, *args), expected, strict=True):
-            assert_close_to_reference(a, e, torch.float32, what=name)
+        _check_against_float64(shape, torch.float32, impl, training, "nchw", "nchw")

@@ -293,18 +293,12 @@ inline void run_block(Block& block, int threads, dim3 block_dim, Schedule schedu
   };
   block.yield_on_release = schedule != Schedule::kLockstep;
   while (live > 0) {
-    if (schedule == Schedule::kWarpSerial) {
-      int t = threads - 1;
-      while (t >= 0 && !runnable(t)) --t;
-      if (t < 0) throw deadlock();
-      resume(t);
-      continue;
-    }
-    if (schedule == Schedule::kWarpSerialAscending) {
-      int t = 0;
-      while (t < threads && !runnable(t)) ++t;
-      if (t == threads) throw deadlock();
-      resume(t);
+    if (schedule != Schedule::kLockstep) {  // warp-serial: the first thread that can run, in its order
+      int i = 0;
+      const auto thread_at = [&](int k) { return schedule == Schedule::kWarpSerial ? threads - 1 - k : k; };
+      while (i < threads && !runnable(thread_at(i))) ++i;
+      if (i == threads) throw deadlock();
+      resume(thread_at(i));
       continue;
     }
     bool resumed = false;  // lockstep: one pass, every thread that can run once

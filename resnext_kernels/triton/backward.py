@@ -21,7 +21,6 @@ and process) and device size (which sets the number of splits).
 """
 
 import math
-import threading
 
 import torch
 import triton
@@ -41,9 +40,6 @@ _SUM_BLOCK = 1024
 WGRAD_MAX_TILE = 32
 # Fewest pixels worth a wgrad split of its own.
 _WGRAD_MIN_SPLIT_PIXELS = 64 if config.INTERPRET else 1024
-# Held around the autotuned launches: an autotuner keeps the arguments of the call it serves in one
-# attribute for every caller (e.g. autograd's threads of two GPUs).
-_AUTOTUNED_LAUNCH = threading.Lock()
 
 
 @triton.jit
@@ -435,7 +431,7 @@ def backward(dz, x, weight, y, scale, shift, mean, var, eps, stride, dilation, g
             def grid(meta):
                 return triton.cdiv(phase_pixels, meta["BLOCK_M"]) * phases, triton.cdiv(c_in, block_n)
 
-            with _AUTOTUNED_LAUNCH:
+            with config.AUTOTUNED_LAUNCH:
                 _dgrad_kernel[grid](
                     dz, y, weight, dx, *per_channel,
                     n, h, w, ho, wo, c_in, c_out, c_in // groups, c_out // groups, min(stride, w),
@@ -452,7 +448,7 @@ def backward(dz, x, weight, y, scale, shift, mean, var, eps, stride, dilation, g
             tiles = triton.cdiv(c_out, block_co) * ci_tiles
             splits = max(1, min(config.parallel_programs(x.device) // tiles, triton.cdiv(m, _WGRAD_MIN_SPLIT_PIXELS)))
             wpart = torch.empty((splits, *weight.shape), dtype=acc, device=x.device)
-            with _AUTOTUNED_LAUNCH:
+            with config.AUTOTUNED_LAUNCH:
                 _wgrad_kernel[(splits, triton.cdiv(c_out, block_co), ci_tiles)](
                     x, dz, y, wpart, *per_channel,
                     m, h, w, ho, wo, c_in, c_out, c_in // groups, c_out // groups,

@@ -22,6 +22,7 @@ import functools
 import math
 import os
 import struct
+import threading
 
 import torch
 import triton
@@ -33,6 +34,10 @@ from ..outputs import accumulate_dtype
 # imported; this flag is read at the same moment so that both agree.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("RESNEXT_KERNELS_TRITON_AUTOTUNE", "1") != "0"
+# Held around every autotuned launch (and, for the convolution, until its caller has read the config
+# chosen): an autotuner keeps the arguments and choice of the call it serves in attributes shared by
+# every caller (e.g. autograd's threads of two GPUs).
+AUTOTUNED_LAUNCH = threading.Lock()
 
 _TL_DTYPES = {
     torch.float16: tl.float16,

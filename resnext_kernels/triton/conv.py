@@ -28,7 +28,6 @@ Saving z and inverting the affine instead breaks where ReLU clipped or gamma = 0
 """
 
 import contextlib
-import threading
 
 import torch
 import triton
@@ -45,9 +44,6 @@ _STATS_BLOCK_C = 32
 _STATS_MIN_TILES_PER_PROGRAM = 64
 _STATS_SEGMENTS = 64
 _ELEMENTWISE_BLOCK = 4096
-# Held from a convolution's launch until its caller has read the config autotuning chose for it
-# (the autotuner keeps it in one attribute for every caller).
-_CONV_LAUNCH = threading.Lock()
 
 
 @triton.autotune(configs=_CONV_CONFIGS, key=["C_IN", "C_OUT", "GROUP_IN", "GROUP_OUT", "STRIDE", "DIL", "PRECISION"])
@@ -269,7 +265,7 @@ def _launch_conv(x, weight, out, stride, dilation, groups, *, scale=None, shift=
     # the forward's).
     dummy = torch.empty(1, dtype=accumulate_dtype(x.dtype), device=x.device)
     grid = lambda meta: (triton.cdiv(n * ho * wo, meta["BLOCK_M"]), triton.cdiv(c_out, block_n))  # noqa: E731
-    with _CONV_LAUNCH:
+    with config.AUTOTUNED_LAUNCH:
         _conv_kernel[grid](
             x, weight, out, scale if fold else dummy, shift if fold else dummy, part if stats else dummy,
             n * ho * wo, h, w, ho, wo, c_in, c_out, c_in // groups, c_out // groups, part.shape[1] if stats else 0,
