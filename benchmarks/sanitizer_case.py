@@ -17,6 +17,8 @@ import resnext_kernels
 def run(n, c, h, w, groups, stride, dilation, dtype, training, device):
     x = torch.randn(n, c, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(c, c // groups, 3, 3, device=device, dtype=dtype) / (3 * (c // groups) ** 0.5)
+    if dtype != torch.float32:  # the tensor-core kernels' weight staging, on a channels-last model's weights
+        weight = weight.contiguous(memory_format=torch.channels_last)
     gamma, beta = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)
     mean, var = torch.randn(c, device=device), torch.rand(c, device=device) + 0.5
     leaves = [t.requires_grad_() for t in (x, weight, gamma, beta)]

@@ -34,6 +34,14 @@ BATCH_PROVIDERS = [p for p in OP_PROVIDERS if FULL or p != "compile"]
 BATCH_CASES = batch.batch_cases(batch.MODELS, batch.MODES, 128 if FULL else 32, 224, "bfloat16", "channels_last")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cudnn_benchmark():
+    # As the main job: cuDNN times its algorithms and keeps the fastest, the baselines at their best.
+    previous, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, True
+    yield
+    torch.backends.cudnn.benchmark = previous
+
+
 @pytest.fixture(scope="session")
 def copy_gbps():
     return timing.copy_bandwidth(DEVICE)["gbps"]

@@ -142,23 +142,24 @@ void check_launch(const char* error, const char* what) {
 }
 
 // The forward params shared by inference and training pass 1.
-ConvBnReluParams conv_params(const at::Tensor& x, const at::Tensor& weight_c, const at::Tensor& out, int64_t stride,
+ConvBnReluParams conv_params(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out, int64_t stride,
                              int64_t dilation, int64_t groups) {
   ConvBnReluParams p{};
   p.x = x.data_ptr();
-  p.weight = weight_c.data_ptr();
+  p.weight = weight.data_ptr();
   p.out = out.data_ptr();
   p.dtype = dtype_of(x);
   p.n = x.size(0);
   p.c_in = x.size(1);
   p.h = x.size(2);
   p.w = x.size(3);
-  p.c_out = weight_c.size(0);
+  p.c_out = weight.size(0);
   p.h_out = out.size(2);
   p.w_out = out.size(3);
   for (int i = 0; i < 4; ++i) {
     p.x_stride[i] = x.stride(i);
     p.out_stride[i] = out.stride(i);
+    p.weight_stride[i] = weight.stride(i);
   }
   p.stride = int(stride);
   p.dilation = int(dilation);
@@ -176,8 +177,8 @@ at::Tensor conv_bn_relu_folded(const at::Tensor& x, const at::Tensor& weight, co
   at::Tensor out = empty_like_format(x, {x.size(0), c_out, h_out, w_out});
   if (out.numel() == 0) return out;
   const DeviceScope scope(x);
-  const at::Tensor weight_c = weight.contiguous(), scale_c = scale.contiguous(), shift_c = shift.contiguous();
-  ConvBnReluParams p = conv_params(x, weight_c, out, stride, dilation, groups);
+  const at::Tensor scale_c = scale.contiguous(), shift_c = shift.contiguous();
+  ConvBnReluParams p = conv_params(x, weight, out, stride, dilation, groups);
   p.scale = scale_c.data_ptr();
   p.shift = shift_c.data_ptr();
   const char* error = launch_conv_bn_relu_folded(p, stream_of(x));
@@ -191,8 +192,7 @@ at::Tensor conv_pass1(const at::Tensor& x, const at::Tensor& weight, int64_t str
   const auto [h_out, w_out] = check_conv(x, weight, stride, dilation, groups);
   at::Tensor y = empty_like_format(x, {x.size(0), weight.size(0), h_out, w_out});
   if (y.numel() == 0) return y;
-  const at::Tensor weight_c = weight.contiguous();
-  ConvBnReluParams p = conv_params(x, weight_c, y, stride, dilation, groups);
+  ConvBnReluParams p = conv_params(x, weight, y, stride, dilation, groups);
   if (partials != nullptr) {
     const int64_t blocks = conv_stats_blocks(p);
     *partials = unwritten(at::empty({3, blocks, weight.size(0)}, x.options().dtype(acc_type_of(x))));
@@ -345,11 +345,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_backward(
     return {dx, dw, dparams};
   }
   const DeviceScope scope(x);
-  const at::Tensor weight_c = weight.contiguous();
   ConvBnReluBackwardParams p{};
   set_batch_norm_backward(p, y, dz, per_channel, eps, dparams, need_dparams);
   p.x = x.data_ptr();
-  p.weight = weight_c.data_ptr();
+  p.weight = weight.data_ptr();
   p.dx = need_dx ? dx.data_ptr() : nullptr;
   p.dw = need_dw ? dw.data_ptr() : nullptr;
   p.c_in = x.size(1);
@@ -358,6 +357,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_backward(
   for (int i = 0; i < 4; ++i) {
     p.x_stride[i] = x.stride(i);
     p.dx_stride[i] = need_dx ? dx.stride(i) : 0;
+    p.weight_stride[i] = weight.stride(i);
   }
   p.stride = int(stride);
   p.dilation = int(dilation);

@@ -147,6 +147,13 @@ class ResNeXtBlock(nn.Module):
         block.impl = check_impl(impl)
         return block
 
+    def zero_init_last(self):
+        """Zeros bn3's weight, so that the block starts as its shortcut: torchvision's ResNet does this
+        for zero_init_residual=True, and timm's init_weights calls it on every module that has it (so a
+        converted timm model's blocks keep it)."""
+        if getattr(self.bn3, "weight", None) is not None:
+            nn.init.zeros_(self.bn3.weight)
+
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
         out = self._bn_relu(self.bn1, self.conv1(x))

@@ -150,10 +150,10 @@ def assert_close_to_reference(actual, expected, dtype, baseline=None, what="outp
 def forward_backward(case64, dtype, impl, training, layout, grad64, grad_layout):
     """[z, running_mean, running_var, dx, dw, dgamma, dbeta] of case64's values computed in ``dtype``
     (BatchNorm tensors in fp32 for 16-bit inputs, as in mixed-precision training), x and the gradient
-    in the given layouts."""
+    in the given layouts (the weight in x's, as model.to(memory_format=...) leaves it)."""
     bn_dtype = dtype if dtype == torch.float64 else torch.float32
-    x = layout_as(case64.x.to(dtype), layout)
-    leaves = [t.detach().requires_grad_() for t in (x, case64.weight.to(dtype), case64.bn_weight.to(bn_dtype),
+    x, weight = (layout_as(t.to(dtype), layout) for t in (case64.x, case64.weight))
+    leaves = [t.detach().requires_grad_() for t in (x, weight, case64.bn_weight.to(bn_dtype),
                                                       case64.bn_bias.to(bn_dtype))]
     mean, var = case64.running_mean.to(bn_dtype).clone(), case64.running_var.to(bn_dtype).clone()
     s = case64.shape

@@ -278,6 +278,14 @@ def test_convert_timm_resnext():
     x = torch.randn(2, 3, 32, 32, device=DEVICE)
     assert torch.allclose(converted(x), original(x), rtol=1e-3, atol=1e-3)
     assert_same_state(converted, original, rtol=1e-4, atol=1e-4)
+    # timm's init_weights zeros the last BatchNorm of every block through the block's zero_init_last.
+    def zeroed(model):
+        return {key for key, value in model.state_dict().items() if value.count_nonzero() == 0}
+
+    original.init_weights(zero_init_last=True)
+    converted.init_weights(zero_init_last=True)
+    assert zeroed(converted) == zeroed(original)
+    assert sum(key.endswith("bn3.weight") for key in zeroed(converted)) == 16
 
 
 def test_convert_leaves_timm_blocks_it_cannot_represent():

@@ -28,7 +28,11 @@ at::Tensor read_past_the_end(const at::Tensor& x, const at::Tensor& weight, int6
   p.h = p.h_out = x.size(2);
   p.w = p.w_out = x.size(3);
   p.c_out = w.size(0);
-  for (int i = 0; i < 4; ++i) p.x_stride[i] = x.stride(i), p.out_stride[i] = out.stride(i);
+  for (int i = 0; i < 4; ++i) {
+    p.x_stride[i] = x.stride(i);
+    p.out_stride[i] = out.stride(i);
+    p.weight_stride[i] = w.stride(i);
+  }
   p.stride = p.dilation = 1;
   p.groups = int(groups);
   resnext_kernels::launch_conv_bn_relu_folded(p, nullptr);

@@ -175,7 +175,8 @@ __global__ void __launch_bounds__(kThreads, 1) dgrad(const P p, const DgradTilin
     for (int i = int(threadIdx.x); i < kChannels * count * 9; i += kThreads) {
       const int c = i / (count * 9), rest = i % (count * 9), k = rest / 9, tap = rest % 9;
       const int ic = ci0 + c;
-      w_tile[(c * chunk + k) * 9 + tap] = ic < ci_end ? grouped_weight(weight, k0 + k, ic, cin_pg, cout_pg, tap) : Acc(0);
+      w_tile[(c * chunk + k) * 9 + tap] =
+          ic < ci_end ? grouped_weight(weight, p.weight_stride, k0 + k, ic, cin_pg, cout_pg, tap) : Acc(0);
     }
     __syncthreads();
     if (!active) continue;
@@ -421,9 +422,11 @@ __global__ void __launch_bounds__(kMmaThreads, 4) dgrad_mma(const P p, const Dgr
       for (int i = int(threadIdx.x); i < kChannels * row; i += kMmaThreads) {
         const int c = by_row.quotient(i), k = i - c * row, ic = ci0 + c, oc = k0 + k;
         const bool in_group = k < count && ic < ci_end && oc / cout_pg == ic / cin_pg;
-        const uint16_t* source = weight + (int64_t(oc) * cin_pg + ic % cin_pg) * 9;
+        const uint16_t* source = weight + weight_offset(p.weight_stride, oc, ic % cin_pg, 0);
 #pragma unroll
-        for (int tap = 0; tap < 9; ++tap) w_tile[(tap * kChannels + c) * row + k] = in_group ? source[tap] : uint16_t(0);
+        for (int tap = 0; tap < 9; ++tap)
+          w_tile[(tap * kChannels + c) * row + k] =
+              in_group ? source[weight_offset(p.weight_stride, 0, 0, tap)] : uint16_t(0);
       }
     const bool any_non_finite = __syncthreads_or(non_finite);
     // The next unit's copies go into this thread's own copied vectors, read above: issued after the

@@ -154,7 +154,8 @@ __global__ void __launch_bounds__(kThreads) conv_bn_relu_folded_fma(const ConvBn
     for (int i = int(threadIdx.x); i < kChannels * count * 9; i += kThreads) {
       const int c = i / (count * 9), rest = i % (count * 9), k = rest / 9, tap = rest % 9;
       const int oc = co0 + c;
-      w_tile[(c * chunk + k) * 9 + tap] = oc < co_end ? grouped_weight(weight, oc, k0 + k, cin_pg, cout_pg, tap) : Acc(0);
+      w_tile[(c * chunk + k) * 9 + tap] =
+          oc < co_end ? grouped_weight(weight, p.weight_stride, oc, k0 + k, cin_pg, cout_pg, tap) : Acc(0);
     }
     __syncthreads();
     if (!active) continue;
@@ -257,16 +258,18 @@ __device__ __forceinline__ float exact_chunk_sum(const uint16_t* x_tile, const u
 
 // w_tile[tap][c][k] = weight of output channel co0 + c, input channel k0 + k, or zero where that
 // input channel is outside the output channel's group or past the chunk.
-__device__ __forceinline__ void stage_weights(uint16_t* w_tile, const uint16_t* weight, int row, int k0, int count,
+__device__ __forceinline__ void stage_weights(uint16_t* w_tile, const ConvBnReluParams& p, int row, int k0, int count,
                                               const BlockTile& b) {
+  const uint16_t* weight = static_cast<const uint16_t*>(p.weight);
   const SmallDivisor by_row(row);  // i < 2^20
   for (int i = int(threadIdx.x); i < kChannels * row; i += kMmaThreads) {
     const int c = by_row.quotient(i), k = i - c * row, oc = b.co0 + c, ic = k0 + k;
     const int group_begin = (oc / b.cout_pg) * b.cin_pg;
     const bool in_group = k < count && oc < b.co_end && ic >= group_begin && ic < group_begin + b.cin_pg;
-    const uint16_t* source = weight + (int64_t(oc) * b.cin_pg + (ic - group_begin)) * 9;
+    const uint16_t* source = weight + weight_offset(p.weight_stride, oc, ic - group_begin, 0);
 #pragma unroll
-    for (int tap = 0; tap < 9; ++tap) w_tile[(tap * kChannels + c) * row + k] = in_group ? source[tap] : uint16_t(0);
+    for (int tap = 0; tap < 9; ++tap)
+      w_tile[(tap * kChannels + c) * row + k] = in_group ? source[weight_offset(p.weight_stride, 0, 0, tap)] : uint16_t(0);
   }
 }
 
@@ -333,7 +336,6 @@ __global__ void __launch_bounds__(kMmaThreads, 4) conv_bn_relu_folded_mma(const 
   const auto x_buffer = [&, buffer_values = int(buffer_bytes(tiling) / 2)](int64_t unit) {
     return shared + 9 * kChannels * row + int(unit % 2) * buffer_values;
   };
-  const uint16_t* weight = static_cast<const uint16_t*>(p.weight);
   const int s = p.stride, reach_h = tiling.reach_h, reach_w = tiling.reach_w;
 
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
@@ -386,7 +388,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4) conv_bn_relu_folded_mma(const 
         for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
     }
     __syncthreads();  // everyone is done with the previous unit's buffer (the next one's) and weights
-    if (chunks > 1 || u == 0) stage_weights(w_tile, weight, row, k0, count, b);
+    if (chunks > 1 || u == 0) stage_weights(w_tile, p, row, k0, count, b);
     if (u + 1 < units) {
       const int next_k0 = k0 + chunk < ci_end ? k0 + chunk : ci_begin;
       if (next_k0 == ci_begin) next = locate_block(p, tiling, first + (u + 1) / chunks);

@@ -12,7 +12,7 @@ enum class DType : int { kFloat32, kFloat64, kFloat16, kBFloat16 };
 // out = relu(y * scale + shift) per output channel.
 struct ConvBnReluParams {
   const void* x;
-  const void* weight;  // (c_out, c_in / groups, 3, 3), contiguous
+  const void* weight;  // (c_out, c_in / groups, 3, 3), any layout (weight_stride)
   const void* scale;   // (c_out,), float32, or float64 for float64 inputs
   const void* shift;
   void* out;
@@ -21,6 +21,7 @@ struct ConvBnReluParams {
   int64_t c_out, h_out, w_out;
   int64_t x_stride[4];    // in elements, for (n, c, h, w)
   int64_t out_stride[4];
+  int64_t weight_stride[4];  // in elements: a channels-last model's weights are read where they lie
   int stride, dilation, groups;
   int sm_count;  // the device's multiprocessors, to size blocks; 0 in the host test build
   // Training pass 1 only (launch_conv_stats): per (pixel block, channel) partial statistics of y,
@@ -86,7 +87,7 @@ const char* launch_batch_norm_stats(const BatchNormStatsParams& params, void* st
 // per-channel coefficients. Every reduction is two-stage in a fixed order (deterministic).
 struct ConvBnReluBackwardParams {
   const void* x;
-  const void* weight;  // (c_out, c_in / groups, 3, 3), contiguous
+  const void* weight;  // (c_out, c_in / groups, 3, 3), any layout (weight_stride)
   const void* y;
   const void* dz;
   const void* scale;   // (c_out,), accumulation type
@@ -104,6 +105,7 @@ struct ConvBnReluBackwardParams {
   int64_t n, c_in, h, w;
   int64_t c_out, h_out, w_out;
   int64_t x_stride[4], y_stride[4], dz_stride[4], dx_stride[4], z_stride[4], g_stride[4];
+  int64_t weight_stride[4];
   int stride, dilation, groups;
   int sm_count;  // as ConvBnReluParams::sm_count
 };

@@ -61,14 +61,20 @@ __device__ __forceinline__ typename Numeric<T>::Acc rounded(typename Numeric<T>:
   return Numeric<T>::load(Numeric<T>::store(v));
 }
 
+// Where weight[oc][k][tap / 3][tap % 3] (k: an input channel's index within oc's group) lies, for the
+// weight's strides (elements).
+__device__ __forceinline__ int64_t weight_offset(const int64_t* stride, int oc, int k, int tap) {
+  return oc * stride[0] + k * stride[1] + (tap / 3) * stride[2] + (tap % 3) * stride[3];
+}
+
 // The weight joining output channel oc and input channel ic at `tap`, or zero where they lie in
 // different groups (the off-group entries of a tile spanning several groups).
 template <typename T>
-__device__ __forceinline__ typename Numeric<T>::Acc grouped_weight(const T* weight, int oc, int ic, int cin_pg,
-                                                                   int cout_pg, int tap) {
+__device__ __forceinline__ typename Numeric<T>::Acc grouped_weight(const T* weight, const int64_t* stride, int oc,
+                                                                   int ic, int cin_pg, int cout_pg, int tap) {
   const int group_begin = (oc / cout_pg) * cin_pg;
   if (ic < group_begin || ic >= group_begin + cin_pg) return 0;
-  return Numeric<T>::load(weight[(int64_t(oc) * cin_pg + (ic - group_begin)) * 9 + tap]);
+  return Numeric<T>::load(weight[weight_offset(stride, oc, ic - group_begin, tap)]);
 }
 
 // Division by a runtime divisor d >= 1 of dividends 0 <= a < 2^20 without the integer division

@@ -22,6 +22,7 @@ import functools
 import json
 import signal
 import sys
+import traceback
 
 import torch
 
@@ -227,7 +228,7 @@ def _benchmark(args, device, settings, say, log, check_passed, check_failed):
     if not args.no_check:
         doc["selfcheck"] = {"dtype": args.dtype or "float32", "passed": check_passed, "failed_impls": check_failed}
     excluded = {impl: SELFCHECK_FAILED for impl in check_failed if impl in ops.KERNEL_PROVIDERS}
-    doc["settings"]["ops" if args.ops else "batches"] = settings
+    doc["settings"]["ops" if args.ops else "batches"] = dict(settings, cudnn_benchmark=True)
 
     def stop(signum, frame):
         raise Interrupted(signal.Signals(signum).name)
@@ -236,6 +237,9 @@ def _benchmark(args, device, settings, say, log, check_passed, check_failed):
         previous_handler, installed = signal.signal(signal.SIGTERM, stop), True
     except ValueError:  # not the main thread: no handler, and nothing to restore
         previous_handler, installed = None, False
+    # cuDNN picks its algorithms by timing them, as a tuned training script asks it to: the baselines at
+    # their best (the warm-ups absorb the search).
+    cudnn_benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, True
     try:
         doc["copy_bandwidth"] = timing.copy_bandwidth(device)
         deadline = timing.Deadline(settings["budget_s"])
@@ -257,7 +261,11 @@ def _benchmark(args, device, settings, say, log, check_passed, check_failed):
     except (Interrupted, KeyboardInterrupt) as why:
         log(f"interrupted ({why or 'KeyboardInterrupt'}): writing what has finished")
         doc["interrupted"] = True
+    except Exception:  # noqa: BLE001 - e.g. a kernel fault that leaves the CUDA context unusable
+        log(f"stopped by an error, writing what has finished:\n{traceback.format_exc()}")
+        doc["interrupted"] = True
     finally:
+        torch.backends.cudnn.benchmark = cudnn_benchmark
         if installed:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_handler is None else previous_handler)
     ops.add_speedups(doc["ops"])

@@ -171,8 +171,7 @@ def _release(device, compiled=False):
     gc.collect()
     if compiled:
         torch._dynamo.reset()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    timing.release_cached_memory(device)
 
 
 def run_batches(cases, providers, device, *, timing_options, deadline=None, excluded=None, log=print, records=None):

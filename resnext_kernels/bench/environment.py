@@ -23,8 +23,20 @@ def device_info(device):
             "multiprocessors": properties.multi_processor_count,
             "memory_bytes": properties.total_memory,
             "l2_cache_bytes": getattr(properties, "L2_cache_size", None),
+            "driver": _driver_version(),
         }
     return {"type": "cpu", "name": _cpu_name(), "threads": torch.get_num_threads()}
+
+
+def _driver_version():
+    """The NVIDIA driver's version (clocks and kernels' behaviour can change with it), or None."""
+    try:
+        result = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = result.stdout.split()
+    return lines[0] if result.returncode == 0 and lines else None
 
 
 def _cpu_name():
@@ -57,8 +69,10 @@ def versions():
 
 def commit():
     """{"sha", "short", "dirty"} of the checkout the package runs from. Where there is no git (a copy
-    of the tree on a GPU machine), the environment variable RESNEXT_KERNELS_COMMIT may name the sha
-    (dirty then unknown); otherwise all three are None."""
+    of the tree on a GPU machine), the environment variable RESNEXT_KERNELS_COMMIT may name it where
+    the tree came from, as `$(git rev-parse HEAD)$(git diff --quiet HEAD || echo -dirty)`: the sha,
+    "-dirty" marking uncommitted changes (a value of another form is kept as the sha, dirty unknown);
+    otherwise all three are None."""
     def git(*args):
         try:
             result = subprocess.run(["git", "-C", str(REPOSITORY), *args], capture_output=True, text=True,
@@ -69,8 +83,13 @@ def commit():
 
     sha = git("rev-parse", "HEAD")
     if not sha:
-        sha = os.environ.get("RESNEXT_KERNELS_COMMIT", "").strip() or None
-        return {"sha": sha, "short": sha[:7] if sha else None, "dirty": None}
+        named = os.environ.get("RESNEXT_KERNELS_COMMIT", "").strip()
+        if not named:
+            return {"sha": None, "short": None, "dirty": None}
+        match = re.fullmatch(r"([0-9a-f]{40})(-dirty)?", named)
+        if match is None:
+            return {"sha": named, "short": named[:7], "dirty": None}
+        return {"sha": match[1], "short": match[1][:7], "dirty": match[2] is not None}
     # Tracked files only: a results file or build output left in the tree does not make the code dirty.
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"sha": sha, "short": sha[:7], "dirty": bool(status)}

@@ -31,8 +31,10 @@ import torch.nn.functional as F
 from .. import available_impls, backends, batch_norm_relu, grouped_conv_bn_relu
 from . import shapes, timing
 
-PROVIDERS = ("eager", "compile", "triton", "cuda")
-KERNEL_PROVIDERS = ("triton", "cuda")
+# The order each case runs them in. cuda before triton: the flagship, and with no autotuning to do it
+# is quick, so a run cut short by its time budget (the GPU check's) still has it.
+PROVIDERS = ("eager", "compile", "cuda", "triton")
+KERNEL_PROVIDERS = ("cuda", "triton")
 LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -160,7 +162,9 @@ class OpRunner:
         if case.convolution:
             channels, out_size = layer.c_out, (layer.h_out, layer.w_out)
             fan_in = layer.channels_per_group * 9
+            # In the activations' layout, as model.to(memory_format=...) leaves a model's weights.
             weight = randn(layer.c_out, layer.channels_per_group, 3, 3, scale=(2 / fan_in) ** 0.5).to(dtype)
+            weight = weight.contiguous(memory_format=memory_format)
             input_sizes = [(layer.c_in, layer.h, layer.w)]
         else:
             channels, h, w = shapes.batch_norm_shape(layer, case.op)
@@ -249,8 +253,7 @@ def run_op_case(case, provider, device, timing_options, bandwidth_gbps):
     finally:
         compile_s = runner.compile_s if runner is not None else None
         del runner
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
+        timing.release_cached_memory(device)
     return dict(record, **timing_figures(case, measured, bandwidth_gbps), compile_s=compile_s, kernels=kernels)
 
 
@@ -297,16 +300,31 @@ def project_kernel(name):
     return "resnext_kernels::" in name or name in _triton_kernel_names()
 
 
-@functools.cache
-def _triton_kernel_names():
+def _triton_kernels():
+    """{name: kernel} of the Triton backend's kernels (jitted, autotuned or interpreted); empty without Triton."""
     try:
-        from triton.runtime.jit import KernelInterface  # jitted, autotuned or interpreted
+        from triton.runtime.jit import KernelInterface
 
         from ..triton import backward, batch_norm_relu, conv
-    except ImportError:  # no Triton: no Triton kernels either
-        return frozenset()
-    return frozenset(name for module in (conv, backward, batch_norm_relu) for name, value in vars(module).items()
-                     if isinstance(value, KernelInterface))
+    except ImportError:
+        return {}
+    return {name: value for module in (conv, backward, batch_norm_relu) for name, value in vars(module).items()
+            if isinstance(value, KernelInterface)}
+
+
+@functools.cache
+def _triton_kernel_names():
+    return frozenset(_triton_kernels())
+
+
+def forget_triton_tuning():
+    """Drops the configs the Triton autotuners chose. Their keys are a layer's channels, groups, stride
+    and dilation, not its image size, which tells a model's layers apart; a run over several models
+    tunes each model's layers afresh (ResNeXt-101 32x8d's stage 1 would otherwise reuse the config
+    tuned for ResNeXt-50's stage 2, a smaller image)."""
+    for kernel in _triton_kernels().values():
+        if type(kernel).__name__ == "Autotuner":  # a jitted kernel's own cache holds compiled code: kept
+            kernel.cache.clear()
 
 
 def short_kernel_name(name):
@@ -395,6 +413,8 @@ def run_ops(cases, providers, device, *, timing_options, bandwidth_gbps, deadlin
     excluded = excluded or {}
     records = [] if records is None else records
     for index, case in enumerate(cases):
+        if index > 0 and case.layer.model != cases[index - 1].layer.model:
+            forget_triton_tuning()
         for provider in providers:
             if provider in excluded:
                 record = dict(base_op_record(case, provider, bandwidth_gbps), status="skipped",

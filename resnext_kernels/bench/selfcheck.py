@@ -25,6 +25,7 @@ def self_check(device, dtype=torch.float32):
             gen = torch.Generator().manual_seed(0)
             x = torch.randn(n, c, h, w, generator=gen).to(device, dtype).contiguous(memory_format=torch.channels_last)
             weight = (torch.randn(c, c // groups, 3, 3, generator=gen) / (3 * (c // groups) ** 0.5)).to(device, dtype)
+            weight = weight.contiguous(memory_format=torch.channels_last)  # as the benchmarks lay it out
             gamma, beta = torch.rand(c, generator=gen).add(0.5).to(device), torch.randn(c, generator=gen).to(device)
             for training in (False, True):
                 mean, var = torch.zeros(c, device=device), torch.ones(c, device=device)

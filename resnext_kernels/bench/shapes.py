@@ -139,27 +139,33 @@ def activation_bytes(layer, n, itemsize):
 
 
 def op_bytes(layer, n, mode, itemsize):
-    """The fewest bytes the fused op must move through device memory: one read of each input, one
-    write of each output (weights and per-channel BatchNorm values included, though small).
+    """The fewest bytes the fused op must move through device memory: each input read and each output
+    written once, twice where BatchNorm's batch statistics must be complete first and a layer's
+    activations do not stay in the L2 (as batch_norm_bytes counts; weights and per-channel BatchNorm
+    values included, though small).
 
     * inference: read x, weight, gamma, beta, running mean and var; write z.
-    * train_fwd: read x, weight, gamma, beta; write z; read and write the running mean and var.
-    * train_fwd_bwd: train_fwd, then a backward that reads dz, x (again: wgrad needs it, and y can be
-      recomputed from it) and the saved output z (the ReLU mask and, where z > 0, x_hat), plus the
-      weight, gamma and beta, and writes dx, dweight, dgamma and dbeta. Activation traffic is thus 3x
-      the forward's, as the FLOPs are; a kernel that saves y instead of z moves as much.
+    * train_fwd: the statistics of y = conv(x) come before the first output: read x, then either
+      read x again (recomputing y) or write y and read it back, whichever moves less (at a stride-2
+      entry y is a quarter of x); write z; read weight, gamma, beta; read and write the running mean
+      and var.
+    * train_fwd_bwd: train_fwd, then a backward whose per-channel sums (of g = dz * 1[z > 0] and
+      g * x_hat, x_hat from the saved z where z > 0) come before dx and dw: read dz and z twice, x
+      once (wgrad), the weight, gamma and beta; write dx, dweight, dgamma and dbeta. For a stride-1
+      layer that is 3E forward and 6E backward (E = x's size).
     """
     x, z = activation_bytes(layer, n, itemsize)
     weight = layer.c_out * layer.channels_per_group * 9 * itemsize
     channel = layer.c_out * BN_STAT_BYTES
     if mode == "inference":
         return x + weight + 4 * channel + z
-    forward = x + weight + 2 * channel + z + 4 * channel
+    y = z  # the convolution's output, z's size
+    forward = x + min(x, 2 * y) + weight + 2 * channel + z + 4 * channel
     if mode == "train_fwd":
         return forward
     if mode == "train_fwd_bwd":
         dz, dx = z, x  # gradients are the size of their tensors
-        backward_reads = dz + x + z + weight + 2 * channel
+        backward_reads = 2 * (dz + z) + x + weight + 2 * channel
         backward_writes = dx + weight + 2 * channel
         return forward + backward_reads + backward_writes
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")

@@ -159,6 +159,16 @@ def copy_bandwidth(device, nbytes=None):
     }
 
 
+def release_cached_memory(device):
+    """Hands the caching allocator's free blocks back to the device (a no-op on a CPU). After a fault
+    that left the CUDA context unusable this raises too: ignored, as the fault is being recorded."""
+    if torch.device(device).type == "cuda":
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError:
+            pass
+
+
 def failure_record(record, error):
     """``record`` for a case whose provider raised: "unsupported" for what a backend does not
     implement, "error" (one line of reason) for anything else."""
