@@ -150,9 +150,10 @@ def op_bytes(layer, n, mode, itemsize):
       entry y is a quarter of x); write z; read weight, gamma, beta; read and write the running mean
       and var.
     * train_fwd_bwd: train_fwd, then a backward whose per-channel sums (of g = dz * 1[z > 0] and
-      g * x_hat, x_hat from the saved z where z > 0) come before dx and dw: read dz and z twice, x
-      once (wgrad), the weight, gamma and beta; write dx, dweight, dgamma and dbeta. For a stride-1
-      layer that is 3E forward and 6E backward (E = x's size).
+      g * x_hat) come before dx and dw: read dz and a saved activation (y, or z: the same size) twice,
+      x once (wgrad), the weight, gamma and beta; write dx, dweight, dgamma and dbeta. For a stride-1
+      layer that is 3E forward and 6E backward (E = x's size); the kernels move 4E + 8E (they write y
+      forward and read it back, and the backward reads (y, dz) three times).
     """
     x, z = activation_bytes(layer, n, itemsize)
     weight = layer.c_out * layer.channels_per_group * 9 * itemsize

@@ -24,7 +24,8 @@ convolution of x over its halo. Reading x in place of y there (7E) makes 10E in 
 bytes, bought with the convolution run four times more (its block-diagonal tensor-core waste
 included) and a convolution nested inside dgrad's transposed one.
 Saving z and inverting the affine instead breaks where ReLU clipped or gamma = 0. Writing y is within
-2E of the floor, keeps every kernel a single pass, and y is what autograd saves (z is not kept).
+3E of the floor (9E, bench/shapes.op_bytes), keeps every kernel a single pass, and y is what autograd
+saves (z is not kept).
 """
 
 import contextlib
