@@ -659,6 +659,22 @@ def test_cli_json_to_stdout_is_pure_json(no_gpu, capsys):
     assert report.validate(json.loads(captured.out)) == []
 
 
+def test_cli_runs_the_baselines_with_cudnns_algorithm_search(no_gpu, tmp_path, monkeypatch):
+    real_case, during = batch.run_batch_case, []
+
+    def spy(*args, **kwargs):
+        during.append(torch.backends.cudnn.benchmark)
+        return real_case(*args, **kwargs)
+
+    monkeypatch.setattr(batch, "run_batch_case", spy)
+    before = torch.backends.cudnn.benchmark
+    code = bench_main.main(["--no-check", "--models", "resnet50", "--modes", "train", "--image-size", "32",
+                            "--json", str(tmp_path / "r.json")])
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert code == 0 and during == [True] and doc["settings"]["batches"]["cudnn_benchmark"] is True
+    assert torch.backends.cudnn.benchmark == before  # the process's setting, restored
+
+
 # What stops a run: the step's timeout (SIGTERM), or a kernel fault that leaves the CUDA context unusable,
 # so that even freeing memory raises.
 @pytest.mark.parametrize("stop", [bench_main.Interrupted("SIGTERM"),
