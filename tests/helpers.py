@@ -84,6 +84,12 @@ class Case:
     def tensors(self):
         return (self.x, self.weight, self.bn_weight, self.bn_bias, self.running_mean, self.running_var)
 
+    def on_cpu(self):
+        """A copy on the CPU, for references whose NaN and Inf must fall as a direct convolution puts
+        them: on a GPU, cuDNN may pick an algorithm (Winograd, FFT) that mixes values across taps."""
+        x, weight, bn_weight, bn_bias, running_mean, running_var = (t.detach().cpu().clone() for t in self.tensors())
+        return Case(x, weight, bn_weight, bn_bias, running_mean, running_var, self.shape)
+
 
 def make_case(shape, dtype=torch.float32, layout="nchw", bn_dtype=None, device=DEVICE, mean_shift=0.0):
     """Fresh random inputs (never zeros); BN tensors in ``bn_dtype`` (default: ``dtype``)."""

@@ -311,12 +311,9 @@ def test_nan_and_inf_propagate_as_in_the_reference(impl, dtype, layout, training
     case = make_case(Shape(2, 8, 8, 5, 5, groups=4), dtype=dtype, layout=layout)
     case.x[0, 1, 2, 3] = float("nan")
     case.x[1, 5, 0, 0] = float("inf")
-    mean, var = case.running_mean.clone(), case.running_var.clone()
+    expected = run(case.on_cpu(), "torch", training)
     z = run(case, impl, training)
-    case.running_mean.copy_(mean)
-    case.running_var.copy_(var)
-    expected = run(case, "torch", training)
-    assert torch.equal(z.isnan(), expected.isnan())
+    assert torch.equal(z.isnan().cpu(), expected.isnan())
     assert z.isnan().any()
 
 
