@@ -505,6 +505,10 @@ TARGET_MODEL = "resnext50_32x4d"
 TARGET_N = 128
 
 
+def _target_layers():
+    return [layer.id for layer in shapes.model_layers(TARGET_MODEL)]
+
+
 def target_rows(doc):
     """[criterion, provider, layers that meet it / ResNeXt-50's layers, the worst measured layer and its
     value]. A layer meets a target only when it was measured and met it: an error, an unsupported or
@@ -512,7 +516,7 @@ def target_rows(doc):
     for GPU runs that timed the grouped layer in the mode a criterion needs."""
     if doc["device"]["type"] != "cuda":
         return []
-    layers = [layer.id for layer in shapes.model_layers(TARGET_MODEL)]
+    layers = _target_layers()
     records = [r for r in doc["ops"] if r["op"] == "grouped_conv_bn_relu" and r["dtype"] == "bfloat16"
                and r["layout"] == "channels_last" and r["layer"] in layers]
     modes = {r["mode"] for r in records}
@@ -565,7 +569,7 @@ def acceptance_caveats(doc):
         ops_n = doc["settings"].get("ops", {}).get("n")
         if ops_n != TARGET_N:
             caveats.append(f"the per-op runs used N={ops_n}")
-        layers = {layer.id for layer in shapes.model_layers(TARGET_MODEL)}
+        layers = set(_target_layers())
         measured = {r["layer"] for r in convolutions}
         if not layers <= measured:
             caveats.append(f"{len(layers & measured)} of ResNeXt-50's {len(layers)} layers were run")

@@ -150,8 +150,7 @@ def copy_bandwidth(device, nbytes=None):
     timing = measure(lambda: target.copy_(source), device, warmup_s=0.05, rep_s=0.3, min_warmup_calls=2,
                      min_reps=5, max_reps=100)
     del source, target
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release_cached_memory(device)
     return {
         "bytes": nbytes,
         "median_us": timing.median_s * 1e6,
