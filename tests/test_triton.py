@@ -360,6 +360,26 @@ def test_fp32_dot_precision_follows_cudnn():
     assert config.dot_precision(torch.float64) == config.dot_precision(torch.bfloat16) == "ieee"
 
 
+@pytest.mark.parametrize(("conv", "cudnn", "generic", "want"), [
+    ("ieee", "none", "none", "ieee"),  # the RNNs' setting stays TF32: allow_tf32 cannot be read then
+    ("tf32", "ieee", "ieee", "tf32"),
+    ("none", "tf32", "ieee", "tf32"),
+    ("none", "none", "tf32", "tf32"),
+    ("none", "none", "none", "ieee"),
+])
+def test_fp32_dot_precision_follows_the_convolutions_own_setting(conv, cudnn, generic, want):
+    backends = torch.backends
+    saved = (backends.cudnn.conv.fp32_precision, backends.cudnn.rnn.fp32_precision, backends.cudnn.fp32_precision,
+             backends.fp32_precision)
+    try:
+        backends.cudnn.rnn.fp32_precision = "tf32"
+        backends.fp32_precision, backends.cudnn.fp32_precision, backends.cudnn.conv.fp32_precision = generic, cudnn, conv
+        assert config.dot_precision(torch.float32) == want
+    finally:
+        (backends.cudnn.conv.fp32_precision, backends.cudnn.rnn.fp32_precision, backends.cudnn.fp32_precision,
+         backends.fp32_precision) = saved
+
+
 # Compiles the kernels for an H100 (sm_90) without one: what the interpreter cannot check -- that the
 # code lowers (tl.dot shapes, dtypes, control flow; fp32 dots as TF32 and as IEEE, which the GPU's
 # tests use), that every autotuning config of the GEMM kernels compiles (the autotuner skips configs

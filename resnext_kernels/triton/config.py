@@ -14,8 +14,9 @@ therefore check each finished tile, and recompute a tile holding any NaN or Inf 
 produces -- from in-group products only, one channel at a time. Finite data pays one reduction per tile.
 
 Precision. fp16/bf16 and fp32 accumulate in fp32, fp64 in fp64. fp32 dot products follow cuDNN's own
-default for convolutions: TF32 when ``torch.backends.cudnn.allow_tf32`` is set (PyTorch's default),
-IEEE fp32 otherwise, read at every call. Triton's interpreter always computes in full precision.
+setting for convolutions, read at every call: TF32 when cuDNN's convolutions may use it (PyTorch's
+default; ``torch.backends.cudnn.conv.fp32_precision``, or ``allow_tf32``), IEEE fp32 otherwise.
+Triton's interpreter always computes in full precision.
 """
 
 import functools
@@ -119,9 +120,20 @@ def add_eps(v, eps_high, eps_low):
 
 
 def dot_precision(dtype):
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+    if dtype == torch.float32 and _cudnn_conv_allows_tf32():
         return "tf32"
     return "ieee"
+
+
+def _cudnn_conv_allows_tf32():
+    # As ATen resolves it for cuDNN's convolutions: the first setting that is not "none" of the
+    # convolution's, cuDNN's and the generic one. torch.backends.cudnn.allow_tf32 writes the first but
+    # raises when read while the convolution's and the RNN's settings differ.
+    for precision in (torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.fp32_precision,
+                      torch.backends.fp32_precision):
+        if precision != "none":
+            return precision == "tf32"
+    return False
 
 
 def groups_spanned(block, per_group, groups):
