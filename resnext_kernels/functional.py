@@ -14,6 +14,7 @@ everything BatchNorm-specific that is not per-element work lives here once:
 import numbers
 
 import torch
+from torch.autograd import forward_ad
 
 from . import backends
 from .outputs import accumulate_dtype, output_memory_format, output_size
@@ -60,7 +61,8 @@ def grouped_conv_bn_relu(
     # row and column, every tap but the centre in the padding. The kernels take them as 32-bit ints.
     longest = max(x.shape[2], x.shape[3])
     kernel_stride, kernel_dilation = min(stride, longest), min(dilation, longest)
-    backend = backends.resolve(impl, x.device, image_pixels=x.shape[2] * x.shape[3], image_side=longest)
+    backend = _resolve(impl, x, (x, weight, bn_weight, bn_bias), image_pixels=x.shape[2] * x.shape[3],
+                       image_side=longest)
     args = (x, weight, bn_weight, bn_bias, running_mean, running_var, stride, dilation, groups,
             bool(training), float(momentum), float(eps))
     if backend is backends.reference or (x.shape[0] == 0 and training):
@@ -123,7 +125,7 @@ def batch_norm_relu(
     """
     _check_batch_norm_relu_inputs(x, bn_weight, bn_bias, running_mean, running_var, residual, training,
                                   momentum, eps, impl)
-    backend = backends.resolve(impl, x.device, image_pixels=x.shape[2] * x.shape[3])
+    backend = _resolve(impl, x, (x, residual, bn_weight, bn_bias), image_pixels=x.shape[2] * x.shape[3])
     training, momentum, eps = bool(training), float(momentum), float(eps)
     if backend is backends.reference or (x.shape[0] == 0 and training):
         return backends.reference.batch_norm_relu(x, residual, bn_weight, bn_bias, running_mean, running_var,
@@ -133,6 +135,30 @@ def batch_norm_relu(
         lambda: backend.batch_norm_relu_batch_stats(x, residual, bn_weight, bn_bias, eps),
         lambda scale, shift: backend.batch_norm_relu_folded(x, residual, scale, shift),
     )
+
+
+def _resolve(impl, x, differentiable, **image):
+    """backends.resolve's choice, except where the kernels' ops have no rule: forward-mode AD
+    (torch.func.jvp, torch.autograd.forward_ad; their tangents would be dropped) and torch.func's
+    transforms. There "auto" takes the reference and a named kernel backend raises."""
+    backend = backends.resolve(impl, x.device, **image)
+    if backend is not backends.reference and _transformed(differentiable):
+        if impl != "auto":
+            raise NotImplementedError(f"impl={impl!r} has no forward-mode AD (torch.func.jvp, "
+                                      "torch.autograd.forward_ad) and no torch.func transforms (grad, vmap); "
+                                      "impl='torch' runs them")
+        return backends.reference
+    return backend
+
+
+def _transformed(tensors):
+    # Private attributes, as PyTorch has no public way to ask. Dynamo traces neither.
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    return forward_ad._current_level >= 0 and any(
+        t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def autocast_conv_dtype(t):

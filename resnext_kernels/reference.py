@@ -14,11 +14,18 @@ def grouped_conv_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_va
                          groups, training, momentum, eps):
     y = F.conv2d(x, weight, None, stride, dilation, dilation, groups)
     z = torch.relu(F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps))
-    return z.contiguous(memory_format=output_memory_format(x))
+    return _laid_out_as(z, x)
 
 
 def batch_norm_relu(x, residual, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps):
     out = F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
     if residual is not None:
         out = out + residual
-    return torch.relu(out).contiguous(memory_format=output_memory_format(x))
+    return _laid_out_as(torch.relu(out), x)
+
+
+def _laid_out_as(z, x):
+    # Under vmap no layout can be asked for or set (a private test: PyTorch has no public one).
+    if torch._C._functorch.is_batchedtensor(x):
+        return z
+    return z.contiguous(memory_format=output_memory_format(x))

@@ -252,6 +252,55 @@ def test_double_backward_is_refused(impl, training):
         dx.sum().backward()
 
 
+def _both_ops(impl, weight, bn_weight, bn_bias, mean, var, training):
+    """x -> both public ops in a row, in float64 (2 x 8 channels, 2 groups)."""
+    def fn(x):
+        running = [None if t is None else t.clone() for t in (mean, var)]
+        z = resnext_kernels.grouped_conv_bn_relu(x, weight, bn_weight, bn_bias, *running, groups=2,
+                                                 training=training, impl=impl)
+        return resnext_kernels.batch_norm_relu(z, bn_weight, bn_bias, *running, residual=x, training=training,
+                                               impl=impl)
+    return fn
+
+
+_TRANSFORMS = {
+    "jvp": lambda fn, x, t: torch.func.jvp(fn, (x,), (t,))[1],
+    "forward_ad": lambda fn, x, t: _forward_ad_tangent(fn, x, t),
+    "func.grad": lambda fn, x, t: torch.func.grad(lambda x: (fn(x) * t).sum())(x),
+    "vmap": lambda fn, x, t: torch.func.vmap(fn)(torch.stack([x, t])),
+}
+
+
+def _forward_ad_tangent(fn, x, t):
+    with torch.autograd.forward_ad.dual_level():
+        return torch.autograd.forward_ad.unpack_dual(fn(torch.autograd.forward_ad.make_dual(x, t))).tangent
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("transform", list(_TRANSFORMS))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_forward_mode_ad_and_torch_func_take_the_reference(impl, transform, training, monkeypatch):
+    # The kernels' ops have no forward-mode or functorch rules: their tangents were silently zero. "auto"
+    # takes the reference there (stood in for by an "auto" that resolves to the kernel backend, as on a
+    # GPU); the backend asked for by name refuses.
+    case = make_case(Shape(2, 8, 8, 5, 4, groups=2), dtype=torch.float64)
+    x, t = case.x, torch.randn_like(case.x)
+    # vmap refuses to update unbatched running stats in place (PyTorch's own rule): none then.
+    running = (None, None) if transform == "vmap" and training else (case.running_mean, case.running_var)
+    args = (case.weight, case.bn_weight, case.bn_bias, *running, training)
+    expected = _TRANSFORMS[transform](_both_ops("torch", *args), x, t)
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        _TRANSFORMS[transform](_both_ops(impl, *args), x, t)
+    resolve = resnext_kernels.backends.resolve
+    monkeypatch.setattr(resnext_kernels.backends, "resolve",
+                        lambda name, *a, **k: resolve(impl if name == "auto" else name, *a, **k))
+    got = _TRANSFORMS[transform](_both_ops("auto", *args), x, t)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert got.abs().max() > 0.1
+    with torch.autograd.forward_ad.dual_level():  # without a tangent on the inputs, the kernels run
+        assert torch.equal(_both_ops(impl, *args)(x), _both_ops("auto", *args)(x))
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in Triton's interpreter
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
