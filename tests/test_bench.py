@@ -453,22 +453,6 @@ def test_result_name_and_merge(tmp_path):
     assert not report.merge(other, merged)["ops"]  # another commit: nothing carried over
 
 
-def test_a_run_over_several_models_tunes_each_models_layers_afresh(monkeypatch):
-    triton_conv = pytest.importorskip("resnext_kernels.triton.conv")
-    triton_conv._conv_kernel.cache[("a tuning key",)] = "a config"
-    ops.forget_triton_tuning()
-    assert not triton_conv._conv_kernel.cache
-    forgotten = []
-    monkeypatch.setattr(ops, "forget_triton_tuning", lambda: forgotten.append(1))
-    monkeypatch.setattr(ops, "run_op_case", lambda case, provider, *args: dict(
-        ops.base_op_record(case, provider, 1.0), status="skipped", reason="not run in this test"))
-    layers = shapes.find_layers(["resnext50_32x4d:stage1", "resnext50_32x4d:stage4",
-                                 "resnext101_32x8d:stage1", "resnext101_32x8d:stage2"])
-    cases = [ops.OpCase(layer, 1, "bfloat16", "channels_last", "inference") for layer in layers]
-    ops.run_ops(cases, ["triton"], "cpu", timing_options={}, bandwidth_gbps=1.0, log=lambda *_: None)
-    assert len(forgotten) == 1  # between the models, not between one model's layers
-
-
 def test_kernel_breakdown_per_call():
     events = [("void resnext_kernels::(anonymous namespace)::dgrad_mma<__nv_bfloat16>(resnext_kernels::Params, "
                "resnext_kernels::DgradTiling)", 40.0), ("_wgrad_kernel", 30.0), ("_wgrad_kernel", 34.0),

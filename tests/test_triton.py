@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 import resnext_kernels  # noqa: E402
 from conftest import DEVICE, KERNEL_IMPLS  # noqa: E402
@@ -246,6 +246,57 @@ def test_two_runs_are_bitwise_identical():
         assert torch.equal(first[name], second[name]), name
 
 
+AUTOTUNED = {"conv": (triton_conv, "_conv_kernel"), "dgrad": (triton_backward, "_dgrad_kernel"),
+             "wgrad": (triton_backward, "_wgrad_kernel")}
+
+
+def two_configs_each(monkeypatch, bench):
+    """Gives each autotuned kernel two configs (the interpreter has one: nothing to tune) -- a smaller
+    tile first, then the usual one -- with ``bench(name, config)`` standing in for timing them."""
+    for name, (module, attr) in AUTOTUNED.items():
+        kernel = getattr(module, attr)
+        usual = kernel.configs[-1]
+        smaller = triton.Config({k: v // 2 for k, v in usual.kwargs.items()}, num_warps=4, num_stages=1)
+        monkeypatch.setattr(kernel, "configs", [smaller, usual])
+        monkeypatch.setattr(kernel, "_bench", lambda *args, config, name=name, **kwargs: bench(name, config))
+        monkeypatch.setattr(kernel, "cache", {})
+
+
+def test_deterministic_algorithms_run_the_last_config_untimed(monkeypatch):
+    # A tile size orders the partial sums (statistics, wgrad's splits), and timing may choose another
+    # one in the next process: deterministic mode never times.
+    case = make_case(Shape(2, 32, 32, 9, 9, groups=8, stride=2), layout="channels_last")
+    dz = grad_like(evaluate(case, "triton", True)["z"], "strided")
+    usual = evaluate(case, "triton", True, dz)
+
+    def bench(name, config):
+        raise AssertionError(f"{name} was timed")
+
+    two_configs_each(monkeypatch, bench)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    deterministic = evaluate(case, "triton", True, dz)
+    for name in usual:
+        assert torch.equal(deterministic[name], usual[name]), name
+
+
+def test_autotuning_keys_on_the_size_of_the_work(monkeypatch):
+    # A first call on one image must not choose the tiles of training at a larger batch; an empty batch
+    # launches nothing, so it chooses none.
+    timed = []
+
+    def bench(name, config):
+        timed.append(name)
+        return [1.0]
+
+    two_configs_each(monkeypatch, bench)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
+    for n in (1, 8, 7, 0):
+        case = make_case(Shape(n, 16, 16, 5, 5, groups=4))
+        evaluate(case, "triton", False, dz=torch.randn(n, 16, 5, 5))
+    # Both configs timed for N = 1 and N = 8; N = 7 (175 against 200 pixels) is the same size class.
+    assert timed == 2 * ["conv", "conv", "dgrad", "dgrad", "wgrad", "wgrad"]
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["batch-stats", "folded"])
 def test_gradcheck_of_the_backend_float64(training):
     # Called directly, so that the folded path's scale and shift are float64 leaves too.
@@ -325,6 +376,8 @@ def test_launch_grids_stay_within_cuda_limits(monkeypatch):
     grids = []
 
     class Recorder:
+        best_config = None
+
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 grids.append(grid({"BLOCK_M": 64, "BLOCK_P": 64}) if callable(grid) else grid)

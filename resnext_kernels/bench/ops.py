@@ -317,16 +317,6 @@ def _triton_kernel_names():
     return frozenset(_triton_kernels())
 
 
-def forget_triton_tuning():
-    """Drops the configs the Triton autotuners chose. Their keys are a layer's channels, groups, stride
-    and dilation, not its image size, which tells a model's layers apart; a run over several models
-    tunes each model's layers afresh (ResNeXt-101 32x8d's stage 1 would otherwise reuse the config
-    tuned for ResNeXt-50's stage 2, a smaller image)."""
-    for kernel in _triton_kernels().values():
-        if type(kernel).__name__ == "Autotuner":  # a jitted kernel's own cache holds compiled code: kept
-            kernel.cache.clear()
-
-
 def short_kernel_name(name):
     """A kernel's name without "void", namespaces of this project and its argument list."""
     name = re.sub(r"^void ", "", name).replace("(anonymous namespace)::", "").replace("resnext_kernels::", "")
@@ -413,8 +403,6 @@ def run_ops(cases, providers, device, *, timing_options, bandwidth_gbps, deadlin
     excluded = excluded or {}
     records = [] if records is None else records
     for index, case in enumerate(cases):
-        if index > 0 and case.layer.model != cases[index - 1].layer.model:
-            forget_triton_tuning()
         for provider in providers:
             if provider in excluded:
                 record = dict(base_op_record(case, provider, bandwidth_gbps), status="skipped",

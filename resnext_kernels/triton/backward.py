@@ -156,12 +156,12 @@ def _receiving_taps(phase, STRIDE: tl.constexpr, DIL: tl.constexpr):
     return first, count, base
 
 
-@triton.autotune(configs=_DGRAD_CONFIGS, key=["C_IN", "C_OUT", "GROUP_IN", "GROUP_OUT", "STRIDE", "DIL", "PRECISION"])
-@triton.jit
+@triton.autotune(configs=_DGRAD_CONFIGS, key=config.AUTOTUNE_KEY)
+@triton.jit(do_not_specialize=["SIZE_CLASS"])
 def _dgrad_kernel(
     dz_ptr, y_ptr, w_ptr, dx_ptr, scale_ptr, shift_ptr, mean_ptr, coef_ptr,
     N, H, W, HO, WO, C_IN, C_OUT, GROUP_IN, GROUP_OUT, PHASE_COLS,
-    sdn, sdc, sdh, sdw, syn, syc, syh, syw, swo, swi, swh, sww, sxn, sxc, sxh, sxw,
+    sdn, sdc, sdh, sdw, syn, syc, syh, syw, swo, swi, swh, sww, sxn, sxc, sxh, sxw, SIZE_CLASS,
     STRIDE: tl.constexpr, DIL: tl.constexpr, TAP_STEP: tl.constexpr, TRAIN: tl.constexpr,
     ACC: tl.constexpr, DOT_IN: tl.constexpr, PRECISION: tl.constexpr, K_ALIGN: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -273,12 +273,12 @@ def _wgrad_tap(acc, dy_t, x_pix, hi, wi, p_ok, ci_off, ci_ok, H, W, sxh, sxw,
     return tl.dot(dy_t, x.to(DOT_IN), acc, input_precision=PRECISION, out_dtype=acc.dtype)
 
 
-@triton.autotune(configs=_WGRAD_CONFIGS, key=["C_IN", "C_OUT", "GROUP_IN", "GROUP_OUT", "STRIDE", "DIL", "PRECISION"])
-@triton.jit
+@triton.autotune(configs=_WGRAD_CONFIGS, key=config.AUTOTUNE_KEY)
+@triton.jit(do_not_specialize=["SIZE_CLASS"])
 def _wgrad_kernel(
     x_ptr, dz_ptr, y_ptr, part_ptr, scale_ptr, shift_ptr, mean_ptr, coef_ptr,
     M, H, W, HO, WO, C_IN, C_OUT, GROUP_IN, GROUP_OUT,
-    sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, syn, syc, syh, syw,
+    sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, syn, syc, syh, syw, SIZE_CLASS,
     STRIDE: tl.constexpr, DIL: tl.constexpr, TRAIN: tl.constexpr,
     ACC: tl.constexpr, DOT_IN: tl.constexpr, PRECISION: tl.constexpr, K_ALIGN: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -431,15 +431,15 @@ def backward(dz, x, weight, y, scale, shift, mean, var, eps, stride, dilation, g
             def grid(meta):
                 return triton.cdiv(phase_pixels, meta["BLOCK_M"]) * phases, triton.cdiv(c_in, block_n)
 
-            with config.AUTOTUNED_LAUNCH:
-                _dgrad_kernel[grid](
-                    dz, y, weight, dx, *per_channel,
-                    n, h, w, ho, wo, c_in, c_out, c_in // groups, c_out // groups, min(stride, w),
-                    *dz.stride(), *y.stride(), *weight.stride(), *dx.stride(),
-                    STRIDE=stride, DIL=dilation, TAP_STEP=stride // math.gcd(stride, dilation), TRAIN=train,
-                    K_ALIGN=k_align, EVEN_K=even_k,
-                    BLOCK_N=block_n, BLOCK_K=block_k, **dot,
-                )
+            config.launch_autotuned(
+                _dgrad_kernel, grid,
+                dz, y, weight, dx, *per_channel,
+                n, h, w, ho, wo, c_in, c_out, c_in // groups, c_out // groups, min(stride, w),
+                *dz.stride(), *y.stride(), *weight.stride(), *dx.stride(), config.size_class(n * h * w),
+                STRIDE=stride, DIL=dilation, TAP_STEP=stride // math.gcd(stride, dilation), TRAIN=train,
+                K_ALIGN=k_align, EVEN_K=even_k,
+                BLOCK_N=block_n, BLOCK_K=block_k, **dot,
+            )
         if need_dw:
             block_co, block_ci = config.gemm_channel_tiles(c_out // groups, c_in // groups, groups, WGRAD_MAX_TILE)
             ci_span = config.groups_spanned(block_co, c_out // groups, groups) * (c_in // groups)
@@ -448,14 +448,14 @@ def backward(dz, x, weight, y, scale, shift, mean, var, eps, stride, dilation, g
             tiles = triton.cdiv(c_out, block_co) * ci_tiles
             splits = max(1, min(config.parallel_programs(x.device) // tiles, triton.cdiv(m, _WGRAD_MIN_SPLIT_PIXELS)))
             wpart = torch.empty((splits, *weight.shape), dtype=acc, device=x.device)
-            with config.AUTOTUNED_LAUNCH:
-                _wgrad_kernel[(splits, triton.cdiv(c_out, block_co), ci_tiles)](
-                    x, dz, y, wpart, *per_channel,
-                    m, h, w, ho, wo, c_in, c_out, c_in // groups, c_out // groups,
-                    *x.stride(), *dz.stride(), *y.stride(),
-                    STRIDE=stride, DIL=dilation, TRAIN=train, K_ALIGN=k_align, EVEN_K=even_k,
-                    BLOCK_CO=block_co, BLOCK_CI=block_ci, **dot,
-                )
+            config.launch_autotuned(
+                _wgrad_kernel, (splits, triton.cdiv(c_out, block_co), ci_tiles),
+                x, dz, y, wpart, *per_channel,
+                m, h, w, ho, wo, c_in, c_out, c_in // groups, c_out // groups,
+                *x.stride(), *dz.stride(), *y.stride(), config.size_class(n * h * w),
+                STRIDE=stride, DIL=dilation, TRAIN=train, K_ALIGN=k_align, EVEN_K=even_k,
+                BLOCK_CO=block_co, BLOCK_CI=block_ci, **dot,
+            )
             _sum_splits_kernel[(triton.cdiv(dw.numel(), _SUM_BLOCK),)](
                 wpart, dw, dw.numel(), splits, ACC=tl_acc, BLOCK=_SUM_BLOCK,
             )

@@ -35,10 +35,10 @@ from ..outputs import accumulate_dtype
 # imported; this flag is read at the same moment so that both agree.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("RESNEXT_KERNELS_TRITON_AUTOTUNE", "1") != "0"
-# Held around every autotuned launch (and, for the convolution, until its caller has read the config
-# chosen): an autotuner keeps the arguments and choice of the call it serves in attributes shared by
-# every caller (e.g. autograd's threads of two GPUs).
-AUTOTUNED_LAUNCH = threading.Lock()
+# Held around every autotuned launch until its config has been read: an autotuner keeps the arguments
+# and choice of the call it serves in attributes shared by every caller (e.g. autograd's threads of two
+# GPUs).
+_AUTOTUNED_LAUNCH = threading.Lock()
 
 _TL_DTYPES = {
     torch.float16: tl.float16,
@@ -183,6 +183,31 @@ def parallel_programs(device):
     if device.type != "cuda":
         return 2
     return 4 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# What the autotuners key on: a layer's channels, groups, stride, dilation and precision, the tensors'
+# dtypes, and SIZE_CLASS, an argument the kernels take for it alone.
+AUTOTUNE_KEY = ["C_IN", "C_OUT", "GROUP_IN", "GROUP_OUT", "STRIDE", "DIL", "PRECISION", "SIZE_CLASS"]
+
+
+def size_class(pixels):
+    """SIZE_CLASS for a launch over ``pixels`` input pixels (N x H x W): the tiles that fill a GPU best
+    depend on how much work there is (a first call on one image against training at 128), to within a
+    factor of two."""
+    return max(pixels, 1).bit_length()
+
+
+def launch_autotuned(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)`` for a triton.autotune'd kernel; returns the config it ran with.
+    With torch.use_deterministic_algorithms(True) the last config runs, untimed: a tile size orders the
+    kernel's partial sums, and timing may pick another one in the next process."""
+    if torch.are_deterministic_algorithms_enabled():
+        chosen = kernel.configs[-1]
+        kernel.fn[grid](*args, **kwargs, **chosen.all_kwargs())
+        return chosen
+    with _AUTOTUNED_LAUNCH:
+        kernel[grid](*args, **kwargs)
+        return kernel.best_config
 
 
 def autotune_configs(param, values):

@@ -47,12 +47,12 @@ _STATS_SEGMENTS = 64
 _ELEMENTWISE_BLOCK = 4096
 
 
-@triton.autotune(configs=_CONV_CONFIGS, key=["C_IN", "C_OUT", "GROUP_IN", "GROUP_OUT", "STRIDE", "DIL", "PRECISION"])
-@triton.jit
+@triton.autotune(configs=_CONV_CONFIGS, key=config.AUTOTUNE_KEY)
+@triton.jit(do_not_specialize=["SIZE_CLASS"])
 def _conv_kernel(
     x_ptr, w_ptr, out_ptr, scale_ptr, shift_ptr, part_ptr,
     M, H, W, HO, WO, C_IN, C_OUT, GROUP_IN, GROUP_OUT, PART_ROWS,
-    sxn, sxc, sxh, sxw, swo, swi, swh, sww, son, soc, soh, sow,
+    sxn, sxc, sxh, sxw, swo, swi, swh, sww, son, soc, soh, sow, SIZE_CLASS,
     STRIDE: tl.constexpr, DIL: tl.constexpr, FOLD_BN: tl.constexpr, STATS: tl.constexpr,
     ACC: tl.constexpr, DOT_IN: tl.constexpr, PRECISION: tl.constexpr, K_ALIGN: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -252,10 +252,12 @@ def device_guard(t):
 
 
 def _launch_conv(x, weight, out, stride, dilation, groups, *, scale=None, shift=None, part=None):
-    """Launches the convolution; returns the BLOCK_M it ran with."""
+    """Launches the convolution; returns the BLOCK_M it ran with (None: an empty batch, no launch)."""
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
     _, _, ho, wo = out.shape
+    if n == 0:  # nothing to compute, and nothing for the autotuner to time
+        return None
     block_n, block_k = config.gemm_channel_tiles(c_out // groups, c_in // groups, groups)
     k_align, even_k = config.k_range_layout(c_out // groups, c_in // groups, c_out, block_n, block_k)
     fold = scale is not None
@@ -266,16 +268,16 @@ def _launch_conv(x, weight, out, stride, dilation, groups, *, scale=None, shift=
     # the forward's).
     dummy = torch.empty(1, dtype=accumulate_dtype(x.dtype), device=x.device)
     grid = lambda meta: (triton.cdiv(n * ho * wo, meta["BLOCK_M"]), triton.cdiv(c_out, block_n))  # noqa: E731
-    with config.AUTOTUNED_LAUNCH:
-        _conv_kernel[grid](
-            x, weight, out, scale if fold else dummy, shift if fold else dummy, part if stats else dummy,
-            n * ho * wo, h, w, ho, wo, c_in, c_out, c_in // groups, c_out // groups, part.shape[1] if stats else 0,
-            *x.stride(), *weight.stride(), *out.stride(),
-            STRIDE=stride, DIL=dilation, FOLD_BN=fold, STATS=stats,
-            ACC=config.tl_acc_dtype(x.dtype), DOT_IN=config.dot_operand_dtype(x.dtype),
-            PRECISION=config.dot_precision(x.dtype), K_ALIGN=k_align, EVEN_K=even_k, BLOCK_N=block_n, BLOCK_K=block_k,
-        )
-        return _conv_kernel.best_config.kwargs["BLOCK_M"]
+    chosen = config.launch_autotuned(
+        _conv_kernel, grid,
+        x, weight, out, scale if fold else dummy, shift if fold else dummy, part if stats else dummy,
+        n * ho * wo, h, w, ho, wo, c_in, c_out, c_in // groups, c_out // groups, part.shape[1] if stats else 0,
+        *x.stride(), *weight.stride(), *out.stride(), config.size_class(n * h * w),
+        STRIDE=stride, DIL=dilation, FOLD_BN=fold, STATS=stats,
+        ACC=config.tl_acc_dtype(x.dtype), DOT_IN=config.dot_operand_dtype(x.dtype),
+        PRECISION=config.dot_precision(x.dtype), K_ALIGN=k_align, EVEN_K=even_k, BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    return chosen.kwargs["BLOCK_M"]
 
 
 def conv(x, weight, stride, dilation, groups):
