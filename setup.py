@@ -4,7 +4,8 @@ extension ``resnext_kernels._C`` from every source under ``csrc/``.
 No GPU needs to be visible. Settings come from the environment only:
 
   RESNEXT_KERNELS_BUILD_CUDA  0: skip the extension; 1: build it or fail; unset: build when possible
-  TORCH_CUDA_ARCH_LIST        target architectures (default without a visible GPU: 8.0;9.0+PTX)
+  TORCH_CUDA_ARCH_LIST        target architectures (default: the visible GPUs'; 8.0;9.0+PTX without
+                              one, or with one older than 8.0, which the kernels do not support)
   MAX_JOBS                    parallel compile jobs (ninja)
   CUDA_HOME                   toolkit root (default: /usr/local/cuda when it exists)
 """
@@ -65,7 +66,10 @@ def _extension_modules():
     import torch
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+    # torch's own default is the visible GPUs' architectures; one before 8.0 (no cp.async, no bf16
+    # mma.sync) would fail the whole build, where the default still builds (impl="cuda" then says why not).
+    visible = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and (not visible or min(visible) < (8, 0)):
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
     use_ninja = shutil.which("ninja") is not None
     print(

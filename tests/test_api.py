@@ -2,6 +2,7 @@
 
 import importlib
 import os
+import re
 import subprocess
 import sys
 
@@ -158,6 +159,19 @@ def test_a_build_from_older_sources_says_to_rebuild(monkeypatch):
     monkeypatch.setattr(cuda_backend, "_STALE_BUILD", reason)
     with pytest.raises(RuntimeError, match="impl='cuda': the built extension lacks the ops"):
         backends.resolve("cuda", torch.device("cuda"))
+
+
+def test_gpus_older_than_ampere_are_refused(monkeypatch):
+    import resnext_kernels.cuda as cuda_backend
+
+    monkeypatch.setattr(cuda_backend, "LOAD_ERROR", None)
+    monkeypatch.setattr(cuda_backend, "_STALE_BUILD", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    for capability, reason in (((7, 5), "compute capability 8.0 or newer.*Tesla T4 is 7.5"), ((8, 0), None)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        got = cuda_backend.unavailable_reason(torch.device("cuda", 0))
+        assert got is None if reason is None else re.search(reason, got), got
 
 
 def test_triton_on_cpu_without_the_interpreter_says_why():

@@ -11,6 +11,7 @@ from . import emulation
 from .ops import register_namespace
 
 _STALE_BUILD = register_namespace("resnext_kernels") if LOAD_ERROR is None else None
+MIN_CAPABILITY = (8, 0)
 
 
 def unavailable_reason(device):
@@ -24,6 +25,12 @@ def unavailable_reason(device):
                 f"({LOAD_ERROR}). {BUILD_HINT}")
     if _STALE_BUILD is not None:
         return f"impl='cuda': {_STALE_BUILD}"
+    # Without a GPU (fake CUDA tensors: tracing, export) there is no capability to ask for.
+    capability = torch.cuda.get_device_capability(device) if torch.cuda.is_available() else MIN_CAPABILITY
+    if capability < MIN_CAPABILITY:
+        return (f"impl='cuda' needs a GPU of compute capability {'.'.join(map(str, MIN_CAPABILITY))} or newer "
+                f"(its kernels use cp.async and bf16 mma.sync); {torch.cuda.get_device_name(device)} is "
+                f"{'.'.join(map(str, capability))}")
     return None
 
 
