@@ -296,6 +296,18 @@ def test_convert_leaves_timm_blocks_it_cannot_represent():
     assert not any(isinstance(m, ResNeXtBlock) for m in converted.modules())
 
 
+def test_convert_leaves_timm_blocks_whose_dropped_modules_have_hooks():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet26", pretrained=False)
+    calls = []
+    model.layer1[0].act2.register_forward_hook(lambda *_: calls.append(1))
+    with pytest.warns(UserWarning, match=r"left layer1\.0 .* unchanged: its act2 has hooks"):
+        converted = resnext_kernels.convert(model)
+    assert type(converted.layer1[0]) is not ResNeXtBlock and type(converted.layer1[1]) is ResNeXtBlock
+    converted.eval()(torch.randn(1, 3, 32, 32))
+    assert calls == [1]
+
+
 def small_bottleneck():
     downsample = nn.Sequential(nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32))
     return randomise_bn(Bottleneck(16, 8, downsample=downsample, groups=2, base_width=32)).to(DEVICE)
