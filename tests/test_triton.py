@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 
 import resnext_kernels  # noqa: E402
 from conftest import DEVICE, KERNEL_IMPLS  # noqa: E402
@@ -393,6 +394,22 @@ def test_launch_grids_stay_within_cuda_limits(monkeypatch):
     assert len(grids) == 2
     for grid in grids:
         assert grid[0] < 2**31 and all(axis <= 65535 for axis in grid[1:]), grid
+
+
+@triton.jit
+def _cast_to_bf16_kernel(src_ptr, dst_ptr, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    tl.store(dst_ptr + offsets, config.cast(tl.load(src_ptr + offsets), tl.bfloat16))
+
+
+def test_bf16_rounding_keeps_nan_and_rounds_to_nearest_even():
+    bits = [0x7F800001, 0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000, 0x3F808000, 0x3F818000, 0x3F80C000, 0x7F7FFFFF]
+    src = torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32).to(DEVICE)
+    dst = torch.empty(len(bits), dtype=torch.bfloat16, device=DEVICE)
+    _cast_to_bf16_kernel[(1,)](src, dst, BLOCK=len(bits))
+    want = src.to(torch.bfloat16)  # PyTorch's conversion: NaN stays NaN, ties to even, overflow to Inf
+    assert torch.equal(dst.isnan(), want.isnan()) and dst.isnan()[:4].all()
+    assert torch.equal(dst[4:], want[4:])
 
 
 def test_eps_survives_fp32_kernel_arguments():

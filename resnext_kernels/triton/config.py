@@ -74,7 +74,10 @@ def cast(v, dtype: tl.constexpr):
     """``v.to(dtype)``, rounding to nearest even under the interpreter as well."""
     if _EMULATE_BF16_ROUNDING and dtype == tl.bfloat16:
         bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        # A NaN stays one: its quiet bit set, as the GPU's conversion does (rounding would carry a payload
+        # in the low half into Inf, or wrap an all-ones one to zero).
+        bits = tl.where(v != v, bits | 0x00400000, rounded)
         v = bits.to(tl.float32, bitcast=True)
     return v.to(dtype)
 
