@@ -193,9 +193,15 @@ def _update_running_stats(running_mean, running_var, mean, var, count, momentum)
     running_var.copy_(running_var.to(var.dtype) * (1 - momentum) + unbiased * momentum)
 
 
+def _type_name(value):
+    # numpy.bool's __name__ is "bool": a message saying "must be a bool, got bool" would explain nothing.
+    kind = type(value)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
 def _positive_int(value, name):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an int, got {type(value).__name__}")
+        raise ValueError(f"{name} must be an int, got {_type_name(value)}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
 
@@ -214,7 +220,7 @@ def _check_inputs(x, weight, bn_weight, bn_bias, running_mean, running_var, stri
         raise ValueError(f"x's {c_in} channels are not divisible by groups={groups}")
 
     if not isinstance(weight, torch.Tensor):
-        raise ValueError(f"weight must be a Tensor, got {type(weight).__name__}")
+        raise ValueError(f"weight must be a Tensor, got {_type_name(weight)}")
     c_out = weight.shape[0] if weight.dim() == 4 else -1
     if weight.dim() != 4 or tuple(weight.shape[1:]) != (c_in // groups, 3, 3) or c_out % groups or c_out == 0:
         raise ValueError(
@@ -242,7 +248,7 @@ def _check_batch_norm_args(x, channels, bn_weight, bn_bias, running_mean, runnin
         if t is None:
             continue
         if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a Tensor or None, got {type(t).__name__}")
+            raise ValueError(f"{name} must be a Tensor or None, got {_type_name(t)}")
         if tuple(t.shape) != (channels,):
             raise ValueError(f"{name} must have shape ({channels},), got {tuple(t.shape)}")
         if t.device != x.device:
@@ -278,15 +284,15 @@ def check_impl(impl):
 def _check_common(x, training, momentum, eps, impl):
     check_impl(impl)
     if not isinstance(x, torch.Tensor):
-        raise ValueError(f"x must be a Tensor, got {type(x).__name__}")
+        raise ValueError(f"x must be a Tensor, got {_type_name(x)}")
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if not isinstance(training, bool):
-        raise ValueError(f"training must be a bool, got {type(training).__name__}")
+        raise ValueError(f"training must be a bool, got {_type_name(training)}")
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-        raise ValueError(f"momentum must be a number, got {type(momentum).__name__}")
+        raise ValueError(f"momentum must be a number, got {_type_name(momentum)}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
     if training and eps == 0:
@@ -303,7 +309,7 @@ def _check_batch_norm_relu_inputs(x, bn_weight, bn_bias, running_mean, running_v
         raise ValueError(f"x must have at least one channel, got shape {tuple(x.shape)}")
     if residual is not None:
         if not isinstance(residual, torch.Tensor):
-            raise ValueError(f"residual must be a Tensor or None, got {type(residual).__name__}")
+            raise ValueError(f"residual must be a Tensor or None, got {_type_name(residual)}")
         if residual.shape != x.shape:
             raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
         if residual.dtype != x.dtype:

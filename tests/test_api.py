@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,6 +83,7 @@ def test_weight_on_another_device_is_named_under_autocast():
         (dict(groups=0), "groups must be >= 1"),
         (dict(groups=True), "groups must be an int"),
         (dict(training=1), "training must be a bool"),
+        (dict(training=np.bool_(True)), "training must be a bool, got numpy.bool"),
         (dict(momentum=None), "momentum must be a number"),
         (dict(eps=-1.0), "eps must be a non-negative number"),
         (dict(eps=0.0), "eps must be positive when training"),
