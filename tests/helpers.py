@@ -105,6 +105,25 @@ def make_case(shape, dtype=torch.float32, layout="nchw", bn_dtype=None, device=D
                 running_mean.to(bn_dtype), running_var.to(bn_dtype), shape)
 
 
+def large_mean_case(shape, dtype=torch.float32):
+    """A case whose convolution output has |mean| / std of about a thousand on every channel, where a
+    naive fp32 E[y^2] - E[y]^2 gets no digit of the variance right: x shifted by 1000 and only the
+    centre tap non-zero, so that every output pixel, borders included, sees the same shift (with all
+    taps, the border pixels' fewer taps spread y as widely as its mean)."""
+    case = make_case(shape, dtype=dtype, mean_shift=1000.0)
+    with torch.no_grad():
+        centre = case.weight[:, :, 1, 1].clone().uniform_(0.5, 1.5)
+        case.weight.zero_()
+        case.weight[:, :, 1, 1] = centre
+    return case
+
+
+def mean_over_std(y):
+    """The smallest |mean| / std over y's channels."""
+    var, mean = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
+    return (mean.abs() / var.sqrt()).min().item()
+
+
 def reference64(case, training, momentum=0.1, eps=1e-5, with_running=True):
     """float64 evaluation of relu(batch_norm(conv2d(x))) on copies of the case's tensors.
 
@@ -131,7 +150,8 @@ def max_error(actual, expected):
 # Bound on the max error vs float64 for the reference itself, relative to the output's scale.
 REFERENCE_TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 6e-2}
 # A kernel in low precision may err by at most this multiple of PyTorch's own error in that
-# precision, plus a floor of a few units in the last place for outputs near zero.
+# precision, plus a floor of a few units in the last place of the output's own dtype (fp32 for the
+# statistics and BatchNorm gradients of 16-bit inputs) for outputs near zero.
 LOW_PRECISION_FACTOR = 3.0
 FLOOR_ULPS = 4
 
@@ -146,7 +166,7 @@ def assert_close_to_reference(actual, expected, dtype, baseline=None, what="outp
     assert error == error, f"{what}: NaN where the float64 reference has none (or the reverse)"
     if baseline is not None and dtype in (torch.float16, torch.bfloat16):
         base_error = max_error(baseline, expected)
-        bound = LOW_PRECISION_FACTOR * base_error + FLOOR_ULPS * torch.finfo(dtype).eps * scale
+        bound = LOW_PRECISION_FACTOR * base_error + FLOOR_ULPS * torch.finfo(actual.dtype).eps * scale
         assert error <= bound, f"{what}: error {error:.3g} > {bound:.3g} ({LOW_PRECISION_FACTOR}x PyTorch's {base_error:.3g})"
     else:
         bound = REFERENCE_TOLERANCE[dtype] * scale

@@ -103,11 +103,10 @@ def test_each_subset_of_gradients(impl, wanted, layout, training):
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_layouts_of_inputs_and_gradient(impl, layout, training):
-    # x, the residual and the incoming gradient in one layout each (the gradient the opposite one),
-    # the output in x's memory format.
+    # x, the residual and the incoming gradient in one layout each, the output in x's memory format.
     shape = (2, 24, 5, 6)
     x, r, params = make_inputs(shape, torch.float32, layout)
-    r = layout_as(r, "channels_last" if layout == "nchw" else "nchw")
+    r = layout_as(r, {"nchw": "channels_last", "channels_last": "strided", "strided": "nchw"}[layout])
     grad = torch.randn(shape, device=DEVICE)
     grad_layout = "strided" if layout != "strided" else "channels_last"
     expected = reference64(x, r, params, training, grad)
@@ -158,6 +157,24 @@ def test_low_precision_within_pytorchs_own_error(impl, dtype, layout, residual, 
     for name, a, b, e in zip(NAMES[:checked], got, baseline, expected):
         if e is not None:
             assert_close_to_reference(a, e, dtype, baseline=None if impl == "torch" else b, what=name)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("shape", [(3, 32, 7, 5), (3, 12, 5, 3), (2, 20, 4, 5)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_low_precision_channels_last_off_the_vector_paths(impl, dtype, shape, training):
+    # Channels-last 16-bit tensors take 16-byte (8-channel) paths only where every tensor allows them:
+    # channel counts that are not multiples of 8, a strided gradient and a strided residual must not.
+    x, r, params = make_inputs(shape, dtype, "channels_last")
+    r = layout_as(r, "strided")
+    grad = torch.randn(shape, device=DEVICE).to(dtype)
+    expected = reference64(x, r, params, training, grad)
+    baseline = run(x, r, params, dtype, "torch", training, grad, "strided")
+    got = run(x, r, params, dtype, impl, training, grad, "strided")
+    checked = 3 if impl == "torch" else len(NAMES)
+    for name, a, b, e in zip(NAMES[:checked], got, baseline, expected):
+        assert_close_to_reference(a, e, dtype, baseline=None if impl == "torch" else b, what=name)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
