@@ -61,8 +61,8 @@ def grouped_conv_bn_relu(
     # row and column, every tap but the centre in the padding. The kernels take them as 32-bit ints.
     longest = max(x.shape[2], x.shape[3])
     kernel_stride, kernel_dilation = min(stride, longest), min(dilation, longest)
-    backend = _resolve(impl, x, (x, weight, bn_weight, bn_bias), image_pixels=x.shape[2] * x.shape[3],
-                       image_side=longest)
+    backend = _resolve(impl, x, (x, weight, bn_weight, bn_bias, running_mean, running_var),
+                       image_pixels=x.shape[2] * x.shape[3], image_side=longest)
     args = (x, weight, bn_weight, bn_bias, running_mean, running_var, stride, dilation, groups,
             bool(training), float(momentum), float(eps))
     if backend is backends.reference or (x.shape[0] == 0 and training):
@@ -125,7 +125,8 @@ def batch_norm_relu(
     """
     _check_batch_norm_relu_inputs(x, bn_weight, bn_bias, running_mean, running_var, residual, training,
                                   momentum, eps, impl)
-    backend = _resolve(impl, x, (x, residual, bn_weight, bn_bias), image_pixels=x.shape[2] * x.shape[3])
+    backend = _resolve(impl, x, (x, residual, bn_weight, bn_bias, running_mean, running_var),
+                       image_pixels=x.shape[2] * x.shape[3])
     training, momentum, eps = bool(training), float(momentum), float(eps)
     if backend is backends.reference or (x.shape[0] == 0 and training):
         return backends.reference.batch_norm_relu(x, residual, bn_weight, bn_bias, running_mean, running_var,
@@ -137,12 +138,12 @@ def batch_norm_relu(
     )
 
 
-def _resolve(impl, x, differentiable, **image):
+def _resolve(impl, x, inputs, **image):
     """backends.resolve's choice, except where the kernels' ops have no rule: forward-mode AD
     (torch.func.jvp, torch.autograd.forward_ad; their tangents would be dropped) and torch.func's
     transforms. There "auto" takes the reference and a named kernel backend raises."""
     backend = backends.resolve(impl, x.device, **image)
-    if backend is not backends.reference and _transformed(differentiable):
+    if backend is not backends.reference and _transformed(inputs):
         if impl != "auto":
             raise NotImplementedError(f"impl={impl!r} has no forward-mode AD (torch.func.jvp, "
                                       "torch.autograd.forward_ad) and no torch.func transforms (grad, vmap); "
@@ -152,10 +153,10 @@ def _resolve(impl, x, differentiable, **image):
 
 
 def _transformed(tensors):
-    # Private attributes, as PyTorch has no public way to ask. Dynamo traces neither.
+    # Forward-AD levels are private too. Neither check sees through torch.compile (see README).
     if torch.compiler.is_compiling():
         return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
+    if backends.reference.functorch_transform_active():
         return True
     return forward_ad._current_level >= 0 and any(
         t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)

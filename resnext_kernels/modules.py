@@ -199,7 +199,7 @@ def _block_from_timm(block, impl):
                                      block.downsample, impl=impl)
 
 
-def _dropped_hooks(old, new):
+def _lost_hooks_reason(old, new):
     """Why ``new`` may not replace ``old``: a submodule of old's that new does not keep (timm's act1..3,
     its Identity placeholders) has hooks, which would silently stop running; else None."""
     kept = set(new.modules())
@@ -247,7 +247,7 @@ def convert(model, impl="auto"):
                 else:
                     block = build(module, impl)
                     reason = ("it uses features ResNeXtBlock does not have (activation, norm layer, SE, "
-                              "anti-aliasing, drop-path)") if block is None else _dropped_hooks(module, block)
+                              "anti-aliasing, drop-path)") if block is None else _lost_hooks_reason(module, block)
                 if reason is not None:
                     warnings.warn(f"convert: left {name or 'the model'} ({type(module).__name__}) unchanged: "
                                   f"{reason}", stacklevel=3)

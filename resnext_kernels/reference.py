@@ -25,7 +25,13 @@ def batch_norm_relu(x, residual, bn_weight, bn_bias, running_mean, running_var, 
 
 
 def _laid_out_as(z, x):
-    # Under vmap no layout can be asked for or set (a private test: PyTorch has no public one).
-    if torch._C._functorch.is_batchedtensor(x):
+    # Under vmap no layout can be asked for or set, whichever input is batched.
+    if functorch_transform_active():
         return z
     return z.contiguous(memory_format=output_memory_format(x))
+
+
+def functorch_transform_active():
+    """Whether a torch.func transform (jvp, grad, vmap...) is running. A private attribute, as PyTorch
+    has no public way to ask, and one Dynamo does not trace: a compiled graph answers False."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None

@@ -1,5 +1,6 @@
 """The public API's contract: clear errors on bad input and on backends that cannot run."""
 
+import functools
 import importlib
 import os
 import re
@@ -170,7 +171,10 @@ def test_gpus_older_than_ampere_are_refused(monkeypatch):
     monkeypatch.setattr(cuda_backend, "_STALE_BUILD", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    too_old = functools.cache(cuda_backend._too_old.__wrapped__)
+    monkeypatch.setattr(cuda_backend, "_too_old", too_old)  # a cache of this test's own
     for capability, reason in (((7, 5), "compute capability 8.0 or newer.*Tesla T4 is 7.5"), ((8, 0), None)):
+        too_old.cache_clear()
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
         got = cuda_backend.unavailable_reason(torch.device("cuda", 0))
         assert got is None if reason is None else re.search(reason, got), got

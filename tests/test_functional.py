@@ -303,6 +303,29 @@ def test_forward_mode_ad_and_torch_func_take_the_reference(impl, transform, trai
         assert torch.equal(_both_ops(impl, *args)(x), _both_ops("auto", *args)(x))
 
 
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_a_tangent_on_the_running_stats_is_not_dropped(impl):
+    # In eval the running statistics normalise: their tangents reach the output.
+    case = make_case(Shape(2, 8, 8, 5, 4, groups=2), dtype=torch.float64)
+    with torch.autograd.forward_ad.dual_level():
+        mean = torch.autograd.forward_ad.make_dual(case.running_mean, torch.randn_like(case.running_mean))
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            resnext_kernels.grouped_conv_bn_relu(case.x, case.weight, case.bn_weight, case.bn_bias, mean,
+                                                 case.running_var, groups=2, training=False, impl=impl)
+
+
+def test_the_reference_runs_under_vmap_whichever_input_is_batched():
+    # What "auto" runs under vmap: no layout can be asked for there, even of an unbatched channels-last x.
+    case = make_case(Shape(2, 8, 8, 5, 4, groups=2), dtype=torch.float64, layout="channels_last")
+
+    def fn(weight):
+        return resnext_kernels.grouped_conv_bn_relu(case.x, weight, case.bn_weight, case.bn_bias, case.running_mean,
+                                                    case.running_var, groups=2, training=False, impl="torch")
+
+    weights = torch.stack([case.weight, 2 * case.weight])
+    torch.testing.assert_close(torch.func.vmap(fn)(weights), torch.stack([fn(w) for w in weights]))
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in Triton's interpreter
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

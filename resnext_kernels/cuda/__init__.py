@@ -4,6 +4,8 @@ On CPU tensors, with RESNEXT_KERNELS_CUDA_EMULATE=1, the same kernels run throug
 build (see emulation.py): the test suite's way to check their logic without a GPU.
 """
 
+import functools
+
 import torch
 
 from .._extension import BUILD_HINT, LOAD_ERROR
@@ -26,10 +28,17 @@ def unavailable_reason(device):
     if _STALE_BUILD is not None:
         return f"impl='cuda': {_STALE_BUILD}"
     # Without a GPU (fake CUDA tensors: tracing, export) there is no capability to ask for.
-    capability = torch.cuda.get_device_capability(device) if torch.cuda.is_available() else MIN_CAPABILITY
+    if torch.cuda.is_available():
+        return _too_old(device.index if device.index is not None else torch.cuda.current_device())
+    return None
+
+
+@functools.cache
+def _too_old(device_index):
+    capability = torch.cuda.get_device_capability(device_index)
     if capability < MIN_CAPABILITY:
         return (f"impl='cuda' needs a GPU of compute capability {'.'.join(map(str, MIN_CAPABILITY))} or newer "
-                f"(its kernels use cp.async and bf16 mma.sync); {torch.cuda.get_device_name(device)} is "
+                f"(its kernels use cp.async and bf16 mma.sync); {torch.cuda.get_device_name(device_index)} is "
                 f"{'.'.join(map(str, capability))}")
     return None
 

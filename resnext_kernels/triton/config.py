@@ -203,7 +203,8 @@ def size_class(pixels):
 def launch_autotuned(kernel, grid, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)`` for a triton.autotune'd kernel; returns the config it ran with.
     With torch.use_deterministic_algorithms(True) the last config runs, untimed: a tile size orders the
-    kernel's partial sums, and timing may pick another one in the next process."""
+    kernel's partial sums, and timing may pick another one in the next process. The last is the one
+    certain to fit in shared memory (autotune_configs), unpipelined: slower, as deterministic modes are."""
     if torch.are_deterministic_algorithms_enabled():
         chosen = kernel.configs[-1]
         kernel.fn[grid](*args, **kwargs, **chosen.all_kwargs())

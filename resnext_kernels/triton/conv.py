@@ -252,12 +252,10 @@ def device_guard(t):
 
 
 def _launch_conv(x, weight, out, stride, dilation, groups, *, scale=None, shift=None, part=None):
-    """Launches the convolution; returns the BLOCK_M it ran with (None: an empty batch, no launch)."""
+    """Launches the convolution; returns the BLOCK_M it ran with."""
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
     _, _, ho, wo = out.shape
-    if n == 0:  # nothing to compute, and nothing for the autotuner to time
-        return None
     block_n, block_k = config.gemm_channel_tiles(c_out // groups, c_in // groups, groups)
     k_align, even_k = config.k_range_layout(c_out // groups, c_in // groups, c_out, block_n, block_k)
     fold = scale is not None
@@ -283,16 +281,18 @@ def _launch_conv(x, weight, out, stride, dilation, groups, *, scale=None, shift=
 def conv(x, weight, stride, dilation, groups):
     """y = conv2d(x, weight, padding=dilation) in x's dtype and memory format."""
     y = conv_output(x, weight, stride)
-    with device_guard(x):
-        _launch_conv(x, weight, y, stride, dilation, groups)
+    if y.numel():  # an empty batch: nothing to compute, and nothing for the autotuner to time
+        with device_guard(x):
+            _launch_conv(x, weight, y, stride, dilation, groups)
     return y
 
 
 def folded_forward(x, weight, scale, shift, stride, dilation, groups):
     """relu(conv(x) * scale + shift) in one kernel."""
     z = conv_output(x, weight, stride)
-    with device_guard(x):
-        _launch_conv(x, weight, z, stride, dilation, groups, scale=scale, shift=shift)
+    if z.numel():  # as in conv
+        with device_guard(x):
+            _launch_conv(x, weight, z, stride, dilation, groups, scale=scale, shift=shift)
     return z
 
 
