@@ -263,8 +263,12 @@ def test_deterministic_algorithms_run_the_last_config_untimed(monkeypatch):
     # A tile size orders the partial sums (statistics, wgrad's splits), and timing may choose another
     # one in the next process: deterministic mode never times.
     case = make_case(Shape(2, 32, 32, 9, 9, groups=8, stride=2), layout="channels_last")
+    for module, attr in AUTOTUNED.values():  # what the last config alone computes (a GPU may tune more)
+        kernel = getattr(module, attr)
+        monkeypatch.setattr(kernel, "configs", kernel.configs[-1:])
+        monkeypatch.setattr(kernel, "cache", {})
     dz = grad_like(evaluate(case, "triton", True)["z"], "strided")
-    usual = evaluate(case, "triton", True, dz)
+    last_alone = evaluate(case, "triton", True, dz)
 
     def bench(name, config):
         raise AssertionError(f"{name} was timed")
@@ -272,8 +276,8 @@ def test_deterministic_algorithms_run_the_last_config_untimed(monkeypatch):
     two_configs_each(monkeypatch, bench)
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     deterministic = evaluate(case, "triton", True, dz)
-    for name in usual:
-        assert torch.equal(deterministic[name], usual[name]), name
+    for name in last_alone:
+        assert torch.equal(deterministic[name], last_alone[name]), name
 
 
 def test_autotuning_keys_on_the_size_of_the_work(monkeypatch):
